@@ -1,0 +1,118 @@
+"""Stage ``features``: run the frozen backbone once per image, cache the pooled features on disk.
+
+The cache file is named by a key over everything that determines the features: backbone name
+and a hash of its weights, image size, normalisation, pooling and the list of files (path, size,
+modification time). Any change gives a new key, so a stale cache is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, TensorDataset
+
+from datamodules.image_folder import ImageFolderDataModule
+from lightning_modules.backbones import weights_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def cache_key(images: ImageFolderDataModule, model: torch.nn.Module, pool: str) -> str:
+    index = images._index()
+    files = []
+    for split, samples in sorted(index.samples.items()):
+        for path, label in samples:
+            stat = os.stat(path)
+            files.append((split, os.path.relpath(path, index.root), label, stat.st_size, stat.st_mtime_ns))
+    description = {
+        "backbone": model.backbone.name,
+        "weights": weights_fingerprint(model.backbone),
+        "image_size": images.image_size,
+        "mean": images.mean,
+        "std": images.std,
+        "pool": pool,
+        "classes": index.classes,
+        "files": files,
+    }
+    return hashlib.sha256(json.dumps(description).encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def extract_features(model, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled backbone features of every batch, in loader order, on the CPU."""
+    was_training = model.training
+    model.eval().to(device)
+    features, labels = [], []
+    for images, target in loader:
+        features.append(model.pooled_features(images.to(device, non_blocking=True)).float().cpu())
+        labels.append(target)
+    model.train(was_training)
+    return torch.cat(features), torch.cat(labels)
+
+
+class FeatureDataModule(LightningDataModule):
+    """Loaders over cached features; ``prepare_data`` (one process per node) builds the cache."""
+
+    def __init__(
+        self,
+        images: ImageFolderDataModule,
+        model: torch.nn.Module,
+        cache_dir: str | Path,
+        pool: str,
+        device: torch.device | str = "cpu",
+    ):
+        super().__init__()
+        self.images = images
+        self.model = model
+        self.cache_dir = Path(cache_dir)
+        self.pool = pool
+        self.device = torch.device(device)
+        self.computed = False  # whether this instance (re)built the cache
+        self._path: Path | None = None
+        self.datasets: dict[str, TensorDataset] = {}
+
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            key = cache_key(self.images, self.model, self.pool)
+            self._path = self.cache_dir / f"{self.model.backbone.name}-{self.images.image_size}px-{key}.pt"
+        return self._path
+
+    def prepare_data(self) -> None:
+        if self.path.is_file():
+            log.info("feature cache hit: %s", self.path)
+            return
+        log.info("building feature cache %s", self.path)
+        splits = {}
+        for split in self.images._index().samples:
+            loader = self.images.loader(self.images.eval_dataset(split), shuffle=False,
+                                        batch_size=max(64, self.images.batch_size))
+            splits[split] = extract_features(self.model, loader, self.device)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({split: {"x": x, "y": y} for split, (x, y) in splits.items()}, tmp)
+        os.replace(tmp, self.path)  # atomic: a crash never leaves a truncated cache behind
+        self.computed = True
+
+    def setup(self, stage: str | None = None) -> None:
+        data = torch.load(self.path, map_location="cpu", weights_only=True)
+        self.datasets = {split: TensorDataset(d["x"], d["y"]) for split, d in data.items()}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        # Features are already tensors in memory: worker processes would only add overhead.
+        return DataLoader(self.datasets[split], batch_size=self.images.batch_size, shuffle=shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)

@@ -1,0 +1,175 @@
+"""Split discovery and the image LightningDataModule for ``root/{train,validation,test}/<class>/``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from datamodules.transforms import eval_transform, train_transform
+
+# Our split name -> folder name (the seed's layout).
+SPLIT_DIRS = {"train": "train", "val": "validation", "test": "test"}
+LAYOUT = "expected layout: ROOT/{train,validation,test}/<class_name>/<image files>"
+
+
+class DataLayoutError(ValueError):
+    """The data folder does not have the expected layout; the message is one line."""
+
+
+@dataclass(frozen=True)
+class SplitIndex:
+    """Class names and the ``(path, label)`` samples of each split, sorted for determinism."""
+
+    root: Path
+    classes: list[str]
+    samples: dict[str, list[tuple[str, int]]]
+
+    def counts(self) -> dict[str, int]:
+        return {split: len(s) for split, s in self.samples.items()}
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _class_dirs(split_dir: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def scan_splits(root: str | Path, splits: Sequence[str] = ("train", "val", "test")) -> SplitIndex:
+    """List the images of each split; classes are folder names and must agree across splits."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataLayoutError(f"data.root={root} does not exist; {LAYOUT}")
+    classes_by_split: dict[str, list[str]] = {}
+    for split in splits:
+        split_dir = root / SPLIT_DIRS[split]
+        if not split_dir.is_dir():
+            raise DataLayoutError(f"missing split folder {split_dir}; {LAYOUT}")
+        classes_by_split[split] = _class_dirs(split_dir)
+        if not classes_by_split[split]:
+            raise DataLayoutError(f"no class folders in {split_dir}; {LAYOUT}")
+    reference_split = splits[0]
+    classes = classes_by_split[reference_split]
+    for split, names in classes_by_split.items():
+        if names != classes:
+            raise DataLayoutError(
+                f"classes differ between splits: {SPLIT_DIRS[reference_split]}/ has {classes}, "
+                f"{SPLIT_DIRS[split]}/ has {names} (under {root})"
+            )
+    if len(classes) < 2:
+        raise DataLayoutError(f"need at least two class folders, found {classes} under {root}")
+    samples: dict[str, list[tuple[str, int]]] = {}
+    for split in splits:
+        items = []
+        for label, name in enumerate(classes):
+            class_dir = root / SPLIT_DIRS[split] / name
+            files = sorted(f for f in os.listdir(class_dir) if _is_image(f))
+            if not files:
+                raise DataLayoutError(f"class folder {class_dir} has no image files; {LAYOUT}")
+            items += [(str(class_dir / f), label) for f in files]
+        samples[split] = items
+    return SplitIndex(root, classes, samples)
+
+
+class LabeledImages(Dataset):
+    """``(path, label)`` samples read with PIL as RGB and passed through ``transform``."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            return self.transform(image.convert("RGB")), label
+
+
+def default_num_workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(8, cores)
+
+
+class ImageFolderDataModule(LightningDataModule):
+    """Train / validation / test loaders. Only ``train`` is augmented.
+
+    ``batch_size`` is per device: under DDP each process loads ``batch_size`` images per step.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int = 150,
+        batch_size: int = 20,
+        num_workers: int | None = None,
+        augment: str = "seed",
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        pin_memory: bool = False,
+        index: SplitIndex | None = None,
+    ):
+        super().__init__()
+        self.root = Path(root)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.augment = augment
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.pin_memory = pin_memory
+        self.index = index
+        self.datasets: dict[str, LabeledImages] = {}
+
+    @property
+    def classes(self) -> list[str]:
+        return self._index().classes
+
+    def _index(self) -> SplitIndex:
+        if self.index is None:
+            self.index = scan_splits(self.root)
+        return self.index
+
+    def eval_transform(self):
+        return eval_transform(self.image_size, self.mean, self.std)
+
+    def setup(self, stage: str | None = None) -> None:
+        index = self._index()
+        train_tf = train_transform(self.augment, self.image_size, self.mean, self.std)
+        for split, samples in index.samples.items():
+            self.datasets[split] = LabeledImages(samples, train_tf if split == "train" else self.eval_transform())
+
+    def eval_dataset(self, split: str) -> LabeledImages:
+        """A split with the deterministic transform (also for ``train``): for feature extraction."""
+        return LabeledImages(self._index().samples[split], self.eval_transform())
+
+    def loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader(self.datasets["train"], shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(self.datasets["val"], shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader(self.datasets["test"], shuffle=False)

@@ -1,0 +1,62 @@
+"""Image transforms (torchvision transforms v2): augmentation presets and deterministic eval.
+
+Every pipeline squashes the image to ``image_size x image_size`` as the seed's Keras
+``flow_from_directory(target_size=(150, 150))`` did, then normalises with the backbone's mean/std.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torchvision.transforms import v2
+
+AUGMENT_PRESETS = ("none", "seed", "standard")
+
+
+def _to_normalised(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def _seed_augmentation(size: int) -> list[v2.Transform]:
+    """Keras ImageDataGenerator(rotation_range=20, width/height_shift_range=0.1, shear_range=0.1,
+    zoom_range=0.1, horizontal_flip=True, fill_mode='nearest').
+
+    torchvision's affine transforms only fill with a constant, so 'nearest' fill is emulated by
+    padding with edge replication first and cropping the centre back afterwards.
+    """
+    pad = size // 4
+    return [
+        v2.Pad(pad, padding_mode="edge"),
+        # Keras' shear_range is in degrees; its zoom draws x and y scales apart, v2 one scale.
+        v2.RandomAffine(degrees=20, translate=(0.1 * size / (size + 2 * pad),) * 2, scale=(0.9, 1.1), shear=0.1),
+        v2.CenterCrop(size),
+        v2.RandomHorizontalFlip(),
+    ]
+
+
+def _standard_augmentation(size: int) -> list[v2.Transform]:
+    return [
+        v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.TrivialAugmentWide(),
+    ]
+
+
+def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """Deterministic: squash-resize, scale to [0, 1], normalise."""
+    return v2.Compose([v2.ToImage(), v2.Resize((size, size), antialias=True), *_to_normalised(mean, std)])
+
+
+def train_transform(preset: str, size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """``none``: as eval; ``seed``: the seed's Keras augmentation; ``standard``: random resized
+    crop + flip + TrivialAugmentWide."""
+    if preset == "none":
+        return eval_transform(size, mean, std)
+    if preset == "seed":
+        augment = [v2.Resize((size, size), antialias=True), *_seed_augmentation(size)]
+    elif preset == "standard":
+        augment = _standard_augmentation(size)
+    else:
+        raise ValueError(f"unknown data.augment {preset!r}; choose one of: {', '.join(AUGMENT_PRESETS)}")
+    return v2.Compose([v2.ToImage(), *augment, *_to_normalised(mean, std)])

@@ -1,0 +1,228 @@
+"""The run configuration: a typed schema, YAML presets and ``key=value`` overrides.
+
+Composition order: ``configs/base.yaml`` -> ``configs/stage/<stage>.yaml`` ->
+``configs/backbone/<backbone>.yaml`` (if present) -> command line. The schema is an OmegaConf
+structured config, so an unknown key or a wrong type fails while merging; choices that a type
+cannot express (stage, backbone, optimizer, ...) are checked in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+STAGES = ("features", "frozen", "finetune", "test")
+AUGMENTS = ("none", "seed", "standard")
+OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")
+SCHEDULERS = ("none", "cosine")
+POOLS = ("avg", "flatten")
+
+
+class ConfigError(ValueError):
+    """A problem with the run's configuration; its message is one line meant for the user."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/cats_and_dogs_small"
+    image_size: int = 150
+    batch_size: int = 20
+    num_workers: Optional[int] = None
+    augment: str = "seed"
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vgg16"
+    pretrained: bool = True
+    weights: Optional[str] = None
+    pool: str = "avg"
+    head_hidden: int = 256
+    dropout: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    name: str = "rmsprop"
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    scheduler: str = "none"
+
+
+@dataclass
+class FinetuneConfig:
+    warmup_epochs: int = 0
+    unfreeze_blocks: int = 1
+    backbone_lr_ratio: float = 1.0
+    train_bn: bool = False
+    init_ckpt: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    stage: str = "finetune"
+    seed: int = 42
+    out_dir: str = "runs"
+    ckpt_path: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # Free-form on purpose: every key is passed to lightning.Trainer and checked against its signature.
+    trainer: Dict[str, Any] = field(default_factory=dict)
+
+
+def _choice(value: str, choices: tuple[str, ...] | list[str], key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def _trainer_keys() -> set[str]:
+    from lightning.pytorch import Trainer
+
+    return set(inspect.signature(Trainer.__init__).parameters) - {"self", "callbacks", "logger"}
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    msg = str(getattr(err, "msg", err)).splitlines()[0]
+    if "not in" in msg or "Key '" in msg:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = OmegaConf.structured(RunConfig)
+        if parent:
+            node = OmegaConf.select(node, parent)
+        valid = ", ".join(f"{parent + '.' if parent else ''}{k}" for k in node.keys())
+        return f"unknown config key '{key}'; valid keys here: {valid}"
+    return f"bad value for '{key}': {msg}"
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    return OmegaConf.load(path) if path.is_file() else OmegaConf.create({})
+
+
+def parse_overrides(argv: list[str]) -> DictConfig:
+    bad = [a for a in argv if "=" not in a or a.startswith("=")]
+    if bad:
+        raise ConfigError(f"arguments must look like key=value, got: {' '.join(bad)} (see --help)")
+    try:
+        return OmegaConf.from_dotlist(list(argv))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot parse overrides: {str(err).splitlines()[0]}") from None
+
+
+def load_config(argv: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
+    """Compose the run configuration from the presets and ``key=value`` overrides."""
+    cli = parse_overrides(argv)
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        base = OmegaConf.merge(schema, _read_yaml(config_dir / "base.yaml"))
+        stage = str(cli.get("stage", base.stage))
+        _choice(stage, STAGES, "stage")
+        cfg = OmegaConf.merge(base, _read_yaml(config_dir / "stage" / f"{stage}.yaml"))
+        backbone = str(OmegaConf.select(cli, "model.backbone", default=cfg.model.backbone))
+        cfg = OmegaConf.merge(cfg, _read_yaml(config_dir / "backbone" / f"{backbone}.yaml"), cli)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check what the schema's types cannot: choices, ranges and ``trainer.*`` keys."""
+    from lightning_modules.backbones import BACKBONES
+
+    _choice(cfg.stage, STAGES, "stage")
+    _choice(cfg.model.backbone, sorted(BACKBONES), "model.backbone")
+    _choice(cfg.data.augment, AUGMENTS, "data.augment")
+    _choice(cfg.optim.name, OPTIMIZERS, "optim.name")
+    _choice(cfg.optim.scheduler, SCHEDULERS, "optim.scheduler")
+    _choice(cfg.model.pool, POOLS, "model.pool")
+    positive = {
+        "data.image_size": cfg.data.image_size,
+        "data.batch_size": cfg.data.batch_size,
+        "optim.lr": cfg.optim.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    non_negative = {
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "finetune.warmup_epochs": cfg.finetune.warmup_epochs,
+        "finetune.unfreeze_blocks": cfg.finetune.unfreeze_blocks,
+        "finetune.backbone_lr_ratio": cfg.finetune.backbone_lr_ratio,
+        "model.head_hidden": cfg.model.head_hidden,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be zero or positive, got {value}")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
+    if cfg.data.num_workers is not None and cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be zero or positive, got {cfg.data.num_workers}")
+    unknown = sorted(set(cfg.trainer) - _trainer_keys())
+    if unknown:
+        raise ConfigError(
+            f"unknown trainer key(s) {', '.join('trainer.' + k for k in unknown)}; "
+            "trainer.* must be arguments of lightning.Trainer (max_epochs, accelerator, devices, ...)"
+        )
+    n_blocks = BACKBONES[cfg.model.backbone].num_blocks
+    if cfg.finetune.unfreeze_blocks > n_blocks:
+        raise ConfigError(
+            f"finetune.unfreeze_blocks={cfg.finetune.unfreeze_blocks} but {cfg.model.backbone} "
+            f"has only {n_blocks} blocks"
+        )
+    if cfg.stage == "test" and not cfg.ckpt_path:
+        raise ConfigError("stage=test needs a checkpoint: add ckpt_path=PATH/TO/run/checkpoints/best.ckpt")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+HELP = """\
+usage: python train.py [key=value ...]
+
+Staged transfer learning of an image classifier (PyTorch Lightning).
+
+stages (stage=...):
+  features   seed method 1: frozen backbone run once, features cached, head trained on them
+  frozen     seed method 2: frozen backbone + augmentation, trained end to end
+  finetune   seed method 3: head warm-up, then the top blocks unfrozen at a lower learning rate
+  test       evaluate ckpt_path=... on the test split
+
+backbones (model.backbone=...):
+  {backbones}
+
+main keys (defaults from configs/base.yaml; stage presets in configs/stage/):
+  seed, out_dir, ckpt_path (a path, or 'last' to resume the latest run of this stage+backbone)
+  data.root, data.image_size, data.batch_size (per device), data.num_workers,
+  data.augment ({augments}), data.cache_dir
+  model.backbone, model.pretrained, model.weights, model.pool ({pools}), model.head_hidden, model.dropout
+  optim.name ({optims}), optim.lr (the head's), optim.weight_decay, optim.scheduler ({scheds})
+  finetune.warmup_epochs, finetune.unfreeze_blocks, finetune.backbone_lr_ratio,
+  finetune.train_bn, finetune.init_ckpt (start from a frozen run's checkpoint)
+  trainer.*  any lightning.Trainer argument: max_epochs, accelerator, devices, strategy, precision, ...
+
+example:
+  python train.py stage=finetune data.root=path/to/cats_and_dogs_small model.backbone=efficientnet_lite0
+"""
+
+
+def help_text() -> str:
+    from lightning_modules.backbones import BACKBONES
+
+    return HELP.format(
+        backbones=", ".join(sorted(BACKBONES)),
+        augments="|".join(AUGMENTS),
+        pools="|".join(POOLS),
+        optims="|".join(OPTIMIZERS),
+        scheds="|".join(SCHEDULERS),
+    )

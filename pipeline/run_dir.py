@@ -1,0 +1,70 @@
+"""Run folders: ``<out_dir>/<stage>_<backbone>/<YYYYmmdd-HHMMSS>/`` and what goes in them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pipeline.config import ConfigError
+
+# Set by the launching process so that DDP workers (which re-run train.py) use the same folder.
+RUN_DIR_ENV = "TRANSFER_RUN_DIR"
+
+
+def group_dir(cfg: DictConfig, stage: str | None = None) -> Path:
+    return Path(cfg.out_dir) / f"{stage or cfg.stage}_{cfg.model.backbone}"
+
+
+def latest_run_with_checkpoint(cfg: DictConfig) -> Path:
+    runs = sorted(p.parent.parent for p in group_dir(cfg).glob("*/checkpoints/last.ckpt"))
+    if not runs:
+        raise ConfigError(f"ckpt_path=last: no run of {cfg.stage}_{cfg.model.backbone} with a last.ckpt under {cfg.out_dir}")
+    return runs[-1]
+
+
+def new_run_dir(cfg: DictConfig) -> Path:
+    base = group_dir(cfg)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = base / stamp, 1
+    while candidate.exists():
+        candidate, n = base / f"{stamp}-{n}", n + 1
+    return candidate
+
+
+def resolve_run(cfg: DictConfig) -> tuple[Path, str | None]:
+    """The run folder and the checkpoint to resume (None for a fresh run)."""
+    inherited = os.environ.get(RUN_DIR_ENV)
+    ckpt = cfg.ckpt_path
+    if cfg.stage != "test" and ckpt == "last":
+        run_dir = latest_run_with_checkpoint(cfg)
+        ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+    elif ckpt is not None:
+        if not Path(ckpt).is_file():
+            raise ConfigError(f"ckpt_path={ckpt} does not exist")
+        parent = Path(ckpt).resolve().parent
+        run_dir = parent.parent if cfg.stage != "test" and parent.name == "checkpoints" else None
+    else:
+        run_dir = None
+    if run_dir is None:
+        run_dir = Path(inherited) if inherited else new_run_dir(cfg)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    return run_dir, (ckpt if cfg.stage != "test" else None)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
