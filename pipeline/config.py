@@ -209,7 +209,8 @@ main keys (defaults from configs/base.yaml; stage presets in configs/stage/):
   optim.name ({optims}), optim.lr (the head's), optim.weight_decay, optim.scheduler ({scheds})
   finetune.warmup_epochs, finetune.unfreeze_blocks, finetune.backbone_lr_ratio,
   finetune.train_bn, finetune.init_ckpt (start from a frozen run's checkpoint)
-  trainer.*  any lightning.Trainer argument: max_epochs, accelerator, devices, strategy, precision, ...
+  trainer.*  any lightning.Trainer argument: trainer.max_epochs, trainer.accelerator, trainer.devices,
+             trainer.strategy, trainer.precision (auto: bf16/16-mixed on GPU, 32 on CPU), ...
 
 example:
   python train.py stage=finetune data.root=path/to/cats_and_dogs_small model.backbone=efficientnet_lite0

@@ -1,0 +1,58 @@
+"""Shared helpers: run train.py in-process, read run folders and TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+import train
+
+
+def run_train(args: list[str]) -> dict:
+    metrics = train.main(args)
+    assert metrics is not None
+    return metrics
+
+
+def run_dir(metrics: dict) -> Path:
+    return Path(metrics["run_dir"])
+
+
+def read_metrics(path: Path) -> dict:
+    return json.loads((path / "metrics.json").read_text())
+
+
+def checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def scalar_tags(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag in the run folder's event files: ``tag -> [(step, value), ...]``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(path.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def tensor_tags(path: Path) -> set[str]:
+    """Tags of text / hparams summaries (stored as tensors or plugin data)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    for events in sorted(path.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["tensors"])
+        tags |= {f"plugin:{name}" for name in acc.PluginAssets("hparams") or []}
+        for plugin in ("hparams", "text"):
+            if acc.summary_metadata:
+                tags |= {f"plugin:{plugin}" for meta in acc.summary_metadata.values()
+                         if meta.plugin_data.plugin_name == plugin}
+    return tags

@@ -1,0 +1,115 @@
+"""Weights change only where the schedule says they may, and resumed runs stay unfrozen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from lightning.pytorch import seed_everything
+
+from conftest import fast_args
+from helpers import checkpoint_state, run_dir, run_train, scalar_tags
+from lightning_modules.freeze_schedule import FreezeSchedule
+from pipeline.config import load_config
+from pipeline.stages import build_model
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    torch.manual_seed(7)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
+
+
+def _initial_state(args: list[str]) -> dict[str, torch.Tensor]:
+    """The model exactly as the run starts it (same seed, same construction path)."""
+    cfg = load_config(args)
+    seed_everything(cfg.seed)
+    return {k: v.clone() for k, v in build_model(cfg, ["cats", "dogs"]).state_dict().items()}
+
+
+def _block(key: str) -> int:
+    return int(key.split(".")[2])  # backbone.blocks.<i>....
+
+
+def test_schedule_is_a_pure_function_of_stage_and_epoch():
+    schedule = FreezeSchedule("finetune", warmup_epochs=3, unfreeze_blocks=2)
+    assert [schedule.trainable_blocks(e) for e in range(5)] == [0, 0, 0, 2, 2]
+    assert schedule.phases(0, 6) == [(0, 3), (3, 6)]
+    assert schedule.phases(4, 6) == [(4, 6)]
+    assert schedule.phases(0, 2) == [(0, 2)]
+    assert FreezeSchedule("frozen", 3, 2).trainable_blocks(10) == 0
+    assert FreezeSchedule("frozen", 3, 2).phases(0, 6) == [(0, 6)]
+
+
+def test_frozen_stage_changes_only_the_head(toy_root, tmp_path, weights_file):
+    args = fast_args(toy_root, tmp_path, stage="frozen", **{"model.weights": str(weights_file)})
+    before = _initial_state(args)
+    after = checkpoint_state(run_dir(run_train(args)) / "checkpoints" / "last.ckpt")
+    backbone = [k for k in before if k.startswith("backbone.")]
+    head = [k for k in before if k.startswith("head.") and k.endswith("weight")]
+    assert backbone and head
+    assert all(torch.equal(before[k], after[k]) for k in backbone), "a frozen backbone tensor changed"
+    assert all(not torch.equal(before[k], after[k]) for k in head), "the head did not train"
+
+
+def _finetune(toy_root, tmp_path, weights_file, **extra):
+    args = fast_args(
+        toy_root, tmp_path, stage="finetune",
+        **{"model.weights": str(weights_file), "finetune.warmup_epochs": "1", "finetune.unfreeze_blocks": "2",
+           "optim.lr": "1e-3"} | extra,
+    )
+    before = _initial_state(args)
+    metrics = run_train(args)
+    return before, checkpoint_state(run_dir(metrics) / "checkpoints" / "last.ckpt"), metrics
+
+
+def _bn_keys(model_state) -> set[str]:
+    # BatchNorm tensors: every key whose module also has a running_mean buffer
+    modules = {k.rsplit(".", 1)[0] for k in model_state if k.endswith("running_mean")}
+    return {k for k in model_state if k.rsplit(".", 1)[0] in modules}
+
+
+def test_finetune_changes_only_the_unfrozen_blocks_and_head(toy_root, tmp_path, weights_file):
+    before, after, metrics = _finetune(toy_root, tmp_path, weights_file)
+    bn = _bn_keys(before)
+    lower = [k for k in before if k.startswith("backbone.") and _block(k) < 3]
+    top_conv = [k for k in before if k.startswith("backbone.") and _block(k) >= 3 and k not in bn
+                and k.endswith("weight")]
+    top_bn = [k for k in before if k.startswith("backbone.") and _block(k) >= 3 and k in bn]
+    assert lower and top_conv and top_bn
+    assert all(torch.equal(before[k], after[k]) for k in lower), "a lower block changed"
+    assert all(not torch.equal(before[k], after[k]) for k in top_conv), "an unfrozen conv did not train"
+    # train_bn=false: BatchNorm of unfrozen blocks keeps its weights and running statistics
+    assert all(torch.equal(before[k], after[k]) for k in top_bn if "num_batches" not in k)
+    # trainable-parameter count per epoch: head only during warm-up, then head + top blocks
+    counts = [v for _, v in sorted(scalar_tags(run_dir(metrics))["trainable_params"])]
+    assert len(counts) == 3 and counts[0] < counts[1] == counts[2]
+
+
+def test_finetune_with_train_bn_updates_only_unfrozen_batchnorm(toy_root, tmp_path, weights_file):
+    before, after, _ = _finetune(toy_root, tmp_path, weights_file, **{"finetune.train_bn": "true"})
+    stats = [k for k in before if k.endswith("running_mean")]
+    lower = [k for k in stats if _block(k) < 3]
+    top = [k for k in stats if _block(k) >= 3]
+    assert all(torch.equal(before[k], after[k]) for k in lower), "frozen BatchNorm statistics moved"
+    assert any(not torch.equal(before[k], after[k]) for k in top), "unfrozen BatchNorm did not update"
+
+
+def test_resume_after_the_unfreeze_keeps_training_the_top_blocks(toy_root, tmp_path, weights_file):
+    args = fast_args(
+        toy_root, tmp_path, stage="finetune",
+        **{"model.weights": str(weights_file), "finetune.warmup_epochs": "1", "finetune.unfreeze_blocks": "1",
+           "trainer.max_epochs": "2"},
+    )
+    first = run_train(args)
+    stopped = checkpoint_state(run_dir(first) / "checkpoints" / "last.ckpt")
+    resumed = run_train([*args, "ckpt_path=last", "trainer.max_epochs=3"])
+    assert resumed["run_dir"] == first["run_dir"]  # continues in its folder
+    assert resumed["epochs"] == 3
+    after = checkpoint_state(run_dir(resumed) / "checkpoints" / "last.ckpt")
+    top = [k for k in stopped if k.startswith("backbone.blocks.4.") and k.endswith("conv1.weight")]
+    assert top and all(not torch.equal(stopped[k], after[k]) for k in top), "resumed run left the top block frozen"
+    steps = sorted(s for s, _ in scalar_tags(run_dir(resumed))["train/loss"])
+    assert steps == sorted(set(steps)), "duplicate training steps after resume"
