@@ -11,10 +11,12 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules.image_folder import ImageFolderDataModule
@@ -47,13 +49,25 @@ def cache_key(images: ImageFolderDataModule, model: torch.nn.Module, pool: str) 
 def extract_features(model, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled backbone features of every batch, in loader order, on the CPU."""
     was_training = model.training
-    model.eval().to(device)
+    # channels_last: 1.5-2x faster convolutions on CPU (measured with Lite0 at 224 px).
+    model.eval().to(device, memory_format=torch.channels_last)
     features, labels = [], []
+    started, done = time.time(), 0
     for images, target in loader:
-        features.append(model.pooled_features(images.to(device, non_blocking=True)).float().cpu())
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        features.append(model.pooled_features(images).float().cpu())
         labels.append(target)
-    model.train(was_training)
+        done += len(target)
+        if time.time() - started > 30 and len(features) % 50 == 0:
+            rank_zero_info(f"  features: {done}/{len(loader.dataset)} images, {done / (time.time() - started):.0f}/s")
+    model.to(memory_format=torch.contiguous_format).train(was_training)
     return torch.cat(features), torch.cat(labels)
+
+
+def extraction_batch_size(device: torch.device, batch_size: int) -> int:
+    # On CPU, small batches are faster: large activations are freed to the OS (munmap) and
+    # page-faulted back every batch (Lite0, 224 px, 2 cores: 80 img/s at batch 4, 17 at 64).
+    return min(4, batch_size) if device.type == "cpu" else max(64, batch_size)
 
 
 class FeatureDataModule(LightningDataModule):
@@ -88,12 +102,17 @@ class FeatureDataModule(LightningDataModule):
         if self.path.is_file():
             log.info("feature cache hit: %s", self.path)
             return
-        log.info("building feature cache %s", self.path)
+        rank_zero_info(f"building feature cache {self.path}")
         splits = {}
         for split in self.images._index().samples:
-            loader = self.images.loader(self.images.eval_dataset(split), shuffle=False,
-                                        batch_size=max(64, self.images.batch_size))
+            loader = self.images.loader(
+                self.images.eval_dataset(split),
+                shuffle=False,
+                batch_size=extraction_batch_size(self.device, self.images.batch_size),
+            )
+            started = time.time()
             splits[split] = extract_features(self.model, loader, self.device)
+            rank_zero_info(f"feature cache: {split} ({len(splits[split][1])} images) in {time.time() - started:.1f}s")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         torch.save({split: {"x": x, "y": y} for split, (x, y) in splits.items()}, tmp)

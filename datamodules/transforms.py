@@ -6,7 +6,7 @@ Every pipeline squashes the image to ``image_size x image_size`` as the seed's K
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torchvision.transforms import v2

@@ -8,9 +8,9 @@ registry. ``Backbone.forward`` returns the last feature map ``(B, C, H, W)``.
 from __future__ import annotations
 
 import urllib.error
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -142,9 +142,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             17,
             torchvision_name="mobilenet_v3_large",
         ),
-        BackboneSpec(
-            "convnext_tiny", _tv_build("convnext_tiny"), _split_features, 8, torchvision_name="convnext_tiny"
-        ),
+        BackboneSpec("convnext_tiny", _tv_build("convnext_tiny"), _split_features, 8, torchvision_name="convnext_tiny"),
         # TF-Lite preprocessing: (x - 127) / 128, i.e. [0, 1] inputs normalised with 0.5 / 0.5.
         BackboneSpec(
             "efficientnet_lite0", _lite0_build, _split_lite0, 9, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), _lite0_load
@@ -166,9 +164,7 @@ def _load_torchvision_weights(spec: BackboneSpec, net: nn.Module) -> None:
         state = weights.get_state_dict(progress=True, check_hash=True)
     except (urllib.error.URLError, OSError, ConnectionError, RuntimeError) as err:
         reason = getattr(err, "reason", err)
-        raise WeightsError(
-            f"could not download ImageNet weights for {spec.name} ({reason}); {OFFLINE_HINT}"
-        ) from None
+        raise WeightsError(f"could not download ImageNet weights for {spec.name} ({reason}); {OFFLINE_HINT}") from None
     net.load_state_dict(state)
 
 
@@ -200,9 +196,7 @@ def load_weights_file(net: nn.Module, path: str | Path, backbone: str) -> None:
         )
 
 
-def build_backbone(
-    name: str, pretrained: bool = False, weights: str | Path | None = None
-) -> Backbone:
+def build_backbone(name: str, pretrained: bool = False, weights: str | Path | None = None) -> Backbone:
     """Build a registered backbone; ``weights`` (a local file) wins over ``pretrained``."""
     if name not in BACKBONES:
         raise KeyError(f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}")

@@ -80,9 +80,8 @@ class TransferClassifier(LightningModule):
             raise ValueError(f"need at least two classes, got {self.class_names}")
         self.backbone = build_backbone(backbone)
         self.binary = len(self.class_names) == 2
-        self.head = ClassifierHead(
-            pool, self.backbone.output_shape(image_size), 1 if self.binary else len(self.class_names), head_hidden, dropout
-        )
+        outputs = 1 if self.binary else len(self.class_names)
+        self.head = ClassifierHead(pool, self.backbone.output_shape(image_size), outputs, head_hidden, dropout)
         self.on_features = False
         self.trainable_top = 0
         set_trainable(self.backbone.blocks, 0, train_bn)
@@ -140,10 +139,21 @@ class TransferClassifier(LightningModule):
         batch_size = target.numel()
         if split == "train":
             self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"{split}/{k}": m for k, m in metrics.items()}, on_step=False, on_epoch=True,
-                      batch_size=batch_size, prog_bar=split == "val")
-        self.log(f"{split}/loss_epoch" if split == "train" else f"{split}/loss", losses,
-                 on_step=False, on_epoch=True, batch_size=batch_size, prog_bar=split == "val")
+        self.log_dict(
+            {f"{split}/{k}": m for k, m in metrics.items()},
+            on_step=False,
+            on_epoch=True,
+            batch_size=batch_size,
+            prog_bar=split == "val",
+        )
+        self.log(
+            f"{split}/loss_epoch" if split == "train" else f"{split}/loss",
+            losses,
+            on_step=False,
+            on_epoch=True,
+            batch_size=batch_size,
+            prog_bar=split == "val",
+        )
         self.log(f"{split}/count", counts, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
 

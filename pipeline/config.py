@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -34,16 +34,16 @@ class DataConfig:
     root: str = "data/cats_and_dogs_small"
     image_size: int = 150
     batch_size: int = 20
-    num_workers: Optional[int] = None
+    num_workers: int | None = None
     augment: str = "seed"
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "vgg16"
     pretrained: bool = True
-    weights: Optional[str] = None
+    weights: str | None = None
     pool: str = "avg"
     head_hidden: int = 256
     dropout: float = 0.5
@@ -63,7 +63,7 @@ class FinetuneConfig:
     unfreeze_blocks: int = 1
     backbone_lr_ratio: float = 1.0
     train_bn: bool = False
-    init_ckpt: Optional[str] = None
+    init_ckpt: str | None = None
 
 
 @dataclass
@@ -71,13 +71,13 @@ class RunConfig:
     stage: str = "finetune"
     seed: int = 42
     out_dir: str = "runs"
-    ckpt_path: Optional[str] = None
+    ckpt_path: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # Free-form on purpose: every key is passed to lightning.Trainer and checked against its signature.
-    trainer: Dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = field(default_factory=dict)
 
 
 def _choice(value: str, choices: tuple[str, ...] | list[str], key: str) -> None:

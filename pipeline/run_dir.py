@@ -23,7 +23,9 @@ def group_dir(cfg: DictConfig, stage: str | None = None) -> Path:
 def latest_run_with_checkpoint(cfg: DictConfig) -> Path:
     runs = sorted(p.parent.parent for p in group_dir(cfg).glob("*/checkpoints/last.ckpt"))
     if not runs:
-        raise ConfigError(f"ckpt_path=last: no run of {cfg.stage}_{cfg.model.backbone} with a last.ckpt under {cfg.out_dir}")
+        raise ConfigError(
+            f"ckpt_path=last: no run of {cfg.stage}_{cfg.model.backbone} with a last.ckpt under {cfg.out_dir}"
+        )
     return runs[-1]
 
 
@@ -36,22 +38,26 @@ def new_run_dir(cfg: DictConfig) -> Path:
     return candidate
 
 
+def _inherited_run_dir() -> Path | None:
+    """The launching process's run folder, in a DDP worker that Lightning started (LOCAL_RANK > 0)."""
+    inherited = os.environ.get(RUN_DIR_ENV)
+    return Path(inherited) if inherited and os.environ.get("LOCAL_RANK", "0") != "0" else None
+
+
 def resolve_run(cfg: DictConfig) -> tuple[Path, str | None]:
     """The run folder and the checkpoint to resume (None for a fresh run)."""
-    inherited = os.environ.get(RUN_DIR_ENV)
+    run_dir = _inherited_run_dir()
     ckpt = cfg.ckpt_path
     if cfg.stage != "test" and ckpt == "last":
-        run_dir = latest_run_with_checkpoint(cfg)
+        run_dir = run_dir or latest_run_with_checkpoint(cfg)
         ckpt = str(run_dir / "checkpoints" / "last.ckpt")
     elif ckpt is not None:
         if not Path(ckpt).is_file():
             raise ConfigError(f"ckpt_path={ckpt} does not exist")
         parent = Path(ckpt).resolve().parent
-        run_dir = parent.parent if cfg.stage != "test" and parent.name == "checkpoints" else None
-    else:
-        run_dir = None
-    if run_dir is None:
-        run_dir = Path(inherited) if inherited else new_run_dir(cfg)
+        if run_dir is None and cfg.stage != "test" and parent.name == "checkpoints":
+            run_dir = parent.parent
+    run_dir = run_dir or new_run_dir(cfg)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir, (ckpt if cfg.stage != "test" else None)
 

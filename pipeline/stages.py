@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ from pipeline.config import ConfigError, to_yaml
 from pipeline.run_dir import resolve_run, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
+# Intentional here: frozen blocks are in eval mode, and later phases reuse the checkpoint folder.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
 METRIC_KEYS = ("acc", "loss", "f1", "auroc", "count")
 
 
@@ -119,10 +123,17 @@ def _finish(cfg, run_dir, trainer, model, started, val, test, extra=None) -> dic
     }
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "metrics.json", metrics)
-        hp_metrics = {f"hparams/{split}_{k}": v for split, d in (("val", val), ("test", test)) if d
-                      for k, v in d.items() if k != "count"}
-        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
+        hp_metrics = {
+            f"hparams/{split}_{k}": v
+            for split, d in (("val", val), ("test", test))
+            if d
+            for k, v in d.items()
+            if k != "count"
+        }
+        flat = {
+            k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()
+        }
         for logger in trainer.loggers:
             logger.log_hyperparams(flat, hp_metrics)
             logger.finalize("success")
@@ -204,9 +215,7 @@ def _write_config(cfg: DictConfig, run_dir: Path) -> None:
 def _run_test(cfg: DictConfig, run_dir: Path, index, started: float) -> dict[str, Any]:
     ckpt = _check_ckpt_backbone(cfg.ckpt_path, cfg.model.backbone)
     if ckpt.get("class_names") and ckpt["class_names"] != index.classes:
-        raise ConfigError(
-            f"checkpoint classes {ckpt['class_names']} differ from the test folder's {index.classes}"
-        )
+        raise ConfigError(f"checkpoint classes {ckpt['class_names']} differ from the test folder's {index.classes}")
     model = TransferClassifier.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
     images = ImageFolderDataModule(
         cfg.data.root,

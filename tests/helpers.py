@@ -53,6 +53,9 @@ def tensor_tags(path: Path) -> set[str]:
         tags |= {f"plugin:{name}" for name in acc.PluginAssets("hparams") or []}
         for plugin in ("hparams", "text"):
             if acc.summary_metadata:
-                tags |= {f"plugin:{plugin}" for meta in acc.summary_metadata.values()
-                         if meta.plugin_data.plugin_name == plugin}
+                tags |= {
+                    f"plugin:{plugin}"
+                    for meta in acc.summary_metadata.values()
+                    if meta.plugin_data.plugin_name == plugin
+                }
     return tags

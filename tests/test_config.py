@@ -66,8 +66,19 @@ def test_missing_data_root_is_one_clear_line(capsys, tmp_path):
 def test_help_lists_stages_backbones_and_keys(capsys):
     train.main(["--help"])
     out = capsys.readouterr().out
-    for word in ["features", "frozen", "finetune", "test", "efficientnet_lite0", "vgg16",
-                 "data.root", "model.backbone", "finetune.unfreeze_blocks", "trainer.devices", "ckpt_path"]:
+    for word in [
+        "features",
+        "frozen",
+        "finetune",
+        "test",
+        "efficientnet_lite0",
+        "vgg16",
+        "data.root",
+        "model.backbone",
+        "finetune.unfreeze_blocks",
+        "trainer.devices",
+        "ckpt_path",
+    ]:
         assert word in out
 
 

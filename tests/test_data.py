@@ -8,6 +8,7 @@ from PIL import Image
 
 from datamodules.image_folder import DataLayoutError, ImageFolderDataModule, scan_splits
 from datamodules.transforms import eval_transform, train_transform
+
 from toy_data import make_image_tree
 
 

@@ -7,11 +7,12 @@ import torch
 import torchvision
 from lightning.pytorch import seed_everything
 
-from conftest import fast_args
-from helpers import checkpoint_state, run_dir, run_train, scalar_tags
 from lightning_modules.freeze_schedule import FreezeSchedule
 from pipeline.config import load_config
 from pipeline.stages import build_model
+
+from conftest import fast_args
+from helpers import checkpoint_state, run_dir, run_train, scalar_tags
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +57,16 @@ def test_frozen_stage_changes_only_the_head(toy_root, tmp_path, weights_file):
 
 def _finetune(toy_root, tmp_path, weights_file, **extra):
     args = fast_args(
-        toy_root, tmp_path, stage="finetune",
-        **{"model.weights": str(weights_file), "finetune.warmup_epochs": "1", "finetune.unfreeze_blocks": "2",
-           "optim.lr": "1e-3"} | extra,
+        toy_root,
+        tmp_path,
+        stage="finetune",
+        **{
+            "model.weights": str(weights_file),
+            "finetune.warmup_epochs": "1",
+            "finetune.unfreeze_blocks": "2",
+            "optim.lr": "1e-3",
+        }
+        | extra,
     )
     before = _initial_state(args)
     metrics = run_train(args)
@@ -75,8 +83,9 @@ def test_finetune_changes_only_the_unfrozen_blocks_and_head(toy_root, tmp_path, 
     before, after, metrics = _finetune(toy_root, tmp_path, weights_file)
     bn = _bn_keys(before)
     lower = [k for k in before if k.startswith("backbone.") and _block(k) < 3]
-    top_conv = [k for k in before if k.startswith("backbone.") and _block(k) >= 3 and k not in bn
-                and k.endswith("weight")]
+    top_conv = [
+        k for k in before if k.startswith("backbone.") and _block(k) >= 3 and k not in bn and k.endswith("weight")
+    ]
     top_bn = [k for k in before if k.startswith("backbone.") and _block(k) >= 3 and k in bn]
     assert lower and top_conv and top_bn
     assert all(torch.equal(before[k], after[k]) for k in lower), "a lower block changed"
@@ -99,9 +108,15 @@ def test_finetune_with_train_bn_updates_only_unfrozen_batchnorm(toy_root, tmp_pa
 
 def test_resume_after_the_unfreeze_keeps_training_the_top_blocks(toy_root, tmp_path, weights_file):
     args = fast_args(
-        toy_root, tmp_path, stage="finetune",
-        **{"model.weights": str(weights_file), "finetune.warmup_epochs": "1", "finetune.unfreeze_blocks": "1",
-           "trainer.max_epochs": "2"},
+        toy_root,
+        tmp_path,
+        stage="finetune",
+        **{
+            "model.weights": str(weights_file),
+            "finetune.warmup_epochs": "1",
+            "finetune.unfreeze_blocks": "1",
+            "trainer.max_epochs": "2",
+        },
     )
     first = run_train(args)
     stopped = checkpoint_state(run_dir(first) / "checkpoints" / "last.ckpt")

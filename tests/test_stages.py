@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import datamodules.feature_cache as feature_cache
+
 from conftest import ROOT, fast_args
 from helpers import read_metrics, run_dir, run_train, scalar_tags, tensor_tags
 from toy_data import make_image_tree
@@ -40,8 +41,19 @@ def test_image_stages_end_to_end(toy_root, tmp_path, stage):
     assert Path(metrics["best_ckpt"]).is_file()
 
     scalars = scalar_tags(folder)
-    for tag in ["train/loss", "train/loss_epoch", "train/acc", "val/acc", "val/loss", "val/f1", "val/auroc",
-                "test/acc", "trainable_params", "lr-Adam/head", "lr-Adam/backbone"]:
+    for tag in [
+        "train/loss",
+        "train/loss_epoch",
+        "train/acc",
+        "val/acc",
+        "val/loss",
+        "val/f1",
+        "val/auroc",
+        "test/acc",
+        "trainable_params",
+        "lr-Adam/head",
+        "lr-Adam/backbone",
+    ]:
         assert tag in scalars, f"missing TensorBoard tag {tag}; have {sorted(scalars)}"
     assert len(scalars["val/acc"]) >= 3  # one point per epoch (plus the final evaluation)
     assert len(scalars["train/loss"]) >= 3 * 6 - 1  # per step: 6 steps per epoch
@@ -52,8 +64,7 @@ def test_image_stages_end_to_end(toy_root, tmp_path, stage):
 
 def test_features_stage_caches_and_reuses(toy_root, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    args = fast_args(toy_root, tmp_path, stage="features", **{"data.cache_dir": str(cache),
-                                                               "trainer.max_epochs": "8"})
+    args = fast_args(toy_root, tmp_path, stage="features", **{"data.cache_dir": str(cache), "trainer.max_epochs": "8"})
     first = run_train(args)
     _check_metrics(first, "features")
     assert first["feature_cache"]["built"] is True
@@ -100,10 +111,15 @@ def test_multiclass_uses_cross_entropy_and_learns(tmp_path):
 
 def test_two_process_ddp_run_on_cpu(toy_root, tmp_path):
     """trainer.devices=2 starts a DDP run whose two processes share one run folder."""
-    args = fast_args(toy_root, tmp_path, stage="finetune",
-                     **{"trainer.devices": "2", "finetune.warmup_epochs": "1", "trainer.max_epochs": "2"})
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    args = fast_args(
+        toy_root,
+        tmp_path,
+        stage="finetune",
+        **{"trainer.devices": "2", "finetune.warmup_epochs": "1", "trainer.max_epochs": "2"},
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "finetune_resnet18").iterdir())
     assert len(runs) == 1
