@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -20,9 +19,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules.image_folder import ImageFolderDataModule
+from datamodules.sampling import eval_sampler, train_sampler
 from lightning_modules.backbones import weights_fingerprint
-
-log = logging.getLogger(__name__)
 
 
 def cache_key(images: ImageFolderDataModule, model: torch.nn.Module, pool: str) -> str:
@@ -82,6 +80,8 @@ class FeatureDataModule(LightningDataModule):
         device: torch.device | str = "cpu",
     ):
         super().__init__()
+        # Global rank zero writes the cache (on a disk all nodes share); every rank then reads it.
+        self.prepare_data_per_node = False
         self.images = images
         self.model = model
         self.cache_dir = Path(cache_dir)
@@ -100,16 +100,14 @@ class FeatureDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.path.is_file():
-            log.info("feature cache hit: %s", self.path)
+            rank_zero_info(f"feature cache hit: {self.path}")
             return
         rank_zero_info(f"building feature cache {self.path}")
         splits = {}
         for split in self.images._index().samples:
-            loader = self.images.loader(
-                self.images.eval_dataset(split),
-                shuffle=False,
-                batch_size=extraction_batch_size(self.device, self.images.batch_size),
-            )
+            batch = extraction_batch_size(self.device, self.images.batch_size)
+            # one process extracts everything: a plain sequential loader, not the rank-sharded one
+            loader = DataLoader(self.images.eval_dataset(split), batch_size=batch, num_workers=self.images.num_workers)
             started = time.time()
             splits[split] = extract_features(self.model, loader, self.device)
             rank_zero_info(f"feature cache: {split} ({len(splits[split][1])} images) in {time.time() - started:.1f}s")
@@ -123,9 +121,13 @@ class FeatureDataModule(LightningDataModule):
         data = torch.load(self.path, map_location="cpu", weights_only=True)
         self.datasets = {split: TensorDataset(d["x"], d["y"]) for split, d in data.items()}
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool) -> DataLoader:
         # Features are already tensors in memory: worker processes would only add overhead.
-        return DataLoader(self.datasets[split], batch_size=self.images.batch_size, shuffle=shuffle)
+        dataset = self.datasets[split]
+        sampler = (
+            train_sampler(dataset, self.trainer, self.images.seed) if train else eval_sampler(dataset, self.trainer)
+        )
+        return DataLoader(dataset, batch_size=self.images.batch_size, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from datamodules.sampling import eval_sampler, train_sampler
 from datamodules.transforms import eval_transform, train_transform
 
 # Our split name -> folder name (the seed's layout).
@@ -121,8 +122,12 @@ class ImageFolderDataModule(LightningDataModule):
         std: Sequence[float] = (0.229, 0.224, 0.225),
         pin_memory: bool = False,
         index: SplitIndex | None = None,
+        seed: int = 0,
     ):
         super().__init__()
+        # Only global rank zero prepares data (downloads): the data root is expected on a shared disk.
+        self.prepare_data_per_node = False
+        self.seed = seed
         self.root = Path(root)
         self.image_size = image_size
         self.batch_size = batch_size
@@ -155,21 +160,24 @@ class ImageFolderDataModule(LightningDataModule):
         """A split with the deterministic transform (also for ``train``): for feature extraction."""
         return LabeledImages(self._index().samples[split], self.eval_transform())
 
-    def loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+    def loader(self, dataset: Dataset, train: bool, batch_size: int | None = None) -> DataLoader:
+        """A loader over ``dataset``: shuffled and sharded by rank for training, and for evaluation
+        sharded without repeats (see ``datamodules.sampling``)."""
+        sampler = train_sampler(dataset, self.trainer, self.seed) if train else eval_sampler(dataset, self.trainer)
         return DataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader(self.datasets["train"], shuffle=True)
+        return self.loader(self.datasets["train"], train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self.loader(self.datasets["val"], shuffle=False)
+        return self.loader(self.datasets["val"], train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self.loader(self.datasets["test"], shuffle=False)
+        return self.loader(self.datasets["test"], train=False)

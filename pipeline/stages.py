@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +21,6 @@ from lightning_modules.freeze_schedule import FreezeSchedule, TrainableSchedule,
 from pipeline.config import ConfigError, to_yaml
 from pipeline.run_dir import resolve_run, write_json_atomic, write_text_atomic
 
-log = logging.getLogger(__name__)
 # Intentional here: frozen blocks are in eval mode, and later phases reuse the checkpoint folder.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
@@ -55,7 +53,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, **overrides: A
         mode="max",
         save_last=True,
     )
-    kwargs = trainer_kwargs(cfg) | overrides
+    # The datamodules bring their own samplers (datamodules/sampling.py).
+    kwargs = trainer_kwargs(cfg) | {"use_distributed_sampler": False} | overrides
     return Trainer(logger=logger, callbacks=[checkpoint, LearningRateMonitor("epoch"), *callbacks], **kwargs)
 
 
@@ -173,6 +172,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         std=model.backbone.std,
         pin_memory=torch.cuda.is_available(),
         index=index,
+        seed=cfg.seed,
     )
     datamodule = images
     extra: dict[str, Any] = {}
