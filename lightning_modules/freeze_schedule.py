@@ -72,14 +72,15 @@ def count_trainable(module: nn.Module) -> int:
 class TrainableSchedule(Callback):
     """Applies :class:`FreezeSchedule` to ``pl_module`` (a ``TransferClassifier``)."""
 
-    def __init__(self, schedule: FreezeSchedule, start_epoch: int = 0):
+    def __init__(self, schedule: FreezeSchedule, start_epoch: int = 0, strict: bool = True):
         self.schedule = schedule
         self.start_epoch = start_epoch
+        self.strict = strict  # refuse a phase change inside a multi-process fit
 
     def _apply(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> bool:
         top = self.schedule.trainable_blocks(epoch)
         changed = top != pl_module.trainable_top
-        if changed and trainer.world_size > 1:
+        if changed and trainer.world_size > 1 and self.strict:
             raise RuntimeError(
                 f"the trainable set changes at epoch {epoch} inside a multi-process fit; "
                 "run one fit per phase (pipeline.stages does)"

@@ -29,8 +29,23 @@ def latest_run_with_checkpoint(cfg: DictConfig) -> Path:
     return runs[-1]
 
 
+def _external_launch_id() -> str | None:
+    """A name all ranks agree on when torchrun or SLURM started every process (no shared clock)."""
+    external = "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_PROCID" in os.environ
+    if not external or int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) < 2:
+        return None
+    for var in ("TRANSFER_RUN_NAME", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        value = os.environ.get(var)
+        if value and value != "none":
+            return value
+    raise ConfigError("several processes were launched externally: set TRANSFER_RUN_NAME=<name> for all of them")
+
+
 def new_run_dir(cfg: DictConfig) -> Path:
     base = group_dir(cfg)
+    launch_id = _external_launch_id()
+    if launch_id:
+        return base / f"job-{launch_id}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     candidate, n = base / stamp, 1
     while candidate.exists():
@@ -39,7 +54,10 @@ def new_run_dir(cfg: DictConfig) -> Path:
 
 
 def _inherited_run_dir() -> Path | None:
-    """The launching process's run folder, in a DDP worker that Lightning started (LOCAL_RANK > 0)."""
+    """The launching process's run folder, in a DDP worker that Lightning started (LOCAL_RANK > 0).
+
+    Lightning's own launcher sets LOCAL_RANK only in the workers it starts; torchrun and SLURM
+    set it in every process, and those get their folder from ``_external_launch_id``."""
     inherited = os.environ.get(RUN_DIR_ENV)
     return Path(inherited) if inherited and os.environ.get("LOCAL_RANK", "0") != "0" else None
 

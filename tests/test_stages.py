@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import datamodules.feature_cache as feature_cache
 
-from conftest import ROOT, fast_args
+from conftest import fast_args
 from helpers import read_metrics, run_dir, run_train, scalar_tags, tensor_tags
 from toy_data import make_image_tree
 
@@ -107,21 +105,3 @@ def test_multiclass_uses_cross_entropy_and_learns(tmp_path):
     metrics = run_train(fast_args(root, tmp_path, stage="frozen", **{"trainer.max_epochs": "4"}))
     assert metrics["test"]["count"] == 24
     assert metrics["test"]["acc"] >= 0.6  # chance is 1/3
-
-
-def test_two_process_ddp_run_on_cpu(toy_root, tmp_path):
-    """trainer.devices=2 starts a DDP run whose two processes share one run folder."""
-    args = fast_args(
-        toy_root,
-        tmp_path,
-        stage="finetune",
-        **{"trainer.devices": "2", "finetune.warmup_epochs": "1", "trainer.max_epochs": "2"},
-    )
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = list((tmp_path / "finetune_resnet18").iterdir())
-    assert len(runs) == 1
-    metrics = read_metrics(runs[0])
-    assert metrics["test"]["count"] == 16 and metrics["epochs"] == 2

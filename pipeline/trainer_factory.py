@@ -1,0 +1,88 @@
+"""Build ``lightning.Trainer`` objects from the config: devices, precision, DDP details, callbacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_modules.replica_check import ReplicaAgreement
+from pipeline.config import ConfigError
+
+
+def on_gpu(cfg: DictConfig) -> bool:
+    return str(cfg.trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def auto_precision(cfg: DictConfig) -> str:
+    """bf16-mixed (or 16-mixed) on a CUDA GPU, full precision elsewhere."""
+    if on_gpu(cfg):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def expected_world_size(cfg: DictConfig) -> int:
+    """Processes the Trainer will start: devices per node x nodes (``auto``: all GPUs, or 1 CPU)."""
+    devices = cfg.trainer.get("devices", "auto")
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        per_node = devices
+    elif OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        per_node = len(devices)
+    else:  # "auto" or -1
+        per_node = torch.cuda.device_count() if on_gpu(cfg) else 1
+    return per_node * int(cfg.trainer.get("num_nodes", 1))
+
+
+def batchnorm_trains(model: nn.Module) -> bool:
+    return any(
+        isinstance(m, _BatchNorm) and any(p.requires_grad for p in m.parameters(recurse=False)) for m in model.modules()
+    )
+
+
+def resolve_sync_batchnorm(cfg: DictConfig, model: nn.Module) -> bool:
+    """``trainer.sync_batchnorm`` if set; otherwise on for multi-GPU phases in which BatchNorm trains.
+
+    torch's SyncBatchNorm only runs on GPUs, so an explicit ``true`` on CPU is refused when it
+    would matter (a BatchNorm layer trains)."""
+    explicit = cfg.trainer.get("sync_batchnorm")
+    trains = batchnorm_trains(model)
+    if explicit is None:
+        return trains and on_gpu(cfg) and expected_world_size(cfg) > 1
+    if explicit and trains and not on_gpu(cfg) and expected_world_size(cfg) > 1:
+        raise ConfigError("trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm does not run on CPU)")
+    return bool(explicit)
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, model: nn.Module | None = None, **overrides: Any):
+    """A Trainer logging to ``run_dir`` with checkpoints, LR monitor and the DDP replica check.
+
+    ``model`` (with this phase's trainable set applied) decides the sync_batchnorm default."""
+    logger = TensorBoardLogger(
+        save_dir=str(run_dir.parent.parent), name=run_dir.parent.name, version=run_dir.name, default_hp_metric=False
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best-epoch{epoch:03d}-acc{val/acc:.4f}",
+        auto_insert_metric_name=False,
+        monitor="val/acc",
+        mode="max",
+        save_last=True,
+    )
+    kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if kwargs.get("precision", "auto") == "auto":
+        kwargs["precision"] = auto_precision(cfg)
+    if model is not None:
+        kwargs["sync_batchnorm"] = resolve_sync_batchnorm(cfg, model)
+    # The datamodules bring their own samplers (datamodules/sampling.py).
+    kwargs |= {"use_distributed_sampler": False} | overrides
+    all_callbacks = [checkpoint, LearningRateMonitor("epoch"), ReplicaAgreement(), *callbacks]
+    return Trainer(logger=logger, callbacks=all_callbacks, **kwargs)

@@ -1,0 +1,168 @@
+"""Two-process DDP on CPU (gloo): every stage, replica agreement, 1-vs-2-process equivalence."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from lightning_modules.backbones import build_backbone
+from pipeline.stages import UNSAFE_SINGLE_FIT_ENV
+
+from conftest import ROOT, fast_args
+from helpers import checkpoint_state, read_metrics, scalar_tags
+from toy_data import make_image_tree
+
+# Odd split sizes: a padding sampler would evaluate 16 test images instead of 15.
+PER_CLASS = {"train": 24, "validation": 8, "test": 8}
+
+
+@pytest.fixture(scope="module")
+def ddp_root(tmp_path_factory) -> Path:
+    root = make_image_tree(tmp_path_factory.mktemp("ddp"), per_class=PER_CLASS, size=32)
+    (root / "test" / "dogs" / "dogs.0.png").unlink()  # 15 test images
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory) -> Path:
+    torch.manual_seed(11)
+    path = tmp_path_factory.mktemp("w") / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
+
+
+def train_subprocess(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> Path:
+    """Run train.py in a fresh process (DDP re-launches the script); returns the run folder."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("TRANSFER_RUN_DIR", UNSAFE_SINGLE_FIT_ENV)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=full_env | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("out_dir=")))
+    runs = [p for p in out_dir.glob("*_resnet18/*") if p.is_dir()]
+    assert len(runs) == 1, runs  # both ranks used one run folder
+    return runs[0]
+
+
+def ddp_finetune_args(root: Path, out: Path, weights: Path, **extra: str) -> list[str]:
+    return fast_args(
+        root,
+        out,
+        stage="finetune",
+        **{
+            "model.weights": str(weights),
+            "trainer.devices": "2",
+            "finetune.warmup_epochs": "1",
+            "finetune.unfreeze_blocks": "1",
+            "trainer.max_epochs": "3",
+            "data.batch_size": "4",
+            "optim.lr": "1e-3",
+        }
+        | extra,
+    )
+
+
+def _replica_diffs(run: Path) -> list[float]:
+    return [v for _, v in sorted(scalar_tags(run)["ddp/max_weight_diff"])]
+
+
+def test_unfrozen_blocks_train_identically_on_every_rank(ddp_root, tmp_path, weights_file):
+    run = train_subprocess(ddp_finetune_args(ddp_root, tmp_path / "out", weights_file), tmp_path)
+    diffs = _replica_diffs(run)
+    assert len(diffs) == 3 and max(diffs) == 0.0, diffs  # bit-identical at the end of every epoch
+    print(f"\nreplica differences per epoch: {diffs}")
+
+    pretrained = {f"backbone.{k}": v for k, v in build_backbone("resnet18", weights=weights_file).state_dict().items()}
+    after = checkpoint_state(run / "checkpoints" / "last.ckpt")
+    lower = [k for k in pretrained if not k.startswith("backbone.blocks.4.")]
+    top_convs = [k for k in pretrained if k.startswith("backbone.blocks.4.") and "conv" in k]
+    assert all(torch.equal(pretrained[k], after[k]) for k in lower), "a lower block changed under DDP"
+    assert all(not torch.equal(pretrained[k], after[k]) for k in top_convs), "the unfrozen block did not train"
+
+    metrics = read_metrics(run)
+    assert metrics["val"]["count"] == 16 and metrics["test"]["count"] == 15  # every image once, none twice
+    assert metrics["test"]["acc"] >= 0.7
+
+
+def test_replica_check_catches_unsynchronised_unfrozen_blocks(ddp_root, tmp_path, weights_file):
+    """The broken approach (one fit, blocks unfrozen after DDP wrapped the model) must be detected."""
+    args = ddp_finetune_args(ddp_root, tmp_path / "out", weights_file)
+    run = train_subprocess(args, tmp_path, env={UNSAFE_SINGLE_FIT_ENV: "1"})
+    diffs = _replica_diffs(run)
+    print(f"\nreplica differences per epoch, unfrozen blocks not synchronised: {diffs}")
+    assert diffs[0] == 0.0  # warm-up: only the (synchronised) head trains
+    assert diffs[-1] > 0.0, diffs  # after the unfreeze the replicas drift apart
+
+
+def test_two_processes_match_one_process_with_double_batch(ddp_root, tmp_path, weights_file):
+    common = {
+        "data.augment": "none",
+        "model.dropout": "0.0",
+        "trainer.deterministic": "true",
+        "optim.name": "sgd",
+        "optim.lr": "0.05",
+    }
+    two = train_subprocess(
+        ddp_finetune_args(ddp_root, tmp_path / "two", weights_file, **common, **{"data.batch_size": "4"}), tmp_path
+    )
+    one = train_subprocess(
+        ddp_finetune_args(
+            ddp_root, tmp_path / "one", weights_file, **common, **{"data.batch_size": "8", "trainer.devices": "1"}
+        ),
+        tmp_path,
+    )
+    a = checkpoint_state(two / "checkpoints" / "last.ckpt")
+    b = checkpoint_state(one / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
+    # float32, 18 SGD steps: only the order of the gradient sums differs (all-reduce vs one batch)
+    assert worst < 1e-4, worst
+    ma, mb = read_metrics(two), read_metrics(one)
+    for split in ("val", "test"):
+        assert ma[split]["count"] == mb[split]["count"]
+        assert ma[split]["acc"] == pytest.approx(mb[split]["acc"], abs=1e-6)
+        assert ma[split]["loss"] == pytest.approx(mb[split]["loss"], abs=1e-4)
+    print(f"\nlargest weight difference 1-process vs 2-process: {worst:.3g}")
+
+
+def test_features_and_test_stages_under_ddp(ddp_root, tmp_path):
+    out = tmp_path / "out"
+    run = train_subprocess(fast_args(ddp_root, out, stage="features", **{"trainer.devices": "2"}), tmp_path)
+    metrics = read_metrics(run)
+    assert metrics["feature_cache"]["built"] is True
+    assert len(list((out / "feature_cache").glob("*.pt"))) == 1  # one writer
+    assert metrics["test"]["count"] == 15 and metrics["test"]["acc"] >= 0.7
+    # only rank zero writes event files: they all come from one process id
+    assert len({p.name.split(".")[-2] for p in run.glob("events.out.tfevents.*")}) == 1
+
+    test_out = tmp_path / "test_out"
+    test_run = train_subprocess(
+        fast_args(ddp_root, test_out, stage="test", ckpt_path=metrics["best_ckpt"], **{"trainer.devices": "2"}),
+        tmp_path,
+    )
+    tested = read_metrics(test_run)
+    assert tested["test"]["count"] == 15
+    assert tested["test"]["acc"] == pytest.approx(metrics["test"]["acc"])
+
+
+def test_frozen_stage_under_ddp(ddp_root, tmp_path):
+    run = train_subprocess(fast_args(ddp_root, tmp_path / "out", stage="frozen", **{"trainer.devices": "2"}), tmp_path)
+    metrics = read_metrics(run)
+    assert metrics["epochs"] == 3 and metrics["test"]["count"] == 15
+    assert max(_replica_diffs(run)) == 0.0
+    assert sorted(p.name for p in run.iterdir() if p.is_file() and not p.name.startswith("events")) == [
+        "config.yaml",
+        "hparams.yaml",
+        "metrics.json",
+    ]
