@@ -15,15 +15,20 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     from datamodules.image_folder import DataLayoutError
     from lightning_modules.backbones import WeightsError
+    from lightning_modules.run_safety import NonFiniteLossError
+    from pipeline.stages import RunInterrupted, run_stage
 
     try:
-        cfg = load_config(argv)
-        from pipeline.stages import run_stage
-
-        return run_stage(cfg)
+        return run_stage(load_config(argv))
     except (ConfigError, DataLayoutError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(3) from None
+    except RunInterrupted as err:
+        print(str(err), file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
 
 
 if __name__ == "__main__":

@@ -125,7 +125,9 @@ class FeatureDataModule(LightningDataModule):
         # Features are already tensors in memory: worker processes would only add overhead.
         dataset = self.datasets[split]
         sampler = (
-            train_sampler(dataset, self.trainer, self.images.seed) if train else eval_sampler(dataset, self.trainer)
+            train_sampler(dataset, self.trainer, self.images.seed, with_epoch=False)
+            if train
+            else eval_sampler(dataset, self.trainer)
         )
         return DataLoader(dataset, batch_size=self.images.batch_size, sampler=sampler)
 

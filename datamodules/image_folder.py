@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from datamodules.sampling import eval_sampler, train_sampler
+from datamodules.image_io import find_bad_files, load_rgb
+from datamodules.sampling import ResumableLoader, eval_sampler, sample_seed, train_sampler
 from datamodules.transforms import eval_transform, train_transform
 
 # Our split name -> folder name (the seed's layout).
@@ -27,11 +27,13 @@ class DataLayoutError(ValueError):
 
 @dataclass(frozen=True)
 class SplitIndex:
-    """Class names and the ``(path, label)`` samples of each split, sorted for determinism."""
+    """Class names and the ``(path, label)`` samples of each split, sorted for determinism;
+    ``skipped`` lists the unreadable files left out of each split, with the reason."""
 
     root: Path
     classes: list[str]
     samples: dict[str, list[tuple[str, int]]]
+    skipped: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         return {split: len(s) for split, s in self.samples.items()}
@@ -45,8 +47,17 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
 
 
-def scan_splits(root: str | Path, splits: Sequence[str] = ("train", "val", "test")) -> SplitIndex:
-    """List the images of each split; classes are folder names and must agree across splits."""
+def scan_splits(
+    root: str | Path,
+    splits: Sequence[str] = ("train", "val", "test"),
+    check_files: bool = True,
+    skip_bad_files: bool = True,
+    threads: int = 4,
+) -> SplitIndex:
+    """List the images of each split; classes are folder names and must agree across splits.
+
+    With ``check_files`` every image is decoded once: unreadable ones are left out and listed in
+    ``SplitIndex.skipped`` (or, with ``skip_bad_files=False``, raise a DataLayoutError)."""
     root = Path(root)
     if not root.is_dir():
         raise DataLayoutError(f"data.root={root} does not exist; {LAYOUT}")
@@ -78,23 +89,47 @@ def scan_splits(root: str | Path, splits: Sequence[str] = ("train", "val", "test
                 raise DataLayoutError(f"class folder {class_dir} has no image files; {LAYOUT}")
             items += [(str(class_dir / f), label) for f in files]
         samples[split] = items
-    return SplitIndex(root, classes, samples)
+    skipped: dict[str, list[tuple[str, str]]] = {}
+    if check_files:
+        bad = find_bad_files([path for items in samples.values() for path, _ in items], threads)
+        if bad and not skip_bad_files:
+            first = "; ".join(f"{path} ({reason})" for path, reason in list(bad.items())[:3])
+            raise DataLayoutError(f"{len(bad)} unreadable image file(s), e.g. {first} (data.skip_bad_files=false)")
+        for split in splits:
+            skipped[split] = [(path, bad[path]) for path, _ in samples[split] if path in bad]
+            samples[split] = [(path, label) for path, label in samples[split] if path not in bad]
+            missing = set(range(len(classes))) - {label for _, label in samples[split]}
+            if missing:
+                names = [classes[i] for i in sorted(missing)]
+                raise DataLayoutError(f"no readable images for class(es) {names} in {root / SPLIT_DIRS[split]}")
+    return SplitIndex(root, classes, samples, skipped)
 
 
 class LabeledImages(Dataset):
-    """``(path, label)`` samples read with PIL as RGB and passed through ``transform``."""
+    """``(path, label)`` samples decoded as RGB and passed through ``transform``.
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable):
+    Indexed with ``(epoch, index)`` (from ``EpochIndexSampler``), the transform's randomness is
+    seeded from ``(seed, epoch, index)``: the augmentation of a sample does not depend on worker
+    processes, the number of devices, or where a run was resumed."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable, min_size: int | None = None, seed: int = 0):
         self.samples = samples
         self.transform = transform
+        self.min_size = min_size
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            return self.transform(image.convert("RGB")), label
+        image = load_rgb(path, self.min_size)
+        if epoch is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(image), label
 
 
 def default_num_workers() -> int:
@@ -154,16 +189,28 @@ class ImageFolderDataModule(LightningDataModule):
         index = self._index()
         train_tf = train_transform(self.augment, self.image_size, self.mean, self.std)
         for split, samples in index.samples.items():
-            self.datasets[split] = LabeledImages(samples, train_tf if split == "train" else self.eval_transform())
+            transform = train_tf if split == "train" else self.eval_transform()
+            self.datasets[split] = LabeledImages(samples, transform, self.image_size, self.seed)
 
     def eval_dataset(self, split: str) -> LabeledImages:
         """A split with the deterministic transform (also for ``train``): for feature extraction."""
-        return LabeledImages(self._index().samples[split], self.eval_transform())
+        return LabeledImages(self._index().samples[split], self.eval_transform(), self.image_size)
 
     def loader(self, dataset: Dataset, train: bool, batch_size: int | None = None) -> DataLoader:
         """A loader over ``dataset``: shuffled and sharded by rank for training, and for evaluation
         sharded without repeats (see ``datamodules.sampling``)."""
         sampler = train_sampler(dataset, self.trainer, self.seed) if train else eval_sampler(dataset, self.trainer)
+        if train and self.trainer is not None:
+            trainer = self.trainer
+            return ResumableLoader(
+                dataset,
+                progress=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.completed,
+                batch_size=batch_size or self.batch_size,
+                sampler=sampler,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                persistent_workers=self.num_workers > 0,
+            )
         return DataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,

@@ -8,9 +8,12 @@ sampler pads the last shard with repeated images, which would count some test im
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from lightning.pytorch import Trainer
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
 def _rank_and_world(trainer: Trainer | None) -> tuple[int, int]:
@@ -19,12 +22,56 @@ def _rank_and_world(trainer: Trainer | None) -> tuple[int, int]:
     return trainer.global_rank, trainer.world_size
 
 
-def train_sampler(dataset: Dataset, trainer: Trainer | None, seed: int) -> DistributedSampler:
+class EpochIndexSampler(DistributedSampler):
+    """A DistributedSampler that yields ``(epoch, index)``, so a dataset can seed each sample's
+    augmentation from the epoch and the index (see ``LabeledImages``), and that can resume in
+    the middle of an epoch by skipping the indices already consumed."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._skip: dict[int, int] = {}
+
+    def skip(self, epoch: int, consumed: int) -> None:
+        """The next iteration over ``epoch`` starts after its first ``consumed`` indices."""
+        self._skip = {epoch: consumed}
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        indices = list(super().__iter__())[self._skip.pop(epoch, 0) :]
+        return ((epoch, index) for index in indices)
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader that Lightning treats as stateful: checkpoints store how many batches
+    of the current epoch were consumed, and a resumed fit continues with the next batch."""
+
+    def __init__(self, *args: Any, progress: Callable[[], int], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_done": int(self._progress())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.skip(state["epoch"], state["batches_done"] * self.batch_size)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch) * 1_000_003 + index
+
+
+def train_sampler(dataset: Dataset, trainer: Trainer | None, seed: int, with_epoch: bool = True) -> DistributedSampler:
     """The same seeded permutation for any world size; rank ``r`` takes every ``world``-th index,
     so the union of one step's per-rank batches is the 1-process batch of ``world * B`` images.
-    Lightning calls ``set_epoch`` on it at every epoch."""
+    Lightning calls ``set_epoch`` on it at every epoch. ``with_epoch``: yield ``(epoch, index)``."""
     rank, world = _rank_and_world(trainer)
-    return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
+    sampler_cls = EpochIndexSampler if with_epoch else DistributedSampler
+    sampler = sampler_cls(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
+    if trainer is not None:
+        # Lightning creates the first iterator of a fit before it calls set_epoch, and loader
+        # workers prefetch indices at once: start at the epoch the (possibly resumed) fit is in.
+        sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+    return sampler
 
 
 def eval_sampler(dataset: Dataset, trainer: Trainer | None) -> Sampler | None:

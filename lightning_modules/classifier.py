@@ -21,6 +21,7 @@ from torchmetrics.classification import (
 from lightning_modules.backbones import build_backbone
 from lightning_modules.freeze_schedule import set_frozen_eval, set_trainable
 from lightning_modules.heads import ClassifierHead
+from lightning_modules.run_safety import NonFiniteLossError
 
 SPLITS = ("train", "val", "test")
 
@@ -158,7 +159,17 @@ class TransferClassifier(LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        bad = not bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:  # all ranks stop together, or the others would hang
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}, "
+                f"batch {batch_idx}); stopped without saving, the last good checkpoint is kept "
+                "(try a lower optim.lr)"
+            )
+        return loss
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")

@@ -37,6 +37,7 @@ class DataConfig:
     num_workers: int | None = None
     augment: str = "seed"
     cache_dir: str | None = None
+    skip_bad_files: bool = True
 
 
 @dataclass
@@ -204,7 +205,7 @@ backbones (model.backbone=...):
 main keys (defaults from configs/base.yaml; stage presets in configs/stage/):
   seed, out_dir, ckpt_path (a path, or 'last' to resume the latest run of this stage+backbone)
   data.root, data.image_size, data.batch_size (per device), data.num_workers,
-  data.augment ({augments}), data.cache_dir
+  data.augment ({augments}), data.cache_dir, data.skip_bad_files (false: unreadable images are an error)
   model.backbone, model.pretrained, model.weights, model.pool ({pools}), model.head_hidden, model.dropout
   optim.name ({optims}), optim.lr (the head's), optim.weight_decay, optim.scheduler ({scheds})
   finetune.warmup_epochs, finetune.unfreeze_blocks, finetune.backbone_lr_ratio,

@@ -10,13 +10,15 @@ from typing import Any
 
 import torch
 from lightning.pytorch import seed_everything
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.feature_cache import FeatureDataModule
-from datamodules.image_folder import ImageFolderDataModule, scan_splits
+from datamodules.image_folder import ImageFolderDataModule, default_num_workers, scan_splits
 from lightning_modules.backbones import build_backbone
 from lightning_modules.classifier import TransferClassifier
 from lightning_modules.freeze_schedule import FreezeSchedule, TrainableSchedule, count_trainable
+from lightning_modules.run_safety import SaveOnInterrupt
 from pipeline.config import ConfigError, to_yaml
 from pipeline.run_dir import resolve_run, write_json_atomic, write_text_atomic
 from pipeline.trainer_factory import make_trainer
@@ -29,8 +31,30 @@ UNSAFE_SINGLE_FIT_ENV = "TRANSFER_UNSAFE_SINGLE_FIT"
 METRIC_KEYS = ("acc", "loss", "f1", "auroc", "count")
 
 
+class RunInterrupted(RuntimeError):
+    """SIGINT/SIGTERM stopped a fit after its state was saved; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint loaded without running pickled code (``weights_only=True``), or a clear error."""
+    if not Path(path).is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure: refuse the file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(f"checkpoint {path} cannot be loaded safely with weights_only=True ({first})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"{path} is not a checkpoint of this project (no state_dict)")
+    return ckpt
+
+
 def _check_ckpt_backbone(path: str, backbone: str) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ckpt = load_checkpoint(path)
     found = ckpt.get("backbone") or ckpt.get("hyper_parameters", {}).get("backbone")
     if found != backbone:
         raise ConfigError(f"checkpoint {path} was trained with backbone {found!r}, not model.backbone={backbone!r}")
@@ -61,12 +85,28 @@ def build_model(cfg: DictConfig, class_names: list[str]) -> TransferClassifier:
     return model
 
 
-def _resumed_epoch(ckpt_path: str | None) -> int:
-    """The epoch a fit resumed from ``ckpt_path`` starts at (epochs whose training finished)."""
-    if ckpt_path is None:
-        return 0
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    return int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+def _resume_point(ckpt: dict | None) -> tuple[int, int]:
+    """(epoch, global step) a fit resumed from ``ckpt`` starts at; the epoch counts epochs whose
+    training finished, so a mid-epoch (interrupt) checkpoint resumes inside its epoch."""
+    if ckpt is None:
+        return 0, 0
+    return int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]), int(ckpt["global_step"])
+
+
+def _report_skipped(index, run_dir: Path) -> None:
+    """One warning per split with skipped files; the full list in the run folder (rank zero)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    rows = [(split, path, reason) for split, items in index.skipped.items() for path, reason in items]
+    if not rows or rank_zero_only.rank != 0:
+        return
+    listing = run_dir / "skipped_files.tsv"
+    write_text_atomic(listing, "split\tfile\treason\n" + "".join(f"{s}\t{p}\t{r}\n" for s, p, r in rows))
+    for split, items in index.skipped.items():
+        if items:
+            names = ", ".join(Path(p).name for p, _ in items[:5]) + (" ..." if len(items) > 5 else "")
+            rank_zero_warn(f"{split}: skipped {len(items)} unreadable image file(s): {names} (all listed in {listing})")
 
 
 def _summarise(results: list[dict[str, float]], prefix: str) -> dict[str, float] | None:
@@ -125,10 +165,12 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     seed_everything(cfg.seed, workers=True)
     splits = ("test",) if cfg.stage == "test" else ("train", "val", "test")
-    index = scan_splits(cfg.data.root, splits)  # layout errors surface before any model is built
+    # layout errors surface before any model is built; unreadable files are found here too
+    threads = cfg.data.num_workers or default_num_workers()
+    index = scan_splits(cfg.data.root, splits, skip_bad_files=cfg.data.skip_bad_files, threads=threads)
     run_dir, resume = resolve_run(cfg)
-    if resume:
-        _check_ckpt_backbone(resume, cfg.model.backbone)
+    resume_ckpt = _check_ckpt_backbone(resume, cfg.model.backbone) if resume else None
+    _report_skipped(index, run_dir)
     if cfg.stage == "test":
         return _run_test(cfg, run_dir, index, started)
 
@@ -156,7 +198,8 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     _write_config(cfg, run_dir)
     schedule = FreezeSchedule(cfg.stage, cfg.finetune.warmup_epochs, cfg.finetune.unfreeze_blocks)
     max_epochs = int(cfg.trainer.get("max_epochs", 1))
-    start = _resumed_epoch(resume)
+    start, start_step = _resume_point(resume_ckpt)
+    del resume_ckpt
     phases = schedule.phases(start, max_epochs) or [(start, max(start, max_epochs))]
     strict = os.environ.get(UNSAFE_SINGLE_FIT_ENV) != "1"
     if not strict:  # reproduces Lightning #20340 on purpose, for the test that must catch it
@@ -166,10 +209,11 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         # One fit per phase: DDP wraps the model with exactly this phase's trainable set.
         model.set_trainable_top(schedule.trainable_blocks(begin))
         callbacks = [TrainableSchedule(schedule, begin, strict=strict)]
-        trainer = make_trainer(cfg, run_dir, callbacks, model=model, max_epochs=end)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
-        if trainer.interrupted:
-            break
+        # purge_step: TensorBoard hides what a killed run logged after its last checkpoint
+        trainer = make_trainer(
+            cfg, run_dir, callbacks, model=model, max_epochs=end, purge_step=start_step if ckpt else None
+        )
+        _fit(trainer, model, datamodule, ckpt)
         ckpt = str(run_dir / "checkpoints" / "last.ckpt")
     if cfg.stage == "features":
         extra["feature_cache"] = {"path": str(datamodule.path), "built": datamodule.computed}
@@ -179,6 +223,22 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     test = _summarise(trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=True), "test")
     extra["best_ckpt"] = best
     return _finish(cfg, run_dir, trainer, model, started, val, test, extra)
+
+
+def _fit(trainer, model, datamodule, ckpt: str | None) -> None:
+    """``trainer.fit``; an interrupt (SIGINT/SIGTERM) that saved a checkpoint becomes RunInterrupted."""
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+    except SystemExit as exc:  # Lightning turns SIGINT and SIGTERM into SystemExit
+        saver = next(c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt))
+        if not saver.saved:
+            raise
+        signal_name = "SIGTERM" if isinstance(exc, SIGTERMException) else "SIGINT"
+        raise RunInterrupted(
+            f"{signal_name}: stopped at epoch {trainer.current_epoch}, step {trainer.global_step}; state saved "
+            f"to {saver.path}; resume with ckpt_path=last",
+            143 if signal_name == "SIGTERM" else 130,
+        ) from None
 
 
 def _write_config(cfg: DictConfig, run_dir: Path) -> None:

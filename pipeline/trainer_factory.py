@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_modules.replica_check import ReplicaAgreement
+from lightning_modules.run_safety import AtomicCheckpointIO, SaveOnInterrupt, StepSeed
 from pipeline.config import ConfigError
 
 
@@ -62,12 +63,25 @@ def resolve_sync_batchnorm(cfg: DictConfig, model: nn.Module) -> bool:
     return bool(explicit)
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, model: nn.Module | None = None, **overrides: Any):
-    """A Trainer logging to ``run_dir`` with checkpoints, LR monitor and the DDP replica check.
+def make_trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    callbacks: list,
+    model: nn.Module | None = None,
+    purge_step: int | None = None,
+    **overrides: Any,
+) -> Trainer:
+    """A Trainer logging to ``run_dir`` with checkpoints (written atomically, and on SIGINT/SIGTERM),
+    per-step seeding, the LR monitor and the DDP replica check.
 
-    ``model`` (with this phase's trainable set applied) decides the sync_batchnorm default."""
+    ``model`` (with this phase's trainable set applied) decides the sync_batchnorm default;
+    ``purge_step`` (a resumed run's step) hides events a killed run logged after its checkpoint."""
     logger = TensorBoardLogger(
-        save_dir=str(run_dir.parent.parent), name=run_dir.parent.name, version=run_dir.name, default_hp_metric=False
+        save_dir=str(run_dir.parent.parent),
+        name=run_dir.parent.name,
+        version=run_dir.name,
+        default_hp_metric=False,
+        **({"purge_step": purge_step} if purge_step is not None else {}),
     )
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -84,5 +98,12 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, model: nn.Modu
         kwargs["sync_batchnorm"] = resolve_sync_batchnorm(cfg, model)
     # The datamodules bring their own samplers (datamodules/sampling.py).
     kwargs |= {"use_distributed_sampler": False} | overrides
-    all_callbacks = [checkpoint, LearningRateMonitor("epoch"), ReplicaAgreement(), *callbacks]
-    return Trainer(logger=logger, callbacks=all_callbacks, **kwargs)
+    all_callbacks = [
+        checkpoint,
+        LearningRateMonitor("epoch"),
+        ReplicaAgreement(),
+        SaveOnInterrupt(run_dir / "checkpoints"),
+        StepSeed(cfg.seed),
+        *callbacks,
+    ]
+    return Trainer(logger=logger, callbacks=all_callbacks, plugins=[AtomicCheckpointIO()], **kwargs)
