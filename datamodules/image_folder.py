@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from datamodules.image_io import find_bad_files, load_rgb
+from datamodules.image_io import IMAGE_EXTENSIONS, find_bad_files, load_rgb
 from datamodules.sampling import ResumableLoader, eval_sampler, sample_seed, train_sampler
 from datamodules.transforms import eval_transform, train_transform
 
@@ -39,8 +38,13 @@ class SplitIndex:
         return {split: len(s) for split, s in self.samples.items()}
 
 
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+def _not_an_image(name: str) -> str | None:
+    """Why a file name is not taken as an image (None: it is one)."""
+    if name.startswith("."):
+        return "hidden file"
+    if not name.lower().endswith(IMAGE_EXTENSIONS):
+        return "not an image file name (extension)"
+    return None
 
 
 def _class_dirs(split_dir: Path) -> list[str]:
@@ -80,23 +84,31 @@ def scan_splits(
     if len(classes) < 2:
         raise DataLayoutError(f"need at least two class folders, found {classes} under {root}")
     samples: dict[str, list[tuple[str, int]]] = {}
+    bad: dict[str, str] = {}  # path -> why it is left out
     for split in splits:
         items = []
         for label, name in enumerate(classes):
             class_dir = root / SPLIT_DIRS[split] / name
-            files = sorted(f for f in os.listdir(class_dir) if _is_image(f))
+            names = sorted(e.name for e in os.scandir(class_dir) if e.is_file())
+            for f in names:
+                if reason := _not_an_image(f):
+                    bad[str(class_dir / f)] = reason
+            files = [f for f in names if not _not_an_image(f)]
             if not files:
                 raise DataLayoutError(f"class folder {class_dir} has no image files; {LAYOUT}")
             items += [(str(class_dir / f), label) for f in files]
         samples[split] = items
-    skipped: dict[str, list[tuple[str, str]]] = {}
     if check_files:
-        bad = find_bad_files([path for items in samples.values() for path, _ in items], threads)
-        if bad and not skip_bad_files:
-            first = "; ".join(f"{path} ({reason})" for path, reason in list(bad.items())[:3])
-            raise DataLayoutError(f"{len(bad)} unreadable image file(s), e.g. {first} (data.skip_bad_files=false)")
-        for split in splits:
-            skipped[split] = [(path, bad[path]) for path, _ in samples[split] if path in bad]
+        bad |= find_bad_files([path for items in samples.values() for path, _ in items], threads)
+    strict_bad = {p: r for p, r in bad.items() if r != "hidden file"}  # OS litter is never an error
+    if strict_bad and not skip_bad_files:
+        first = "; ".join(f"{path} ({reason})" for path, reason in list(strict_bad.items())[:3])
+        raise DataLayoutError(f"{len(strict_bad)} bad file(s), e.g. {first} (data.skip_bad_files=false)")
+    skipped: dict[str, list[tuple[str, str]]] = {}
+    for split in splits:
+        split_dir = str(root / SPLIT_DIRS[split]) + os.sep
+        skipped[split] = sorted((p, r) for p, r in bad.items() if p.startswith(split_dir))
+        if check_files:
             samples[split] = [(path, label) for path, label in samples[split] if path not in bad]
             missing = set(range(len(classes))) - {label for _, label in samples[split]}
             if missing:

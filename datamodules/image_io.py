@@ -16,6 +16,8 @@ from PIL import Image
 
 # Up to ~180 megapixels is decoded (PIL warns above 89 MP); beyond that the file is skipped.
 MAX_PIXELS = 180_000_000
+# torchvision's list plus GIF (Pillow reads its first frame).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -36,7 +38,11 @@ def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
     at a reduced scale that still leaves at least ``2 * min_size`` pixels per side."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
+        try:
+            opened = Image.open(path)
+        except Image.DecompressionBombError as err:
+            raise ValueError(f"too large: {err}") from None
+        with opened as image:
             if image.width * image.height > MAX_PIXELS:
                 raise ValueError(f"too large ({image.width}x{image.height} pixels)")
             if min_size and image.format == "JPEG":

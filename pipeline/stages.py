@@ -198,7 +198,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     _write_config(cfg, run_dir)
     schedule = FreezeSchedule(cfg.stage, cfg.finetune.warmup_epochs, cfg.finetune.unfreeze_blocks)
     max_epochs = int(cfg.trainer.get("max_epochs", 1))
-    start, start_step = _resume_point(resume_ckpt)
+    start, step = _resume_point(resume_ckpt)
     del resume_ckpt
     phases = schedule.phases(start, max_epochs) or [(start, max(start, max_epochs))]
     strict = os.environ.get(UNSAFE_SINGLE_FIT_ENV) != "1"
@@ -210,11 +210,9 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         model.set_trainable_top(schedule.trainable_blocks(begin))
         callbacks = [TrainableSchedule(schedule, begin, strict=strict)]
         # purge_step: TensorBoard hides what a killed run logged after its last checkpoint
-        trainer = make_trainer(
-            cfg, run_dir, callbacks, model=model, max_epochs=end, purge_step=start_step if ckpt else None
-        )
+        trainer = make_trainer(cfg, run_dir, callbacks, model=model, max_epochs=end, purge_step=step if ckpt else None)
         _fit(trainer, model, datamodule, ckpt)
-        ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+        ckpt, step = str(run_dir / "checkpoints" / "last.ckpt"), trainer.global_step
     if cfg.stage == "features":
         extra["feature_cache"] = {"path": str(datamodule.path), "built": datamodule.computed}
 

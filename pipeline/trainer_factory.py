@@ -83,14 +83,16 @@ def make_trainer(
         default_hp_metric=False,
         **({"purge_step": purge_step} if purge_step is not None else {}),
     )
-    checkpoint = ModelCheckpoint(
+    best = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best-epoch{epoch:03d}-acc{val/acc:.4f}",
         auto_insert_metric_name=False,
         monitor="val/acc",
         mode="max",
-        save_last=True,
     )
+    # Lightning 2.6's save_last only rewrites last.ckpt in epochs that also saved a top-k
+    # checkpoint; an unmonitored top-1 checkpoint named "last" is rewritten every epoch.
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False)
     kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
     if kwargs.get("precision", "auto") == "auto":
         kwargs["precision"] = auto_precision(cfg)
@@ -99,7 +101,8 @@ def make_trainer(
     # The datamodules bring their own samplers (datamodules/sampling.py).
     kwargs |= {"use_distributed_sampler": False} | overrides
     all_callbacks = [
-        checkpoint,
+        best,
+        last,
         LearningRateMonitor("epoch"),
         ReplicaAgreement(),
         SaveOnInterrupt(run_dir / "checkpoints"),

@@ -29,16 +29,13 @@ def checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def scalar_tags(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar tag in the run folder's event files: ``tag -> [(step, value), ...]``."""
+    """Every scalar tag of the run folder as TensorBoard shows it (all event files, in order,
+    with purged steps of restarted runs dropped): ``tag -> [(step, value), ...]``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(path.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "tensors": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return out
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def tensor_tags(path: Path) -> set[str]:
