@@ -156,7 +156,9 @@ class TransferClassifier(LightningModule):
             prog_bar=split == "val",
         )
         self.log(f"{split}/count", counts, on_step=False, on_epoch=True, batch_size=batch_size)
-        return loss
+        if split == "train":
+            return loss
+        return {"loss": loss.detach(), "probs": probs, "target": target}
 
     def training_step(self, batch, batch_idx):
         loss = self._step(batch, "train")
@@ -172,10 +174,10 @@ class TransferClassifier(LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
+        return self._step(batch, "val")
 
     def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
+        return self._step(batch, "test")
 
     # --- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):

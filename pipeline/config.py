@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-STAGES = ("features", "frozen", "finetune", "test")
+STAGES = ("features", "frozen", "finetune", "test", "all")
 AUGMENTS = ("none", "seed", "standard")
 OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine")
@@ -68,6 +68,17 @@ class FinetuneConfig:
 
 
 @dataclass
+class LogConfig:
+    images_every_n_epochs: int = 1  # confusion matrix, error images, PR curve; 0 = never
+    max_images: int = 16
+
+
+@dataclass
+class AllConfig:
+    epochs: list[int] | None = None  # stage=all: max_epochs of features, frozen, finetune
+
+
+@dataclass
 class RunConfig:
     stage: str = "finetune"
     seed: int = 42
@@ -77,6 +88,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    all: AllConfig = field(default_factory=AllConfig)
     # Free-form on purpose: every key is passed to lightning.Trainer and checked against its signature.
     trainer: dict[str, Any] = field(default_factory=dict)
 
@@ -180,6 +193,12 @@ def validate(cfg: DictConfig) -> None:
             f"finetune.unfreeze_blocks={cfg.finetune.unfreeze_blocks} but {cfg.model.backbone} "
             f"has only {n_blocks} blocks"
         )
+    if cfg.all.epochs is not None and (len(cfg.all.epochs) != 3 or min(cfg.all.epochs) < 1):
+        raise ConfigError(
+            f"all.epochs must be three positive epoch counts (features, frozen, finetune), got {list(cfg.all.epochs)}"
+        )
+    if cfg.log.images_every_n_epochs < 0 or cfg.log.max_images < 1:
+        raise ConfigError("log.images_every_n_epochs must be >= 0 and log.max_images >= 1")
     if cfg.stage == "test" and not cfg.ckpt_path:
         raise ConfigError("stage=test needs a checkpoint: add ckpt_path=PATH/TO/run/checkpoints/best.ckpt")
 
@@ -198,6 +217,7 @@ stages (stage=...):
   frozen     seed method 2: frozen backbone + augmentation, trained end to end
   finetune   seed method 3: head warm-up, then the top blocks unfrozen at a lower learning rate
   test       evaluate ckpt_path=... on the test split
+  all        features, frozen, then finetune from the best frozen checkpoint; a comparison table
 
 backbones (model.backbone=...):
   {backbones}
@@ -210,6 +230,7 @@ main keys (defaults from configs/base.yaml; stage presets in configs/stage/):
   optim.name ({optims}), optim.lr (the head's), optim.weight_decay, optim.scheduler ({scheds})
   finetune.warmup_epochs, finetune.unfreeze_blocks, finetune.backbone_lr_ratio,
   finetune.train_bn, finetune.init_ckpt (start from a frozen run's checkpoint)
+  log.images_every_n_epochs, log.max_images  TensorBoard images; all.epochs=[F,Z,T] for stage=all
   trainer.*  any lightning.Trainer argument: trainer.max_epochs, trainer.accelerator, trainer.devices,
              trainer.strategy, trainer.precision (auto: bf16/16-mixed on GPU, 32 on CPU), ...
 

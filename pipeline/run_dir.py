@@ -14,6 +14,7 @@ from pipeline.config import ConfigError
 
 # Set by the launching process so that DDP workers (which re-run train.py) use the same folder.
 RUN_DIR_ENV = "TRANSFER_RUN_DIR"
+ALL_RUN_DIR_ENV = "TRANSFER_ALL_RUN_DIR"
 
 
 def group_dir(cfg: DictConfig, stage: str | None = None) -> Path:
@@ -62,9 +63,10 @@ def _inherited_run_dir() -> Path | None:
     return Path(inherited) if inherited and os.environ.get("LOCAL_RANK", "0") != "0" else None
 
 
-def resolve_run(cfg: DictConfig) -> tuple[Path, str | None]:
-    """The run folder and the checkpoint to resume (None for a fresh run)."""
-    run_dir = _inherited_run_dir()
+def resolve_run(cfg: DictConfig, run_name: str | None = None) -> tuple[Path, str | None]:
+    """The run folder and the checkpoint to resume (None for a fresh run). ``run_name`` fixes the
+    folder name (stage=all names its three runs after its own folder, identically on every rank)."""
+    run_dir = group_dir(cfg) / run_name if run_name else _inherited_run_dir()
     ckpt = cfg.ckpt_path
     if cfg.stage != "test" and ckpt == "last":
         run_dir = run_dir or latest_run_with_checkpoint(cfg)
@@ -78,6 +80,16 @@ def resolve_run(cfg: DictConfig) -> tuple[Path, str | None]:
     run_dir = run_dir or new_run_dir(cfg)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir, (ckpt if cfg.stage != "test" else None)
+
+
+def resolve_all_run(cfg: DictConfig) -> Path:
+    """stage=all's own folder, set once before any DDP worker starts, so workers inherit it."""
+    inherited = os.environ.get(ALL_RUN_DIR_ENV)
+    if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
+        return Path(inherited)
+    run_dir = new_run_dir(cfg)
+    os.environ[ALL_RUN_DIR_ENV] = str(run_dir)
+    return run_dir
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -160,7 +160,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_stage(cfg: DictConfig) -> dict[str, Any]:
+def run_stage(cfg: DictConfig, run_name: str | None = None) -> dict[str, Any]:
     """Run ``cfg.stage``; returns (and writes to the run folder) the metrics."""
     started = time.time()
     seed_everything(cfg.seed, workers=True)
@@ -168,7 +168,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     # layout errors surface before any model is built; unreadable files are found here too
     threads = cfg.data.num_workers or default_num_workers()
     index = scan_splits(cfg.data.root, splits, skip_bad_files=cfg.data.skip_bad_files, threads=threads)
-    run_dir, resume = resolve_run(cfg)
+    run_dir, resume = resolve_run(cfg, run_name)
     resume_ckpt = _check_ckpt_backbone(resume, cfg.model.backbone) if resume else None
     _report_skipped(index, run_dir)
     if cfg.stage == "test":

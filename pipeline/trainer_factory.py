@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_modules.replica_check import ReplicaAgreement
 from lightning_modules.run_safety import AtomicCheckpointIO, SaveOnInterrupt, StepSeed
+from lightning_modules.tensorboard_views import TensorBoardViews
 from pipeline.config import ConfigError
 
 
@@ -107,6 +108,7 @@ def make_trainer(
         ReplicaAgreement(),
         SaveOnInterrupt(run_dir / "checkpoints"),
         StepSeed(cfg.seed),
+        TensorBoardViews(cfg.log.images_every_n_epochs, cfg.log.max_images),
         *callbacks,
     ]
     return Trainer(logger=logger, callbacks=all_callbacks, plugins=[AtomicCheckpointIO()], **kwargs)

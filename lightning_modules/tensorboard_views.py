@@ -1,0 +1,135 @@
+"""TensorBoard views beyond scalars: the seed's two plots, input and error images, PR curve."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from torchmetrics.functional import confusion_matrix
+
+from lightning_modules.figures import captioned_grid, confusion_matrix_image, denormalise
+
+# The seed ends each method with these two plots: training vs validation accuracy and loss.
+SEED_LAYOUT = {
+    "seed plots (per epoch)": {
+        "accuracy: train vs validation": ["Multiline", ["train/acc", "val/acc"]],
+        "loss: train vs validation": ["Multiline", ["train/loss_epoch", "val/loss"]],
+    },
+    "fine-tuning": {
+        "learning rates": ["Multiline", ["lr-.*"]],
+        "trainable parameters": ["Multiline", ["trainable_params"]],
+    },
+}
+
+
+def _experiment(trainer: Trainer):
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def _gather_cat(trainer: Trainer, tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a rank-local tensor of any length over all ranks (padding for all_gather)."""
+    if trainer.world_size < 2:
+        return tensor
+    length = torch.tensor([tensor.shape[0]], device=tensor.device)
+    lengths = trainer.strategy.all_gather(length).view(-1)
+    padded = torch.zeros((int(lengths.max()), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    gathered = trainer.strategy.all_gather(padded)
+    return torch.cat([gathered[r, : int(n)] for r, n in enumerate(lengths)])
+
+
+class TensorBoardViews(Callback):
+    """On fit start: the custom-scalar layout and a grid of augmented training images. At the end
+    of every ``every_n_epochs``-th validation: the confusion matrix, the most confidently wrong
+    validation images (with true class, prediction and probability; images from rank zero's
+    shard under DDP), and for two classes a precision-recall curve."""
+
+    def __init__(self, every_n_epochs: int = 1, max_images: int = 16):
+        self.every_n_epochs = every_n_epochs
+        self.max_images = max_images
+        self._reset()
+
+    def _reset(self) -> None:
+        self.probs: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self.wrong: list[tuple[float, torch.Tensor, int, int, float]] = []
+
+    def _due(self, trainer: Trainer) -> bool:
+        return (
+            self.every_n_epochs > 0
+            and trainer.state.fn == TrainerFn.FITTING
+            and not trainer.sanity_checking
+            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        writer = _experiment(trainer)
+        if writer is None or not trainer.is_global_zero:
+            return
+        writer.add_custom_scalars(SEED_LAYOUT)
+        datasets = getattr(trainer.datamodule, "datasets", {})
+        train = datasets.get("train")
+        if train is None or pl_module.on_features:
+            return
+        count = min(self.max_images, len(train))
+        images = torch.stack([train[(trainer.current_epoch, i)][0] for i in range(count)])
+        grid = captioned_grid(
+            denormalise(images, pl_module.backbone.mean, pl_module.backbone.std),
+            [pl_module.class_names[train.samples[i][1]] for i in range(count)],
+        )
+        writer.add_image("train/augmented_inputs", grid, trainer.global_step)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._reset()
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx=0
+    ) -> None:
+        if not self._due(trainer) or outputs is None:
+            return
+        probs, target = outputs["probs"].float().cpu(), outputs["target"].cpu()
+        self.probs.append(probs)
+        self.targets.append(target)
+        inputs = batch[0]
+        if inputs.dim() != 4:  # cached features, not images
+            return
+        confidence, predicted = probs.max(dim=1)
+        for i in torch.nonzero(predicted != target).view(-1).tolist():
+            self.wrong.append(
+                (
+                    float(confidence[i]),
+                    inputs[i].detach().cpu(),
+                    int(target[i]),
+                    int(predicted[i]),
+                    float(confidence[i]),
+                )
+            )
+        self.wrong = sorted(self.wrong, key=lambda w: -w[0])[: self.max_images]
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._due(trainer) or not self.probs:
+            return
+        device = pl_module.device
+        probs = _gather_cat(trainer, torch.cat(self.probs).to(device)).cpu()
+        targets = _gather_cat(trainer, torch.cat(self.targets).to(device)).cpu()
+        writer = _experiment(trainer)
+        if writer is None or not trainer.is_global_zero:
+            return
+        names = pl_module.class_names
+        step = trainer.global_step
+        matrix = confusion_matrix(probs.argmax(1), targets, task="multiclass", num_classes=len(names))
+        writer.add_image("val/confusion_matrix", confusion_matrix_image(matrix, names), step)
+        if len(names) == 2:
+            writer.add_pr_curve("val/pr_curve", targets, probs[:, 1], step)
+        if self.wrong:
+            images = denormalise(
+                torch.stack([w[1] for w in self.wrong]), pl_module.backbone.mean, pl_module.backbone.std
+            )
+            captions = [f"true {names[t]}\npred {names[p]} {c:.2f}" for _, _, t, p, c in self.wrong]
+            writer.add_image("val/most_confident_errors", captioned_grid(images, captions), step)

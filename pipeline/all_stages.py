@@ -1,0 +1,81 @@
+"""stage=all: the seed's three methods in order on one data set, and a comparison table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, load_config, parse_overrides, to_yaml
+from pipeline.run_dir import resolve_all_run, write_json_atomic, write_text_atomic
+from pipeline.stages import run_stage
+
+METHODS = [
+    ("features", "1. feature extraction (cached features, head only)"),
+    ("frozen", "2. frozen base + augmentation"),
+    ("finetune", "3. fine-tuning the top blocks (from the best frozen checkpoint)"),
+]
+
+
+def _stage_overrides(stage: str, argv: list[str], epochs: int | None, frozen_best: str | None) -> list[str]:
+    extra = [f"stage={stage}"]
+    if epochs is not None:
+        extra.append(f"trainer.max_epochs={epochs}")
+    if stage == "finetune":
+        if not frozen_best:
+            raise ConfigError("stage=all: the frozen run left no best checkpoint to fine-tune from")
+        # method 3 continues from method 2: no second head warm-up
+        extra += [f"finetune.init_ckpt={frozen_best}", "finetune.warmup_epochs=0"]
+        if epochs is None and "trainer.max_epochs" not in parse_overrides(argv).get("trainer", {}):
+            preset = load_config([*argv, "stage=finetune"])
+            extra.append(f"trainer.max_epochs={preset.trainer.max_epochs - preset.finetune.warmup_epochs}")
+    return [*argv, *extra]
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| method | val acc | test acc | val loss | test loss | epochs | wall time (s) | trainable params |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        val, test = row["val"] or {}, row["test"] or {}
+        lines.append(
+            f"| {row['method']} | {val.get('acc', float('nan')):.4f} | {test.get('acc', float('nan')):.4f} "
+            f"| {val.get('loss', float('nan')):.4f} | {test.get('loss', float('nan')):.4f} | {row['epochs']} "
+            f"| {row['wall_time_s']:.1f} | {row['trainable_params']:,} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_all(argv: list[str]) -> dict[str, Any]:
+    """Run features, frozen and finetune with the same overrides; write comparison.md/.json."""
+    cfg = load_config(argv)
+    if cfg.ckpt_path:
+        raise ConfigError("stage=all starts fresh runs; resume a single stage with stage=<name> ckpt_path=...")
+    all_dir = resolve_all_run(cfg)
+    epochs = list(cfg.all.epochs) if cfg.all.epochs is not None else [None, None, None]
+    rows, frozen_best = [], None
+    for (stage, method), n_epochs in zip(METHODS, epochs):
+        stage_cfg = load_config(_stage_overrides(stage, argv, n_epochs, frozen_best))
+        metrics = run_stage(stage_cfg, run_name=all_dir.name)
+        if stage == "frozen":
+            frozen_best = metrics.get("best_ckpt")
+        rows.append({"method": method, **metrics})
+    table = comparison_table(rows)
+    result = {"stage": "all", "backbone": cfg.model.backbone, "run_dir": str(all_dir), "methods": rows}
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        write_text_atomic(all_dir / "config.yaml", to_yaml(cfg))
+        write_text_atomic(all_dir / "comparison.md", f"# {cfg.model.backbone} on {cfg.data.root}\n\n{table}")
+        write_json_atomic(all_dir / "comparison.json", result)
+        _log_table(all_dir, table)
+        print(f"\n{table}\nwritten to {Path(all_dir) / 'comparison.md'}")
+    return result
+
+
+def _log_table(all_dir: Path, table: str) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(all_dir))
+    writer.add_text("comparison", table, 0)
+    writer.close()

@@ -1,0 +1,29 @@
+#!/usr/bin/env python
+"""Classify images with a trained checkpoint, or export it.
+
+python predict.py ckpt_path=runs/.../best.ckpt inputs=PATH_OR_GLOB output=preds.csv
+python predict.py ckpt_path=... export=onnx|torchscript [export_path=model.onnx]
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(__doc__)
+        return None
+    from pipeline.config import ConfigError
+    from pipeline.predict import main as predict_main
+
+    try:
+        return predict_main(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

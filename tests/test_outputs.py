@@ -1,0 +1,134 @@
+"""What a researcher sees after training: TensorBoard views, stage=all's table, predict.py, export."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import predict
+from pipeline.export import PARITY_TOLERANCE, ExportedClassifier, export_model, run_exported
+from pipeline.predict import load_model
+
+from conftest import fast_args
+from helpers import read_metrics, run_dir, run_train
+from toy_data import make_image_tree
+
+
+@pytest.fixture(scope="module")
+def noisy_root(tmp_path_factory) -> Path:
+    """Toy data whose validation split has two mislabelled images, so there are errors to show."""
+    root = make_image_tree(tmp_path_factory.mktemp("noisy"), size=32)
+    for i in (0, 1):
+        shutil.move(root / "validation" / "cats" / f"cats.{i}.png", root / "validation" / "dogs" / f"cat{i}.png")
+    return root
+
+
+def _events(folder: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_views_of_a_run(noisy_root, tmp_path):
+    metrics = run_train(
+        fast_args(noisy_root, tmp_path, stage="frozen", **{"trainer.max_epochs": "4", "log.images_every_n_epochs": "2"})
+    )
+    acc = _events(run_dir(metrics))
+    tags = acc.Tags()
+    steps = {tag: [e.step for e in acc.Scalars(tag)] for tag in tags["scalars"]}
+    assert len(steps["train/loss"]) == 4 * 6  # every step
+    for tag in ("train/acc", "train/loss_epoch", "lr-Adam/head", "lr-Adam/backbone", "trainable_params"):
+        assert len(steps[tag]) == 4, tag  # once per epoch
+    assert len(steps["val/acc"]) == 4 + 1  # per epoch, plus the best checkpoint's final validation
+    assert "custom_scalars__config__" in tags["tensors"]
+    layout = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0].decode(errors="ignore")
+    assert "train/acc" in layout and "val/loss" in layout
+    images = {tag: len(acc.Images(tag)) for tag in tags["images"]}
+    assert images["train/augmented_inputs"] == 1
+    assert images["val/confusion_matrix"] == 2  # every 2nd of 4 epochs
+    assert images["val/most_confident_errors"] == 2  # the mislabelled images are always wrong
+    assert len(acc.Tensors("val/pr_curve")) == 2
+    assert any(t.startswith("freeze_schedule") for t in tags["tensors"])
+    hparams = {meta.plugin_data.plugin_name for meta in acc.summary_metadata.values()}
+    assert "hparams" in hparams
+    assert metrics["val"]["acc"] <= 14 / 16  # the two mislabelled images count as errors
+
+
+def test_stage_all_writes_a_three_row_comparison(toy_root, tmp_path):
+    result = run_train(fast_args(toy_root, tmp_path, stage="all", **{"all.epochs": "[2,2,3]"}))
+    folder = Path(result["run_dir"])
+    table = (folder / "comparison.md").read_text().strip().splitlines()
+    rows = [line for line in table if line.startswith("| ") and not line.startswith("| method")]
+    assert len(rows) == 3
+    methods = result["methods"]
+    assert [m["stage"] for m in methods] == ["features", "frozen", "finetune"]
+    assert [m["epochs"] for m in methods] == [2, 2, 3]
+    for m in methods:
+        assert 0.75 <= m["test"]["acc"] <= 1.0 and 0.75 <= m["val"]["acc"] <= 1.0
+        assert m["wall_time_s"] > 0 and m["test"]["count"] == 16
+    assert methods[0]["trainable_params"] == methods[1]["trainable_params"] < methods[2]["trainable_params"]
+    # the fine-tuning run started from the frozen run's best checkpoint, in a folder named like the rest
+    finetune_cfg = (Path(methods[2]["run_dir"]) / "config.yaml").read_text()
+    assert Path(methods[1]["best_ckpt"]).name in finetune_cfg and "warmup_epochs: 0" in finetune_cfg
+    assert {Path(m["run_dir"]).name for m in methods} == {folder.name}
+    assert "comparison" in _events(folder).Tags()["tensors"][0]
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory) -> str:
+    root = make_image_tree(tmp_path_factory.mktemp("pred_data"), size=32)
+    out = tmp_path_factory.mktemp("pred_run")
+    return run_train(fast_args(root, out, stage="frozen", **{"trainer.max_epochs": "3"}))["best_ckpt"]
+
+
+def test_predict_folder_with_a_corrupt_file(trained_ckpt, tmp_path, capsys):
+    images = make_image_tree(tmp_path / "new", per_class={"train": 0, "validation": 0, "test": 10}, size=40, seed=5)
+    nested = images / "test" / "dogs" / "deeper"
+    nested.mkdir()
+    shutil.move(images / "test" / "dogs" / "dogs.0.png", nested / "dogs.0.png")
+    (images / "test" / "cats" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    output = tmp_path / "preds.csv"
+    result = predict.main([f"ckpt_path={trained_ckpt}", f"inputs={images}", f"output={output}", "num_workers=0"])
+    assert "classified 20 of 21 files" in capsys.readouterr().out
+    with open(output) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["file", "predicted", "prob_cats", "prob_dogs", "error"]
+    assert len(rows) == 21 and result["predictions"]["errors"] == 1
+    broken = [r for r in rows if r["file"].endswith("broken.jpg")][0]
+    assert broken["error"] and broken["predicted"] == ""
+    good = [r for r in rows if not r["error"]]
+    correct = sum(r["predicted"] == Path(r["file"]).name.split(".")[0] for r in good)
+    assert correct >= 0.8 * len(good)
+    assert all(abs(float(r["prob_cats"]) + float(r["prob_dogs"]) - 1) < 1e-5 for r in good)
+
+
+def test_predict_bad_arguments_are_one_line(capsys, trained_ckpt):
+    with pytest.raises(SystemExit):
+        predict.main([f"ckpt_path={trained_ckpt}", "inputs=/no/such/*.jpg"])
+    assert "matches no file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict.main([f"ckpt_path={trained_ckpt}", "export=tflite"])
+    assert "choose one of: onnx, torchscript" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_matches_pytorch(trained_ckpt, tmp_path, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="pip install -e '.[export]'")
+    model = load_model(trained_ckpt)
+    path, diff = export_model(model, 32, fmt, tmp_path / f"model.{fmt}")
+    assert path.is_file() and diff <= PARITY_TOLERANCE
+    # the same normalised batch through both, batch size other than the one traced with
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ExportedClassifier(model).eval()(images)
+    got = run_exported(fmt, path, images)
+    assert got.shape == (5, 2)
+    assert (got - expected).abs().max() <= PARITY_TOLERANCE
+    assert read_metrics(Path(trained_ckpt).parent.parent)["stage"] == "frozen"
