@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(help_text())
         return None
+    from datamodules.download import DownloadError
     from datamodules.image_folder import DataLayoutError
     from lightning_modules.backbones import WeightsError
     from lightning_modules.run_safety import NonFiniteLossError
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     try:
         cfg = load_config(argv)
         return run_all(argv) if cfg.stage == "all" else run_stage(cfg)
-    except (ConfigError, DataLayoutError, WeightsError) as err:
+    except (ConfigError, DataLayoutError, WeightsError, DownloadError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except NonFiniteLossError as err:

@@ -38,6 +38,10 @@ class DataConfig:
     augment: str = "seed"
     cache_dir: str | None = None
     skip_bad_files: bool = True
+    source: str = "kaggle_cats_vs_dogs"  # used only when data.root has no train/ folder
+    url: str | None = None  # overrides the source's download address (a mirror, file://...)
+    sha256: str | None = "auto"  # auto: the source's known checksum; null: no check
+    split_sizes: list[int] = field(default_factory=lambda: [1000, 500, 500])
 
 
 @dataclass
@@ -159,6 +163,14 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg.optim.name, OPTIMIZERS, "optim.name")
     _choice(cfg.optim.scheduler, SCHEDULERS, "optim.scheduler")
     _choice(cfg.model.pool, POOLS, "model.pool")
+    from datamodules.download import SOURCE_NAMES
+
+    _choice(cfg.data.source, SOURCE_NAMES, "data.source")
+    if len(cfg.data.split_sizes) != 3 or min(cfg.data.split_sizes) < 1:
+        raise ConfigError(
+            f"data.split_sizes must be three positive counts (train, validation, test), "
+            f"got {list(cfg.data.split_sizes)}"
+        )
     positive = {
         "data.image_size": cfg.data.image_size,
         "data.batch_size": cfg.data.batch_size,
@@ -225,6 +237,7 @@ backbones (model.backbone=...):
 main keys (defaults from configs/base.yaml; stage presets in configs/stage/):
   seed, out_dir, ckpt_path (a path, or 'last' to resume the latest run of this stage+backbone)
   data.root, data.image_size, data.batch_size (per device), data.num_workers,
+  data.source (download when data.root has no train/), data.url, data.sha256, data.split_sizes,
   data.augment ({augments}), data.cache_dir, data.skip_bad_files (false: unreadable images are an error)
   model.backbone, model.pretrained, model.weights, model.pool ({pools}), model.head_hidden, model.dropout
   optim.name ({optims}), optim.lr (the head's), optim.weight_decay, optim.scheduler ({scheds})

@@ -160,11 +160,31 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def ensure_data(cfg: DictConfig) -> None:
+    """Download and carve ``data.source`` into ``data.root`` if it has no train/ (rank zero only)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from datamodules.download import prepare_dataset
+
+    if cfg.stage == "test":
+        return
+    prepare_dataset(
+        cfg.data.root,
+        cfg.data.source,
+        cfg.data.url,
+        cfg.data.sha256,
+        list(cfg.data.split_sizes),
+        cfg.seed,
+        is_rank_zero=rank_zero_only.rank == 0,
+    )
+
+
 def run_stage(cfg: DictConfig, run_name: str | None = None) -> dict[str, Any]:
     """Run ``cfg.stage``; returns (and writes to the run folder) the metrics."""
     started = time.time()
     seed_everything(cfg.seed, workers=True)
     splits = ("test",) if cfg.stage == "test" else ("train", "val", "test")
+    ensure_data(cfg)
     # layout errors surface before any model is built; unreadable files are found here too
     threads = cfg.data.num_workers or default_num_workers()
     index = scan_splits(cfg.data.root, splits, skip_bad_files=cfg.data.skip_bad_files, threads=threads)

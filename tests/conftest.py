@@ -30,6 +30,7 @@ def fast_args(root: Path, out_dir: Path, **extra: str) -> list[str]:
     """Overrides that shrink a run to seconds on a CPU."""
     args = {
         "data.root": str(root),
+        "data.source": "none",  # never download in tests
         "out_dir": str(out_dir),
         "model.backbone": "resnet18",
         "model.pretrained": "false",

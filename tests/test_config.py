@@ -59,7 +59,7 @@ def test_bad_config_is_one_clear_line(capsys, args, expected):
 
 
 def test_missing_data_root_is_one_clear_line(capsys, tmp_path):
-    err = _error_line(capsys, [f"data.root={tmp_path / 'nowhere'}", f"out_dir={tmp_path}"])
+    err = _error_line(capsys, [f"data.root={tmp_path / 'nowhere'}", f"out_dir={tmp_path}", "data.source=none"])
     assert "does not exist" in err and "train,validation,test" in err
 
 
