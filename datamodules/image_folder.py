@@ -7,10 +7,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.decoded_cache import decoded_cache, open_decoded
 from datamodules.image_io import IMAGE_EXTENSIONS, find_bad_files, load_rgb
 from datamodules.sampling import ResumableLoader, eval_sampler, sample_seed, train_sampler
 from datamodules.transforms import eval_transform, train_transform
@@ -124,19 +126,35 @@ class LabeledImages(Dataset):
     seeded from ``(seed, epoch, index)``: the augmentation of a sample does not depend on worker
     processes, the number of devices, or where a run was resumed."""
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable, min_size: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        transform: Callable,
+        min_size: int | None = None,
+        seed: int = 0,
+        decoded: str | Path | None = None,
+    ):
         self.samples = samples
         self.transform = transform
         self.min_size = min_size
         self.seed = seed
+        self.decoded = decoded  # a decoded-image cache file: read from it instead of decoding
+        self._array = None
+
+    def _image(self, index: int):
+        if self.decoded is None:
+            return load_rgb(self.samples[index][0], self.min_size)
+        if self._array is None:  # opened lazily, once per loader worker
+            self._array = open_decoded(self.decoded)
+        return torch.from_numpy(np.array(self._array[index])).permute(2, 0, 1)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, index = key if isinstance(key, tuple) else (None, key)
-        path, label = self.samples[index]
-        image = load_rgb(path, self.min_size)
+        label = self.samples[index][1]
+        image = self._image(index)
         if epoch is None:
             return self.transform(image), label
         with torch.random.fork_rng(devices=[]):
@@ -170,8 +188,10 @@ class ImageFolderDataModule(LightningDataModule):
         pin_memory: bool = False,
         index: SplitIndex | None = None,
         seed: int = 0,
+        decoded_cache_dir: str | Path | None = None,
     ):
         super().__init__()
+        self.decoded_cache_dir = decoded_cache_dir
         # Only global rank zero prepares data (downloads): the data root is expected on a shared disk.
         self.prepare_data_per_node = False
         self.seed = seed
@@ -197,12 +217,25 @@ class ImageFolderDataModule(LightningDataModule):
     def eval_transform(self):
         return eval_transform(self.image_size, self.mean, self.std)
 
+    def prepare_data(self) -> None:
+        """With a decoded-image cache: decode every split once (global rank zero)."""
+        if self.decoded_cache_dir is not None:
+            for samples in self._index().samples.values():
+                decoded_cache(samples, self.image_size, self.decoded_cache_dir, max(1, self.num_workers))
+
+    def _decoded(self, split: str) -> Path | None:
+        if self.decoded_cache_dir is None:
+            return None
+        samples = self._index().samples[split]
+        return decoded_cache(samples, self.image_size, self.decoded_cache_dir, max(1, self.num_workers))
+
     def setup(self, stage: str | None = None) -> None:
         index = self._index()
-        train_tf = train_transform(self.augment, self.image_size, self.mean, self.std)
+        cached = self.decoded_cache_dir is not None
+        train_tf = train_transform(self.augment, self.image_size, self.mean, self.std, cached=cached)
         for split, samples in index.samples.items():
             transform = train_tf if split == "train" else self.eval_transform()
-            self.datasets[split] = LabeledImages(samples, transform, self.image_size, self.seed)
+            self.datasets[split] = LabeledImages(samples, transform, self.image_size, self.seed, self._decoded(split))
 
     def eval_dataset(self, split: str) -> LabeledImages:
         """A split with the deterministic transform (also for ``train``): for feature extraction."""

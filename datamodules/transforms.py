@@ -48,15 +48,25 @@ def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2
     return v2.Compose([v2.ToImage(), v2.Resize((size, size), antialias=True), *_to_normalised(mean, std)])
 
 
-def train_transform(preset: str, size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+def train_transform(
+    preset: str, size: int, mean: Sequence[float], std: Sequence[float], cached: bool = False
+) -> v2.Compose:
     """``none``: as eval; ``seed``: the seed's Keras augmentation; ``standard``: random resized
-    crop + flip + TrivialAugmentWide."""
+    crop + flip + TrivialAugmentWide.
+
+    ``cached``: the input is a decoded-cache tensor slightly larger than ``size`` (see
+    ``datamodules.decoded_cache``); a random ``size`` crop of it and a random flip replace the
+    resize, and ``none`` stays unaugmented apart from them."""
+    if preset not in AUGMENT_PRESETS:
+        raise ValueError(f"unknown data.augment {preset!r}; choose one of: {', '.join(AUGMENT_PRESETS)}")
+    if cached:
+        crop = [v2.RandomCrop(size), v2.RandomHorizontalFlip()]
+        extra = {"none": [], "seed": _seed_augmentation(size), "standard": [v2.TrivialAugmentWide()]}[preset]
+        return v2.Compose([v2.ToImage(), *crop, *extra, *_to_normalised(mean, std)])
     if preset == "none":
         return eval_transform(size, mean, std)
     if preset == "seed":
         augment = [v2.Resize((size, size), antialias=True), *_seed_augmentation(size)]
-    elif preset == "standard":
-        augment = _standard_augmentation(size)
     else:
-        raise ValueError(f"unknown data.augment {preset!r}; choose one of: {', '.join(AUGMENT_PRESETS)}")
+        augment = _standard_augmentation(size)
     return v2.Compose([v2.ToImage(), *augment, *_to_normalised(mean, std)])

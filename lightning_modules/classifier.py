@@ -73,6 +73,8 @@ class TransferClassifier(LightningModule):
         scheduler: str = "none",
         backbone_lr_ratio: float = 1.0,
         train_bn: bool = False,
+        tta_flip: bool = False,
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -84,6 +86,7 @@ class TransferClassifier(LightningModule):
         outputs = 1 if self.binary else len(self.class_names)
         self.head = ClassifierHead(pool, self.backbone.output_shape(image_size), outputs, head_hidden, dropout)
         self.on_features = False
+        self.channels_last = False  # set by the pipeline with speed.channels_last
         self.trainable_top = 0
         set_trainable(self.backbone.blocks, 0, train_bn)
         # ModuleDict keys may not shadow nn.Module attributes such as ``train``, hence the suffix.
@@ -105,6 +108,8 @@ class TransferClassifier(LightningModule):
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(images))
 
     def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -112,7 +117,17 @@ class TransferClassifier(LightningModule):
         return self.head.pool(self.backbone(images))
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.head.classifier(inputs) if self.on_features else self(inputs)
+        """Logits for images, or for cached features. Cached evaluation features may hold views
+        ``(B, V, D)`` (the image and its mirror): their logits are averaged. With ``tta_flip``,
+        evaluation of images averages the logits of each image and its mirror."""
+        if self.on_features:
+            if inputs.dim() == 3:
+                batch, views = inputs.shape[:2]
+                return self.head.classifier(inputs.flatten(0, 1)).view(batch, views, -1).mean(dim=1)
+            return self.head.classifier(inputs)
+        if self.hparams.tta_flip and not self.training:
+            return (self(inputs) + self(inputs.flip(-1))) / 2
+        return self(inputs)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Class probabilities, shape ``(B, num_classes)``."""
@@ -122,9 +137,11 @@ class TransferClassifier(LightningModule):
         return logits.float().softmax(dim=1)
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        smoothing = self.hparams.label_smoothing if self.training else 0.0
         if self.binary:
-            return F.binary_cross_entropy_with_logits(logits.squeeze(1).float(), target.float())
-        return F.cross_entropy(logits.float(), target)
+            soft = target.float() * (1 - smoothing) + 0.5 * smoothing
+            return F.binary_cross_entropy_with_logits(logits.squeeze(1).float(), soft)
+        return F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
 
     # --- steps --------------------------------------------------------------------------------
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +63,30 @@ class StepSeed(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step_seed = (self.seed * 1_000_003 + trainer.global_step) * 64 + trainer.global_rank
         seed_everything(step_seed % 2**32, verbose=False)
+
+
+class EpochTimer(Callback):
+    """Wall time of every training epoch (without validation) and the images it trained on."""
+
+    def __init__(self):
+        self.epochs: list[dict[str, float]] = []
+        self._started = 0.0
+        self._images = 0
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._started, self._images = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._images += int(batch[1].shape[0]) * trainer.world_size
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._close(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._close(trainer)
+
+    def _close(self, trainer: Trainer) -> None:
+        if self._started and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            seconds = time.perf_counter() - self._started
+            self.epochs.append({"epoch": trainer.current_epoch, "seconds": seconds, "images": self._images})
+            self._started = 0.0

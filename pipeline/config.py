@@ -1,7 +1,8 @@
 """The run configuration: a typed schema, YAML presets and ``key=value`` overrides.
 
 Composition order: ``configs/base.yaml`` -> ``configs/stage/<stage>.yaml`` ->
-``configs/backbone/<backbone>.yaml`` (if present) -> command line. The schema is an OmegaConf
+``configs/backbone/<backbone>.yaml`` -> ``configs/backbone/<backbone>.<stage>.yaml`` (each if
+present) -> command line. The schema is an OmegaConf
 structured config, so an unknown key or a wrong type fails while merging; choices that a type
 cannot express (stage, backbone, optimizer, ...) are checked in :func:`validate`.
 """
@@ -38,6 +39,7 @@ class DataConfig:
     augment: str = "seed"
     cache_dir: str | None = None
     skip_bad_files: bool = True
+    decoded_cache: bool = False  # decode + resize every image once into a memory-mapped file
     source: str = "kaggle_cats_vs_dogs"  # used only when data.root has no train/ folder
     url: str | None = None  # overrides the source's download address (a mirror, file://...)
     sha256: str | None = "auto"  # auto: the source's known checksum; null: no check
@@ -52,6 +54,7 @@ class ModelConfig:
     pool: str = "avg"
     head_hidden: int = 256
     dropout: float = 0.5
+    tta_flip: bool = False  # evaluate each image and its mirror, average the logits
 
 
 @dataclass
@@ -60,6 +63,7 @@ class OptimConfig:
     lr: float = 2e-5
     weight_decay: float = 0.0
     scheduler: str = "none"
+    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -69,6 +73,12 @@ class FinetuneConfig:
     backbone_lr_ratio: float = 1.0
     train_bn: bool = False
     init_ckpt: str | None = None
+
+
+@dataclass
+class SpeedConfig:
+    channels_last: bool = True  # NHWC memory format for convolutions (faster on recent GPUs and CPUs)
+    compile: bool = False  # torch.compile the model (opt-in)
 
 
 @dataclass
@@ -93,6 +103,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     all: AllConfig = field(default_factory=AllConfig)
     # Free-form on purpose: every key is passed to lightning.Trainer and checked against its signature.
     trainer: dict[str, Any] = field(default_factory=dict)
@@ -146,7 +157,10 @@ def load_config(argv: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
         _choice(stage, STAGES, "stage")
         cfg = OmegaConf.merge(base, _read_yaml(config_dir / "stage" / f"{stage}.yaml"))
         backbone = str(OmegaConf.select(cli, "model.backbone", default=cfg.model.backbone))
-        cfg = OmegaConf.merge(cfg, _read_yaml(config_dir / "backbone" / f"{backbone}.yaml"), cli)
+        per_backbone = [
+            _read_yaml(config_dir / "backbone" / f"{backbone}{suffix}.yaml") for suffix in ("", f".{stage}")
+        ]
+        cfg = OmegaConf.merge(cfg, *per_backbone, cli)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
     validate(cfg)

@@ -18,10 +18,10 @@ from datamodules.image_folder import ImageFolderDataModule, default_num_workers,
 from lightning_modules.backbones import build_backbone
 from lightning_modules.classifier import TransferClassifier
 from lightning_modules.freeze_schedule import FreezeSchedule, TrainableSchedule, count_trainable
-from lightning_modules.run_safety import SaveOnInterrupt
+from lightning_modules.run_safety import EpochTimer, SaveOnInterrupt
 from pipeline.config import ConfigError, to_yaml
 from pipeline.run_dir import resolve_run, write_json_atomic, write_text_atomic
-from pipeline.trainer_factory import make_trainer
+from pipeline.trainer_factory import apply_speed_settings, make_trainer
 
 # Intentional here: frozen blocks are in eval mode, and later phases reuse the checkpoint folder.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -75,6 +75,8 @@ def build_model(cfg: DictConfig, class_names: list[str]) -> TransferClassifier:
         scheduler=cfg.optim.scheduler,
         backbone_lr_ratio=cfg.finetune.backbone_lr_ratio,
         train_bn=cfg.finetune.train_bn,
+        tta_flip=cfg.model.tta_flip,
+        label_smoothing=cfg.optim.label_smoothing,
     )
     if cfg.model.weights or cfg.model.pretrained:
         pretrained = build_backbone(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights)
@@ -194,7 +196,12 @@ def run_stage(cfg: DictConfig, run_name: str | None = None) -> dict[str, Any]:
     if cfg.stage == "test":
         return _run_test(cfg, run_dir, index, started)
 
+    apply_speed_settings(cfg)
     model = build_model(cfg, index.classes)
+    if cfg.speed.channels_last:
+        model.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    cache_dir = cfg.data.cache_dir or str(Path(cfg.out_dir) / "cache")
     images = ImageFolderDataModule(
         cfg.data.root,
         image_size=cfg.data.image_size,
@@ -206,14 +213,22 @@ def run_stage(cfg: DictConfig, run_name: str | None = None) -> dict[str, Any]:
         pin_memory=torch.cuda.is_available(),
         index=index,
         seed=cfg.seed,
+        decoded_cache_dir=cache_dir if cfg.data.decoded_cache else None,
     )
     datamodule = images
     extra: dict[str, Any] = {}
     if cfg.stage == "features":
         model.on_features = True
-        cache_dir = cfg.data.cache_dir or str(Path(cfg.out_dir) / "feature_cache")
         device = "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator", "auto") != "cpu" else "cpu"
-        datamodule = FeatureDataModule(images, model, cache_dir, cfg.model.pool, device)
+        datamodule = FeatureDataModule(
+            images,
+            model,
+            cache_dir,
+            cfg.model.pool,
+            device,
+            flip_train=cfg.data.augment != "none",
+            flip_eval=cfg.model.tta_flip,
+        )
 
     _write_config(cfg, run_dir)
     schedule = FreezeSchedule(cfg.stage, cfg.finetune.warmup_epochs, cfg.finetune.unfreeze_blocks)
@@ -225,13 +240,15 @@ def run_stage(cfg: DictConfig, run_name: str | None = None) -> dict[str, Any]:
     if not strict:  # reproduces Lightning #20340 on purpose, for the test that must catch it
         phases = [(phases[0][0], phases[-1][1])]
     ckpt = resume
+    timer = EpochTimer()
+    fit_model = torch.compile(model) if cfg.speed.compile else model
     for begin, end in phases:
         # One fit per phase: DDP wraps the model with exactly this phase's trainable set.
         model.set_trainable_top(schedule.trainable_blocks(begin))
-        callbacks = [TrainableSchedule(schedule, begin, strict=strict)]
+        callbacks = [TrainableSchedule(schedule, begin, strict=strict), timer]
         # purge_step: TensorBoard hides what a killed run logged after its last checkpoint
         trainer = make_trainer(cfg, run_dir, callbacks, model=model, max_epochs=end, purge_step=step if ckpt else None)
-        _fit(trainer, model, datamodule, ckpt)
+        _fit(trainer, fit_model, datamodule, ckpt)
         ckpt, step = str(run_dir / "checkpoints" / "last.ckpt"), trainer.global_step
     if cfg.stage == "features":
         extra["feature_cache"] = {"path": str(datamodule.path), "built": datamodule.computed}
@@ -240,7 +257,24 @@ def run_stage(cfg: DictConfig, run_name: str | None = None) -> dict[str, Any]:
     val = _summarise(trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False), "val")
     test = _summarise(trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=True), "test")
     extra["best_ckpt"] = best
+    extra |= _speed_report(timer)
     return _finish(cfg, run_dir, trainer, model, started, val, test, extra)
+
+
+def _speed_report(timer: EpochTimer) -> dict[str, Any]:
+    """Training throughput (images per second over all epochs, validation excluded) and peak memory."""
+    import resource
+
+    seconds = sum(e["seconds"] for e in timer.epochs)
+    images = sum(e["images"] for e in timer.epochs)
+    report: dict[str, Any] = {
+        "train_epoch_seconds": [round(e["seconds"], 3) for e in timer.epochs],
+        "train_images_per_s": round(images / seconds, 2) if seconds else None,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if torch.cuda.is_available():
+        report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return report
 
 
 def _fit(trainer, model, datamodule, ckpt: str | None) -> None:

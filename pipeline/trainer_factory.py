@@ -64,6 +64,24 @@ def resolve_sync_batchnorm(cfg: DictConfig, model: nn.Module) -> bool:
     return bool(explicit)
 
 
+def apply_speed_settings(cfg: DictConfig) -> None:
+    """Process-wide defaults: cuDNN autotuning and TF32 matmuls on GPU; one thread per core on CPU."""
+    if on_gpu(cfg):
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    else:
+        torch.set_num_threads(_cores())
+
+
+def _cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def make_trainer(
     cfg: DictConfig,
     run_dir: Path,

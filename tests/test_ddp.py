@@ -141,7 +141,7 @@ def test_features_and_test_stages_under_ddp(ddp_root, tmp_path):
     run = train_subprocess(fast_args(ddp_root, out, stage="features", **{"trainer.devices": "2"}), tmp_path)
     metrics = read_metrics(run)
     assert metrics["feature_cache"]["built"] is True
-    assert len(list((out / "feature_cache").glob("*.pt"))) == 1  # one writer
+    assert len(list((out / "cache").glob("*.pt"))) == 1  # one writer
     assert metrics["test"]["count"] == 15 and metrics["test"]["acc"] >= 0.7
     # only rank zero writes event files: they all come from one process id
     assert len({p.name.split(".")[-2] for p in run.glob("events.out.tfevents.*")}) == 1

@@ -1,0 +1,272 @@
+#!/usr/bin/env python
+"""The seed's three methods, measured: accuracy, time, throughput, memory; plus the speed checks.
+
+    python benchmarks/seed_protocol.py                      # Lite0 on ../shared/data, short schedule
+    python benchmarks/seed_protocol.py --full               # the seed's 30 / 30 / 100 epochs
+    python benchmarks/seed_protocol.py --backbone vgg16 --image-size 150 --random-weights
+
+Prints one markdown table and writes it (and JSON) to --out. Each method runs ``train.py`` in its
+own process (so peak memory is per method); ``finetune`` starts from the best ``frozen`` checkpoint
+as in the seed. Then, in this process: the framework overhead (the project's ``frozen`` training
+loop vs a plain PyTorch loop over the same model, batches, transforms and threads) and the input
+pipeline (loader throughput with and without the decoded-image cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHORT = {"features": 30, "frozen": 3, "finetune": 3}
+FULL = {"features": 30, "frozen": 30, "finetune": 100}
+
+
+def run_method(stage: str, epochs: int, common: list[str], extra: list[str]) -> dict:
+    args = [f"stage={stage}", f"trainer.max_epochs={epochs}", *common, *extra]
+    started = time.time()
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{stage} failed:\n{proc.stderr[-3000:]}")
+    out_dir = Path(next(a.split("=", 1)[1] for a in common if a.startswith("out_dir=")))
+    runs = sorted(
+        (out_dir / f"{stage}_{next(a.split('=', 1)[1] for a in common if a.startswith('model.backbone='))}").iterdir()
+    )
+    metrics = json.loads((runs[-1] / "metrics.json").read_text())
+    metrics["process_wall_s"] = round(time.time() - started, 1)
+    return metrics
+
+
+def overhead_and_loader(
+    backbone: str, data: str, image_size: int, batch: int, device: str, pretrained: bool, cache_dir: Path, batches: int
+) -> dict:
+    """Plain PyTorch vs the project's frozen stage (same work), and loader throughput."""
+    import torch
+    from lightning.pytorch import seed_everything
+
+    from datamodules.image_folder import ImageFolderDataModule, scan_splits
+    from lightning_modules.freeze_schedule import FreezeSchedule, TrainableSchedule
+    from lightning_modules.run_safety import EpochTimer
+    from pipeline.config import load_config
+    from pipeline.stages import build_model
+    from pipeline.trainer_factory import apply_speed_settings, make_trainer
+
+    cfg = load_config(
+        [
+            "stage=frozen",
+            f"model.backbone={backbone}",
+            f"data.root={data}",
+            f"data.image_size={image_size}",
+            f"data.batch_size={batch}",
+            f"model.pretrained={str(pretrained).lower()}",
+            f"out_dir={cache_dir / 'overhead_runs'}",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+            "log.images_every_n_epochs=0",
+            f"trainer.accelerator={'gpu' if device == 'cuda' else device}",
+        ]
+    )
+    apply_speed_settings(cfg)
+    seed_everything(0)
+    index = scan_splits(data, check_files=False)
+    model = build_model(cfg, index.classes)
+    model.to(memory_format=torch.channels_last)
+    model.channels_last = True
+
+    def datamodule(decoded: bool) -> ImageFolderDataModule:
+        dm = ImageFolderDataModule(
+            data,
+            image_size,
+            batch,
+            None,
+            cfg.data.augment,
+            model.backbone.mean,
+            model.backbone.std,
+            pin_memory=device == "cuda",
+            index=index,
+            seed=0,
+            decoded_cache_dir=cache_dir if decoded else None,
+        )
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm
+
+    def loader_rate(dm: ImageFolderDataModule, n: int) -> float:
+        loader = dm.loader(dm.datasets["train"], train=True)
+        it = iter(loader)
+        next(it)  # workers started
+        started, seen = time.perf_counter(), 0
+        for _ in range(n):
+            seen += next(it)[1].shape[0]
+        return seen / (time.perf_counter() - started)
+
+    plain_dm = datamodule(decoded=False)
+    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def plain_loop(n: int) -> float:
+        model.to(dev).set_trainable_top(0)
+        model.train()
+        optimizer = model.configure_optimizers()
+        optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+        loader = plain_dm.loader(plain_dm.datasets["train"], train=True)
+        it = iter(loader)
+        next(it)
+        started, seen = time.perf_counter(), 0
+        for _ in range(n):
+            images, target = next(it)
+            images, target = images.to(dev, non_blocking=True), target.to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                loss = model._loss(model(images), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += target.shape[0]
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return seen / (time.perf_counter() - started)
+
+    def lightning_loop(n: int) -> float:
+        timer = EpochTimer()
+        run_dir = cache_dir / "overhead_runs" / "frozen_bench" / str(time.time_ns())
+        trainer = make_trainer(
+            cfg,
+            run_dir,
+            [TrainableSchedule(FreezeSchedule("frozen")), timer],
+            model=model,
+            max_epochs=1,
+            limit_train_batches=n + 1,
+            limit_val_batches=0,
+            enable_checkpointing=True,
+        )
+        trainer.fit(model, datamodule=plain_dm)
+        epoch = timer.epochs[-1]
+        # the first batch (worker start-up) is excluded from the plain loop too: subtract its share
+        return epoch["images"] * n / (n + 1) / epoch["seconds"]
+
+    plain_a = plain_loop(batches)
+    framework = lightning_loop(batches)
+    plain_b = plain_loop(batches)
+    plain = (plain_a + plain_b) / 2
+    raw_loader = loader_rate(plain_dm, batches)
+    build_started = time.perf_counter()
+    cached_dm = datamodule(decoded=True)
+    cache_build_s = time.perf_counter() - build_started
+    cached_loader = loader_rate(cached_dm, batches)
+    return {
+        "plain_images_per_s": round(plain, 1),
+        "framework_images_per_s": round(framework, 1),
+        "framework_vs_plain": round(framework / plain, 3),
+        "loader_images_per_s": round(raw_loader, 1),
+        "cached_loader_images_per_s": round(cached_loader, 1),
+        "cache_speedup": round(cached_loader / raw_loader, 2),
+        "decoded_cache_build_s": round(cache_build_s, 1),
+        "batches": batches,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cats_and_dogs_small"))
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the backbone config's")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--random-weights", action="store_true", help="model.pretrained=false (speed only)")
+    parser.add_argument("--full", action="store_true", help="the seed's 30 / 30 / 100 epochs")
+    parser.add_argument("--epochs", type=int, nargs=3, default=None, metavar=("FEATURES", "FROZEN", "FINETUNE"))
+    parser.add_argument("--overhead-batches", type=int, default=20)
+    parser.add_argument("--skip-methods", action="store_true", help="only the overhead and loader checks")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    if not Path(args.data, "train").is_dir():
+        raise SystemExit(f"no data at {args.data} (expected train/, validation/, test/); pass --data")
+
+    from pipeline.config import load_config
+
+    preset = load_config([f"model.backbone={args.backbone}", "stage=frozen"])
+    image_size = args.image_size or preset.data.image_size
+    batch = args.batch_size or preset.data.batch_size
+    out = Path(args.out)
+    work = out / f"work-{args.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+    epochs = dict(zip(SHORT, args.epochs)) if args.epochs else (FULL if args.full else SHORT)
+    accelerator = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[args.device]
+    common = [
+        f"model.backbone={args.backbone}",
+        f"data.root={args.data}",
+        f"data.image_size={image_size}",
+        f"data.batch_size={batch}",
+        f"out_dir={work / 'runs'}",
+        f"model.pretrained={str(not args.random_weights).lower()}",
+        f"trainer.accelerator={accelerator}",
+        "trainer.enable_progress_bar=false",
+    ]
+    rows = []
+    if not args.skip_methods:
+        features = run_method("features", epochs["features"], common, [])
+        frozen = run_method("frozen", epochs["frozen"], common, [])
+        finetune = run_method(
+            "finetune",
+            epochs["finetune"],
+            common,
+            [f"finetune.init_ckpt={frozen['best_ckpt']}", "finetune.warmup_epochs=0"],
+        )
+        rows = [("1. features", features), ("2. frozen + augmentation", frozen), ("3. fine-tune", finetune)]
+    checks = overhead_and_loader(
+        args.backbone,
+        args.data,
+        image_size,
+        batch,
+        args.device,
+        not args.random_weights,
+        work / "cache",
+        args.overhead_batches,
+    )
+
+    lines = [
+        f"### {args.backbone}, {image_size} px, batch {batch}, device {args.device}, "
+        f"epochs {epochs['features']}/{epochs['frozen']}/{epochs['finetune']}",
+        "",
+        "| method | val acc | test acc | epochs | wall time (s) | train images/s | peak memory (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in rows:
+        memory = m.get("peak_cuda_mb") or m.get("peak_rss_mb")
+        lines.append(
+            f"| {name} | {m['val']['acc']:.4f} | {m['test']['acc']:.4f} | {m['epochs']} | "
+            f"{m['wall_time_s']:.0f} | {m['train_images_per_s']} | {memory} |"
+        )
+    if rows:
+        head_epoch = sorted(rows[0][1]["train_epoch_seconds"])[len(rows[0][1]["train_epoch_seconds"]) // 2]
+        frozen_epoch = sorted(rows[1][1]["train_epoch_seconds"])[len(rows[1][1]["train_epoch_seconds"]) // 2]
+        checks["cached_head_epoch_s"] = head_epoch
+        checks["frozen_epoch_s"] = frozen_epoch
+        checks["head_epoch_vs_frozen_epoch"] = round(head_epoch / frozen_epoch, 5)
+        lines += [
+            "",
+            f"- feature cache: one head epoch {head_epoch:.3f} s vs one frozen epoch {frozen_epoch:.1f} s "
+            f"= 1/{frozen_epoch / head_epoch:.0f} (target: at most 1/50)",
+        ]
+    lines += [
+        f"- framework overhead: project `frozen` loop {checks['framework_images_per_s']} img/s vs plain PyTorch "
+        f"{checks['plain_images_per_s']} img/s = {checks['framework_vs_plain']:.3f} (target: at least 0.95)",
+        f"- input pipeline: loader alone {checks['loader_images_per_s']} img/s, with the decoded-image cache "
+        f"{checks['cached_loader_images_per_s']} img/s = {checks['cache_speedup']}x (target: at least 4x; "
+        f"cache built in {checks['decoded_cache_build_s']} s); the model consumes {checks['plain_images_per_s']} img/s",
+    ]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.backbone}-{image_size}px-{'full' if args.full else 'short'}"
+    (out / f"{stem}.md").write_text(table)
+    (out / f"{stem}.json").write_text(json.dumps({"methods": dict(rows), "checks": checks}, indent=2))
+    print(f"written to {out / stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Decoded-image cache: every image decoded and resized once, kept in a memory-mapped file.
+
+JPEG decoding then leaves the training loop: a sample is a slice of the map, and random crops
+and flips are applied to that small uint8 tensor (``train_transform(..., cached=True)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
+
+from datamodules.image_io import load_rgb
+
+# Cached side length relative to data.image_size: room for random crops of image_size.
+MARGIN = 1.15
+
+
+def cached_size(image_size: int) -> int:
+    return int(round(image_size * MARGIN))
+
+
+def _key(samples: list[tuple[str, int]], side: int) -> str:
+    stats = [(p, label, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p, label in samples]
+    return hashlib.sha256(json.dumps([side, stats]).encode()).hexdigest()[:20]
+
+
+def _decode(path: str, side: int) -> np.ndarray:
+    return np.asarray(load_rgb(path, side).resize((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0))
+
+
+def decoded_cache(samples: list[tuple[str, int]], image_size: int, cache_dir: str | Path, threads: int = 4) -> Path:
+    """The path of a ``(N, S, S, 3)`` uint8 file for ``samples`` (S = cached_size), built if missing."""
+    side = cached_size(image_size)
+    path = Path(cache_dir) / f"decoded-{side}px-{_key(samples, side)}.u8"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(samples), side, side, 3))
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for i, image in enumerate(pool.map(lambda s: _decode(s[0], side), samples, chunksize=16)):
+            array[i] = image
+    array.flush()
+    del array
+    os.replace(tmp, path)
+    rank_zero_info(f"decoded-image cache: {len(samples)} images at {side}px in {path}")
+    return path
+
+
+def open_decoded(path: str | Path) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
