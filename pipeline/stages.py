@@ -246,8 +246,10 @@ def run_stage(cfg: DictConfig, run_name: str | None = None) -> dict[str, Any]:
         # One fit per phase: DDP wraps the model with exactly this phase's trainable set.
         model.set_trainable_top(schedule.trainable_blocks(begin))
         callbacks = [TrainableSchedule(schedule, begin, strict=strict), timer]
-        # purge_step: TensorBoard hides what a killed run logged after its last checkpoint
-        trainer = make_trainer(cfg, run_dir, callbacks, model=model, max_epochs=end, purge_step=step if ckpt else None)
+        # purge_step: TensorBoard hides what a killed run logged after its last checkpoint;
+        # purge only what an earlier process may have logged past its checkpoint, not this one's phases
+        purge = step if ckpt is not None and ckpt == resume else None
+        trainer = make_trainer(cfg, run_dir, callbacks, model=model, max_epochs=end, purge_step=purge)
         _fit(trainer, fit_model, datamodule, ckpt)
         ckpt, step = str(run_dir / "checkpoints" / "last.ckpt"), trainer.global_step
     if cfg.stage == "features":

@@ -56,3 +56,12 @@ def tensor_tags(path: Path) -> set[str]:
                     if meta.plugin_data.plugin_name == plugin
                 }
     return tags
+
+
+def image_counts(path: Path) -> dict[str, int]:
+    """Image tags of the run folder as TensorBoard shows them, with how many steps each has."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path), size_guidance={"images": 0})
+    acc.Reload()
+    return {tag: len(acc.Images(tag)) for tag in acc.Tags()["images"]}

@@ -9,7 +9,7 @@ import pytest
 import datamodules.feature_cache as feature_cache
 
 from conftest import fast_args
-from helpers import read_metrics, run_dir, run_train, scalar_tags, tensor_tags
+from helpers import image_counts, read_metrics, run_dir, run_train, scalar_tags, tensor_tags
 from toy_data import make_image_tree
 
 METRIC_KEYS = {"acc", "loss", "f1", "auroc", "count"}
@@ -55,6 +55,8 @@ def test_image_stages_end_to_end(toy_root, tmp_path, stage):
         assert tag in scalars, f"missing TensorBoard tag {tag}; have {sorted(scalars)}"
     assert len(scalars["val/acc"]) >= 3  # one point per epoch (plus the final evaluation)
     assert len(scalars["train/loss"]) >= 3 * 6 - 1  # per step: 6 steps per epoch
+    # one confusion matrix per epoch, across both fits of finetune (nothing purged between phases)
+    assert image_counts(folder)["val/confusion_matrix"] == 3
     tags = tensor_tags(folder)
     assert any("freeze_schedule" in t for t in tags), tags
     assert "plugin:hparams" in tags, tags
