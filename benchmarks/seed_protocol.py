@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SHORT = {"features": 30, "frozen": 3, "finetune": 3}
+SHORT = {"features": 30, "frozen": 2, "finetune": 2}
 FULL = {"features": 30, "frozen": 30, "finetune": 100}
 
 
