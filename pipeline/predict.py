@@ -99,7 +99,8 @@ def predict_files(model: TransferClassifier, files: list[str], batch_size: int, 
     model.to(device)
     rows: list[tuple[str, str, list[float], str]] = [("", "", [], "")] * len(files)
     for images, indices, errors in loader:
-        probs = model.probabilities(model(images.to(device))).cpu()
+        # logits(): the checkpoint's own evaluation, test-time flip included when it was trained with it
+        probs = model.probabilities(model.logits(images.to(device))).cpu()
         for p, i, err in zip(probs, indices.tolist(), errors):
             if err:
                 rows[i] = (files[i], "", [], err)
