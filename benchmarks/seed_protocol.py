@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs=3, default=None, metavar=("FEATURES", "FROZEN", "FINETUNE"))
     parser.add_argument("--overhead-batches", type=int, default=20)
     parser.add_argument("--skip-methods", action="store_true", help="only the overhead and loader checks")
+    parser.add_argument("--methods-from", default=None, help="reuse the method runs of an earlier work folder")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     if not Path(args.data, "train").is_dir():
@@ -207,7 +208,17 @@ def main() -> None:
         "trainer.enable_progress_bar=false",
     ]
     rows = []
-    if not args.skip_methods:
+    if args.methods_from:
+        work = Path(args.methods_from)
+        rows = []
+        for name, stage in (
+            ("1. features", "features"),
+            ("2. frozen + augmentation", "frozen"),
+            ("3. fine-tune", "finetune"),
+        ):
+            run = sorted((work / "runs" / f"{stage}_{args.backbone}").iterdir())[-1]
+            rows.append((name, json.loads((run / "metrics.json").read_text())))
+    elif not args.skip_methods:
         features = run_method("features", epochs["features"], common, [])
         frozen = run_method("frozen", epochs["frozen"], common, [])
         finetune = run_method(

@@ -207,7 +207,7 @@ class TransferClassifier(LightningModule):
         ]
         optimizer = make_optimizer(hp.optim_name, groups, hp.lr, hp.weight_decay)
         if hp.scheduler == "cosine":
-            epochs = max(1, int(self.trainer.max_epochs or 1))
+            epochs = max(1, int(self._trainer.max_epochs or 1)) if self._trainer is not None else 1
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         return optimizer
