@@ -162,12 +162,16 @@ class LabeledImages(Dataset):
             return self.transform(image), label
 
 
-def default_num_workers() -> int:
+def available_cores() -> int:
+    """CPU cores this process may use (its affinity mask where the OS has one)."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return min(8, cores)
+        return os.cpu_count() or 1
+
+
+def default_num_workers() -> int:
+    return min(8, available_cores())
 
 
 class ImageFolderDataModule(LightningDataModule):
@@ -245,25 +249,18 @@ class ImageFolderDataModule(LightningDataModule):
         """A loader over ``dataset``: shuffled and sharded by rank for training, and for evaluation
         sharded without repeats (see ``datamodules.sampling``)."""
         sampler = train_sampler(dataset, self.trainer, self.seed) if train else eval_sampler(dataset, self.trainer)
-        if train and self.trainer is not None:
-            trainer = self.trainer
-            return ResumableLoader(
-                dataset,
-                progress=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.completed,
-                batch_size=batch_size or self.batch_size,
-                sampler=sampler,
-                num_workers=self.num_workers,
-                pin_memory=self.pin_memory,
-                persistent_workers=self.num_workers > 0,
-            )
-        return DataLoader(
-            dataset,
+        kwargs = dict(
             batch_size=batch_size or self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+        if train and self.trainer is not None:
+            trainer = self.trainer
+            progress = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.completed  # noqa: E731
+            return ResumableLoader(dataset, progress=progress, **kwargs)
+        return DataLoader(dataset, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader(self.datasets["train"], train=True)

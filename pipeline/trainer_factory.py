@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from datamodules.image_folder import available_cores
 from lightning_modules.replica_check import ReplicaAgreement
 from lightning_modules.run_safety import AtomicCheckpointIO, SaveOnInterrupt, StepSeed
 from lightning_modules.tensorboard_views import TensorBoardViews
@@ -70,16 +71,7 @@ def apply_speed_settings(cfg: DictConfig) -> None:
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     else:
-        torch.set_num_threads(_cores())
-
-
-def _cores() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        torch.set_num_threads(available_cores())
 
 
 def make_trainer(

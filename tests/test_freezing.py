@@ -55,18 +55,15 @@ def test_frozen_stage_changes_only_the_head(toy_root, tmp_path, weights_file):
     assert all(not torch.equal(before[k], after[k]) for k in head), "the head did not train"
 
 
+def _finetune_args(toy_root, tmp_path, weights_file, **extra: str) -> list[str]:
+    """Fine-tuning from a local weights file, one warm-up epoch, then ``extra``'s settings."""
+    settings = {"model.weights": str(weights_file), "finetune.warmup_epochs": "1"}
+    return fast_args(toy_root, tmp_path, stage="finetune", **settings | extra)
+
+
 def _finetune(toy_root, tmp_path, weights_file, **extra):
-    args = fast_args(
-        toy_root,
-        tmp_path,
-        stage="finetune",
-        **{
-            "model.weights": str(weights_file),
-            "finetune.warmup_epochs": "1",
-            "finetune.unfreeze_blocks": "2",
-            "optim.lr": "1e-3",
-        }
-        | extra,
+    args = _finetune_args(
+        toy_root, tmp_path, weights_file, **{"finetune.unfreeze_blocks": "2", "optim.lr": "1e-3"} | extra
     )
     before = _initial_state(args)
     metrics = run_train(args)
@@ -107,16 +104,8 @@ def test_finetune_with_train_bn_updates_only_unfrozen_batchnorm(toy_root, tmp_pa
 
 
 def test_resume_after_the_unfreeze_keeps_training_the_top_blocks(toy_root, tmp_path, weights_file):
-    args = fast_args(
-        toy_root,
-        tmp_path,
-        stage="finetune",
-        **{
-            "model.weights": str(weights_file),
-            "finetune.warmup_epochs": "1",
-            "finetune.unfreeze_blocks": "1",
-            "trainer.max_epochs": "2",
-        },
+    args = _finetune_args(
+        toy_root, tmp_path, weights_file, **{"finetune.unfreeze_blocks": "1", "trainer.max_epochs": "2"}
     )
     first = run_train(args)
     stopped = checkpoint_state(run_dir(first) / "checkpoints" / "last.ckpt")
