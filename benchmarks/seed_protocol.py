@@ -51,9 +51,11 @@ def overhead_and_loader(
     from lightning.pytorch import seed_everything
 
     from datamodules.image_folder import ImageFolderDataModule, scan_splits
-    from lightning_modules.freeze_schedule import FreezeSchedule, TrainableSchedule
+    from lightning_modules.classifier import make_optimizer
+    from lightning_modules.freeze_schedule import ApplyPlan
     from lightning_modules.run_safety import EpochTimer
-    from pipeline.config import load_config
+    from lightning_modules.schedule import param_groups
+    from pipeline.config import load_config, plan_from_config
     from pipeline.stages import build_model
     from pipeline.trainer_factory import apply_speed_settings, make_trainer
 
@@ -70,14 +72,14 @@ def overhead_and_loader(
             "trainer.enable_model_summary=false",
             "log.images_every_n_epochs=0",
             f"trainer.accelerator={'gpu' if device == 'cuda' else device}",
+            "speed.channels_last=true",
         ]
     )
+    plan = plan_from_config(cfg)
     apply_speed_settings(cfg)
     seed_everything(0)
     index = scan_splits(data, check_files=False)
-    model = build_model(cfg, index.classes)
-    model.to(memory_format=torch.channels_last)
-    model.channels_last = True
+    model = build_model(cfg, index.classes, plan)
 
     def datamodule(decoded: bool) -> ImageFolderDataModule:
         dm = ImageFolderDataModule(
@@ -112,8 +114,8 @@ def overhead_and_loader(
     def plain_loop(n: int) -> float:
         model.to(dev).set_trainable_top(0)
         model.train()
-        optimizer = model.configure_optimizers()
-        optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+        groups = param_groups(model.head, model.backbone.blocks, plan, cfg.optim.weight_decay)
+        optimizer = make_optimizer(cfg.optim.name, groups, cfg.optim.weight_decay)
         loader = plain_dm.loader(plain_dm.datasets["train"], train=True)
         it = iter(loader)
         next(it)
@@ -137,7 +139,7 @@ def overhead_and_loader(
         trainer = make_trainer(
             cfg,
             run_dir,
-            [TrainableSchedule(FreezeSchedule("frozen")), timer],
+            [ApplyPlan(plan, 0), timer],
             model=model,
             max_epochs=1,
             limit_train_batches=n + 1,

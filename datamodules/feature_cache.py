@@ -57,9 +57,9 @@ def extract_features(
     started, done = time.time(), 0
     for images, target in loader:
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        batch = [model.pooled_features(images)]
+        batch = [model.forward_features(images)]
         if views == 2:
-            batch.append(model.pooled_features(images.flip(-1)))
+            batch.append(model.forward_features(images.flip(-1)))
         features.append(torch.stack(batch, dim=1).float().cpu())
         labels.append(target)
         done += len(target)

@@ -174,6 +174,9 @@ def default_num_workers() -> int:
     return min(8, available_cores())
 
 
+CPU_EVAL_BATCH = 4  # see ImageFolderDataModule.eval_batch_size
+
+
 class ImageFolderDataModule(LightningDataModule):
     """Train / validation / test loaders. Only ``train`` is augmented.
 
@@ -262,11 +265,20 @@ class ImageFolderDataModule(LightningDataModule):
             return ResumableLoader(dataset, progress=progress, **kwargs)
         return DataLoader(dataset, **kwargs)
 
+    def eval_batch_size(self) -> int:
+        """Evaluation batch: on CPU small batches are faster, as for feature extraction (large
+        activations are freed to the OS and page-faulted back every batch; Lite0 at 224 px on 2
+        cores: 38.7 img/s at batch 32, 74.6 at 4). Frozen BatchNorm makes it batch-independent."""
+        from lightning.pytorch.accelerators import CPUAccelerator
+
+        on_cpu = self.trainer is None or isinstance(self.trainer.accelerator, CPUAccelerator)
+        return min(CPU_EVAL_BATCH, self.batch_size) if on_cpu else self.batch_size
+
     def train_dataloader(self) -> DataLoader:
         return self.loader(self.datasets["train"], train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self.loader(self.datasets["val"], train=False)
+        return self.loader(self.datasets["val"], train=False, batch_size=self.eval_batch_size())
 
     def test_dataloader(self) -> DataLoader:
-        return self.loader(self.datasets["test"], train=False)
+        return self.loader(self.datasets["test"], train=False, batch_size=self.eval_batch_size())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from lightning_modules.backbones import build_backbone
 from lightning_modules.freeze_schedule import set_frozen_eval, set_trainable
 from lightning_modules.heads import ClassifierHead
 from lightning_modules.run_safety import NonFiniteLossError
+from lightning_modules.schedule import Plan, param_groups, step_position
 
 SPLITS = ("train", "val", "test")
 
@@ -38,61 +40,79 @@ def _metrics(num_classes: int) -> MetricCollection:
     )
 
 
-def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.Optimizer:
+    """The optimizer over ``groups`` (each brings its rate and weight decay)."""
     if name == "rmsprop":
         # Keras' RMSprop defaults (rho 0.9, epsilon 1e-7), as in the seed.
-        return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, eps=1e-7, weight_decay=weight_decay)
+        return torch.optim.RMSprop(groups, alpha=0.9, eps=1e-7, weight_decay=weight_decay)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(groups, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(groups, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9, nesterov=True, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
 class TransferClassifier(LightningModule):
     """A registered backbone cut into blocks, plus the seed's dense head.
 
-    The backbone is built with random weights; pretrained weights are loaded by the caller
-    (``pipeline.stages``) or come with a checkpoint, so loading a checkpoint never downloads.
-    With ``on_features = True`` the steps take cached ``head.pool`` outputs instead of images.
+    Two forward paths, as timm's ``forward_features`` / ``forward_head``: images go through
+    :meth:`forward_features` (the pooled backbone output, what the feature cache stores) and
+    :meth:`forward_head`; with ``inputs="features"`` the steps take cached features and train the
+    head path directly. The backbone is built with random weights; pretrained weights are loaded
+    by the caller (``pipeline.stages``) or come with a checkpoint, so loading never downloads.
+    ``plan`` (a :class:`~lightning_modules.schedule.Plan`) is what training executes; it is saved
+    in every checkpoint. Defaults live in the config schema (``pipeline.config``), not here.
     """
 
     def __init__(
         self,
+        *,
         backbone: str,
         class_names: list[str],
         image_size: int,
-        pool: str = "avg",
-        head_hidden: int = 256,
-        dropout: float = 0.5,
-        optim_name: str = "rmsprop",
-        lr: float = 2e-5,
-        weight_decay: float = 0.0,
-        scheduler: str = "none",
-        backbone_lr_ratio: float = 1.0,
-        train_bn: bool = False,
-        tta_flip: bool = False,
-        label_smoothing: float = 0.0,
+        pool: str,
+        head_hidden: int,
+        dropout: float,
+        optim_name: str,
+        weight_decay: float,
+        decay_norm_and_bias: bool,
+        train_bn: bool,
+        tta_flip: bool,
+        label_smoothing: float,
+        # run settings, not part of the trained model (not saved as hyperparameters):
+        inputs: str = "images",
+        channels_last: bool = False,
+        plan: Plan | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["inputs", "channels_last", "plan"])
         self.class_names = list(class_names)
         if len(self.class_names) < 2:
             raise ValueError(f"need at least two classes, got {self.class_names}")
+        if inputs not in ("images", "features"):
+            raise ValueError(f"inputs must be 'images' or 'features', got {inputs!r}")
+        self.inputs = inputs
+        self.channels_last = channels_last
+        self.plan = plan
         self.backbone = build_backbone(backbone)
         self.binary = len(self.class_names) == 2
         outputs = 1 if self.binary else len(self.class_names)
         self.head = ClassifierHead(pool, self.backbone.output_shape(image_size), outputs, head_hidden, dropout)
-        self.on_features = False
-        self.channels_last = False  # set by the pipeline with speed.channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
         self.trainable_top = 0
         set_trainable(self.backbone.blocks, 0, train_bn)
         # ModuleDict keys may not shadow nn.Module attributes such as ``train``, hence the suffix.
         self.metrics = nn.ModuleDict({f"{s}_m": _metrics(len(self.class_names)) for s in SPLITS})
         self.losses = nn.ModuleDict({f"{s}_m": MeanMetric() for s in SPLITS})
         self.counts = nn.ModuleDict({f"{s}_m": SumMetric() for s in SPLITS})
+        self._steps_per_epoch: int | None = None
+
+    def set_plan(self, plan: Plan) -> None:
+        """The plan the next fit executes (the runner changes it only when a phase stops early)."""
+        self.plan = plan
 
     # --- freezing -----------------------------------------------------------------------------
     def set_trainable_top(self, top: int) -> None:
@@ -107,24 +127,27 @@ class TransferClassifier(LightningModule):
         return self
 
     # --- forward ------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features ``(B, D)``: the head's input, and what the feature cache stores."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.head(self.backbone(images))
-
-    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
-        """What the feature cache stores: the head's pooled input."""
         return self.head.pool(self.backbone(images))
 
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head.classifier(features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Logits for images, or for cached features. Cached evaluation features may hold views
+        """Logits for a batch of this model's ``inputs``. Cached evaluation features may hold views
         ``(B, V, D)`` (the image and its mirror): their logits are averaged. With ``tta_flip``,
         evaluation of images averages the logits of each image and its mirror."""
-        if self.on_features:
+        if self.inputs == "features":
             if inputs.dim() == 3:
                 batch, views = inputs.shape[:2]
-                return self.head.classifier(inputs.flatten(0, 1)).view(batch, views, -1).mean(dim=1)
-            return self.head.classifier(inputs)
+                return self.forward_head(inputs.flatten(0, 1)).view(batch, views, -1).mean(dim=1)
+            return self.forward_head(inputs)
         if self.hparams.tta_flip and not self.training:
             return (self(inputs) + self(inputs.flip(-1))) / 2
         return self(inputs)
@@ -198,20 +221,39 @@ class TransferClassifier(LightningModule):
 
     # --- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
-        hp = self.hparams
-        # Every parameter is in the optimizer from the start (frozen ones just get no gradient),
-        # so unfreezing never adds groups: resume, DDP and schedulers all see one structure.
-        groups = [
-            {"name": "head", "params": list(self.head.parameters()), "lr": hp.lr},
-            {"name": "backbone", "params": list(self.backbone.parameters()), "lr": hp.lr * hp.backbone_lr_ratio},
-        ]
-        optimizer = make_optimizer(hp.optim_name, groups, hp.lr, hp.weight_decay)
-        if hp.scheduler == "cosine":
-            epochs = max(1, int(self._trainer.max_epochs or 1)) if self._trainer is not None else 1
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-        return optimizer
+        if self.plan is None:
+            raise RuntimeError("this model has no plan to train with (see lightning_modules.schedule)")
+        plan, hp = self.plan, self.hparams
+        groups = param_groups(self.head, self.backbone.blocks, plan, hp.weight_decay, hp.decay_norm_and_bias)
+        optimizer = make_optimizer(hp.optim_name, groups, hp.weight_decay)
+        # The rate is the plan's at the global step: a LambdaLR over the step has no horizon of its
+        # own, and is restored with the step on resume. Steps per epoch are known once the train
+        # loader exists (sync_rates_with_plan); asking for them here would build the loader
+        # before a resumed fit restores its epoch, and shuffle that epoch wrongly.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: plan.factor(step_position(step, self._steps_per_epoch or 1))
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def sync_rates_with_plan(self) -> None:
+        """At the start of a fit's training (after any restore): count the optimizer steps per
+        epoch as Lightning does, check the scheduler is at the global step, and set every group's
+        rate from the plan (a resumed run with a changed plan gets the new plan's rates)."""
+        trainer = self.trainer
+        self._steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if scheduler.last_epoch != trainer.global_step:
+                raise RuntimeError(
+                    f"the LR scheduler is at step {scheduler.last_epoch}, the trainer at {trainer.global_step}"
+                )
+            scheduler.base_lrs = [self.plan.peak_lr(g["name"]) for g in scheduler.optimizer.param_groups]
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = self.plan.lr(group["name"], trainer.global_step, self._steps_per_epoch)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["class_names"] = self.class_names
         checkpoint["backbone"] = self.hparams.backbone
+        if self.plan is not None:
+            checkpoint["plan"] = self.plan.to_dict()

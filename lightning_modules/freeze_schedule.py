@@ -1,45 +1,24 @@
-"""The freeze schedule: which backbone blocks train, as a pure function of stage and epoch.
+"""Applying a :class:`~lightning_modules.schedule.Plan`: trainable blocks, frozen BatchNorm, logs.
 
 Lightning's ``BaseFinetuning`` is not used because it adds optimizer parameter groups when it
 unfreezes (resumed runs stay frozen, Lightning #21901; schedulers break, #8720), and its
-``freeze_module`` leaves frozen BatchNorm in batch-statistics mode. Here every parameter is in
-the optimizer from the start, frozen ones simply have no gradient, and the trainable set is
-re-derived from the epoch at every fit start and epoch start.
+``freeze_module`` leaves frozen BatchNorm in batch-statistics mode. Here every group the plan
+ever trains is in the optimizer from the start (frozen parameters simply have no gradient).
 
 DDP only synchronises parameters that require gradients when it wraps the model (#20340), so a
-fit never crosses a phase boundary: ``pipeline.stages`` runs one fit per phase, and the callback
-applies the phase's trainable set in ``setup``, before the strategy wraps the model.
+fit never crosses a phase boundary: ``pipeline.stages`` runs one fit per phase, and
+:class:`ApplyPlan` applies the phase's trainable set in ``setup``, before the strategy wraps the
+model, and refuses an epoch outside its phase.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-
-@dataclass(frozen=True)
-class FreezeSchedule:
-    """Stage ``finetune`` trains the top ``unfreeze_blocks`` blocks from ``warmup_epochs`` on;
-    every other stage keeps the whole backbone frozen."""
-
-    stage: str
-    warmup_epochs: int = 0
-    unfreeze_blocks: int = 0
-
-    def trainable_blocks(self, epoch: int) -> int:
-        if self.stage == "finetune" and epoch >= self.warmup_epochs:
-            return self.unfreeze_blocks
-        return 0
-
-    def phases(self, start_epoch: int, max_epochs: int) -> list[tuple[int, int]]:
-        """Epoch ranges ``[begin, end)`` from ``start_epoch`` with a constant trainable set."""
-        cuts = sorted({start_epoch, max_epochs} | ({self.warmup_epochs} if self.stage == "finetune" else set()))
-        cuts = [c for c in cuts if start_epoch <= c <= max_epochs]
-        return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+from lightning_modules.schedule import Plan
 
 
 def set_trainable(blocks: nn.ModuleList, top: int, train_bn: bool) -> None:
@@ -69,46 +48,42 @@ def count_trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-class TrainableSchedule(Callback):
-    """Applies :class:`FreezeSchedule` to ``pl_module`` (a ``TransferClassifier``)."""
+class ApplyPlan(Callback):
+    """Runs phase ``index`` of ``plan`` in one fit: applies its trainable blocks, sets every
+    optimizer group's rate from the plan at the global step (so a resume or a changed plan can
+    never leave a stale rate), logs ``lr/<group>`` per step and ``trainable_params`` per epoch."""
 
-    def __init__(self, schedule: FreezeSchedule, start_epoch: int = 0, strict: bool = True):
-        self.schedule = schedule
-        self.start_epoch = start_epoch
-        self.strict = strict  # refuse a phase change inside a multi-process fit
-
-    def _apply(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> bool:
-        top = self.schedule.trainable_blocks(epoch)
-        changed = top != pl_module.trainable_top
-        if changed and trainer.world_size > 1 and self.strict:
-            raise RuntimeError(
-                f"the trainable set changes at epoch {epoch} inside a multi-process fit; "
-                "run one fit per phase (pipeline.stages does)"
-            )
-        pl_module.set_trainable_top(top)
-        return changed
+    def __init__(self, plan: Plan, index: int):
+        self.plan = plan
+        self.index = index
+        self.phase = plan.phases[index]
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            pl_module.set_trainable_top(self.schedule.trainable_blocks(self.start_epoch))
+            pl_module.set_trainable_top(self.phase.top_blocks)
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # trainer.current_epoch is not final yet when resuming (the loop advances it later),
-        # so the phase's set from ``setup`` is kept; on_train_epoch_start re-checks it.
-        self._log_event(trainer, pl_module, self.start_epoch)
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._apply(trainer, pl_module, trainer.current_epoch):
-            self._log_event(trainer, pl_module, trainer.current_epoch)
-        pl_module.log("trainable_params", float(count_trainable(pl_module)), on_step=False, on_epoch=True)
-
-    @staticmethod
-    def _log_event(trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
-        top = pl_module.trainable_top
-        n_blocks = len(pl_module.backbone.blocks)
-        what = "backbone frozen" if top == 0 else f"top {top} of {n_blocks} backbone blocks trainable"
-        text = f"epoch {epoch}: {what}; {count_trainable(pl_module):,} trainable parameters"
-        if trainer.is_global_zero:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.sync_rates_with_plan()
+        if trainer.is_global_zero and trainer.current_epoch == self.phase.start:
+            top = self.phase.top_blocks
+            what = "backbone frozen" if top == 0 else f"top {top} of {self.plan.n_blocks} backbone blocks trainable"
+            count = count_trainable(pl_module)
+            text = f"epoch {self.phase.start}: phase {self.index}, {what}; {count:,} trainable parameters"
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_text("freeze_schedule", text, trainer.global_step)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.phase.start <= trainer.current_epoch < self.phase.end:
+            raise RuntimeError(
+                f"epoch {trainer.current_epoch} is outside phase {self.index} (epochs {self.phase.start}-"
+                f"{self.phase.end - 1}); run one fit per phase (pipeline.stages does)"
+            )
+        pl_module.log("trainable_params", float(count_trainable(pl_module)), on_step=False, on_epoch=True)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        rates = {}
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                rates.setdefault(f"lr/{group['name']}", float(group["lr"]))  # decay/no-decay twins agree
+        pl_module.log_dict(rates, on_step=True, on_epoch=False, batch_size=1)

@@ -19,7 +19,7 @@ SEED_LAYOUT = {
         "loss: train vs validation": ["Multiline", ["train/loss_epoch", "val/loss"]],
     },
     "fine-tuning": {
-        "learning rates": ["Multiline", ["lr-.*"]],
+        "learning rates": ["Multiline", ["lr/.*"]],
         "trainable parameters": ["Multiline", ["trainable_params"]],
     },
 }
@@ -75,7 +75,7 @@ class TensorBoardViews(Callback):
         writer.add_custom_scalars(SEED_LAYOUT)
         datasets = getattr(trainer.datamodule, "datasets", {})
         train = datasets.get("train")
-        if train is None or pl_module.on_features:
+        if train is None or pl_module.inputs == "features":
             return
         count = min(self.max_images, len(train))
         images = torch.stack([train[(trainer.current_epoch, i)][0] for i in range(count)])

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from pipeline.config import ConfigError, load_config, parse_overrides, to_yaml
 from pipeline.run_dir import resolve_all_run, write_json_atomic, write_text_atomic
 from pipeline.stages import run_stage
@@ -16,18 +18,26 @@ METHODS = [
 ]
 
 
-def _stage_overrides(stage: str, argv: list[str], epochs: int | None, frozen_best: str | None) -> list[str]:
+def _stage_argv(stage: str, argv: list[str], epochs: int | None, frozen_best: str | None) -> list[str]:
+    """The command line of one method. Epochs: ``all.epochs``, else ``trainer.max_epochs`` if given
+    (the same for every method), else the method's preset; fine-tuning continues from the frozen
+    run, so it has no head warm-up of its own (unless asked) and all its epochs fine-tune."""
+    cli = parse_overrides(argv)
     extra = [f"stage={stage}"]
     if epochs is not None:
         extra.append(f"trainer.max_epochs={epochs}")
     if stage == "finetune":
-        if not frozen_best:
-            raise ConfigError("stage=all: the frozen run left no best checkpoint to fine-tune from")
-        # method 3 continues from method 2: no second head warm-up
-        extra += [f"finetune.init_ckpt={frozen_best}", "finetune.warmup_epochs=0"]
-        if epochs is None and "trainer.max_epochs" not in parse_overrides(argv).get("trainer", {}):
-            preset = load_config([*argv, "stage=finetune"])
-            extra.append(f"trainer.max_epochs={preset.trainer.max_epochs - preset.finetune.warmup_epochs}")
+        # the real path is known once the frozen run has finished; validation needs only a value
+        extra.append(f"finetune.init_ckpt={frozen_best or 'frozen-run-best.ckpt'}")
+        asked = (
+            OmegaConf.select(cli, "finetune.warmup_epochs") is not None
+            or OmegaConf.select(cli, "finetune.milestones") is not None
+        )
+        if not asked:
+            extra.append("finetune.warmup_epochs=0")
+            if epochs is None and OmegaConf.select(cli, "trainer.max_epochs") is None:
+                preset = load_config([*argv, "stage=finetune"])
+                extra.append(f"trainer.max_epochs={preset.trainer.max_epochs - preset.finetune.warmup_epochs}")
     return [*argv, *extra]
 
 
@@ -51,11 +61,16 @@ def run_all(argv: list[str]) -> dict[str, Any]:
     cfg = load_config(argv)
     if cfg.ckpt_path:
         raise ConfigError("stage=all starts fresh runs; resume a single stage with stage=<name> ckpt_path=...")
-    all_dir = resolve_all_run(cfg)
     epochs = list(cfg.all.epochs) if cfg.all.epochs is not None else [None, None, None]
+    # every method's configuration (and plan) is checked before the first one starts
+    for (stage, _), n_epochs in zip(METHODS, epochs):
+        load_config(_stage_argv(stage, argv, n_epochs, None))
+    all_dir = resolve_all_run(cfg)
     rows, frozen_best = [], None
     for (stage, method), n_epochs in zip(METHODS, epochs):
-        stage_cfg = load_config(_stage_overrides(stage, argv, n_epochs, frozen_best))
+        if stage == "finetune" and not frozen_best:
+            raise ConfigError("stage=all: the frozen run left no best checkpoint to fine-tune from")
+        stage_cfg = load_config(_stage_argv(stage, argv, n_epochs, frozen_best))
         metrics = run_stage(stage_cfg, run_name=all_dir.name)
         if stage == "frozen":
             frozen_best = metrics.get("best_ckpt")

@@ -1,14 +1,17 @@
 """The run configuration: a typed schema, YAML presets and ``key=value`` overrides.
 
-Composition order: ``configs/base.yaml`` -> ``configs/stage/<stage>.yaml`` ->
-``configs/backbone/<backbone>.yaml`` -> ``configs/backbone/<backbone>.<stage>.yaml`` (each if
-present) -> command line. The schema is an OmegaConf
-structured config, so an unknown key or a wrong type fails while merging; choices that a type
-cannot express (stage, backbone, optimizer, ...) are checked in :func:`validate`.
+The schema below is the one source of defaults (the seed's settings) and of each key's help
+text (``--help`` is generated from it). Composition order: schema ->
+``configs/stage/<stage>.yaml`` -> ``configs/backbone/<backbone>.yaml`` ->
+``configs/backbone/<backbone>.<stage>.yaml`` (each if present) -> command line. The schema is an
+OmegaConf structured config, so an unknown key or a wrong type fails while merging; choices and
+ranges that a type cannot express, and the stage's schedule (:func:`plan_from_config`), are
+checked in :func:`validate`, before any work starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,96 +20,130 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lightning_modules.schedule import SCHEDULERS, Plan, PlanError, build_plan, milestones_from
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 STAGES = ("features", "frozen", "finetune", "test", "all")
+TRAINING_STAGES = ("features", "frozen", "finetune")
 AUGMENTS = ("none", "seed", "standard")
 OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")
-SCHEDULERS = ("none", "cosine")
 POOLS = ("avg", "flatten")
+MONITORS = {"val/acc": "max", "val/f1": "max", "val/auroc": "max", "val/loss": "min"}
 
 
 class ConfigError(ValueError):
     """A problem with the run's configuration; its message is one line meant for the user."""
 
 
+def opt(default: Any, help: str) -> Any:  # noqa: A002 - the field's help text
+    """A schema field with its default and its ``--help`` line."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DataConfig:
-    root: str = "data/cats_and_dogs_small"
-    image_size: int = 150
-    batch_size: int = 20
-    num_workers: int | None = None
-    augment: str = "seed"
-    cache_dir: str | None = None
-    skip_bad_files: bool = True
-    decoded_cache: bool = False  # decode + resize every image once into a memory-mapped file
-    source: str = "kaggle_cats_vs_dogs"  # used only when data.root has no train/ folder
-    url: str | None = None  # overrides the source's download address (a mirror, file://...)
-    sha256: str | None = "auto"  # auto: the source's known checksum; null: no check
-    split_sizes: list[int] = field(default_factory=lambda: [1000, 500, 500])
+    root: str = opt("data/cats_and_dogs_small", "folder with train/, validation/, test/ (<class>/<images>)")
+    image_size: int = opt(150, "square input size in pixels")
+    batch_size: int = opt(20, "images per step per device (N devices: N * batch_size per optimizer step)")
+    num_workers: int | None = opt(None, "loader processes (null: one per CPU core, at most 8)")
+    augment: str = opt("seed", "none | seed (the seed's Keras augmentation) | standard (crop, flip, TrivialAugment)")
+    cache_dir: str | None = opt(None, "feature and decoded-image caches (null: <out_dir>/cache)")
+    skip_bad_files: bool = opt(True, "unreadable images are skipped and listed; false: stop with an error")
+    decoded_cache: bool = opt(False, "decode + resize each image once into a memory-mapped file")
+    source: str = opt("kaggle_cats_vs_dogs", "download source when data.root has no train/ (none: never)")
+    url: str | None = opt(None, "overrides the source's download address (a mirror, file://...)")
+    sha256: str | None = opt("auto", "archive checksum (auto: the source's known one; null: no check)")
+    split_sizes: list[int] = opt([1000, 500, 500], "images per class for train, validation, test of a download")
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "vgg16"
-    pretrained: bool = True
-    weights: str | None = None
-    pool: str = "avg"
-    head_hidden: int = 256
-    dropout: float = 0.5
-    tta_flip: bool = False  # evaluate each image and its mirror, average the logits
+    backbone: str = opt("vgg16", "registered backbone (see above)")
+    pretrained: bool = opt(True, "ImageNet weights (false: random initialisation)")
+    weights: str | None = opt(None, "a local state dict of the backbone's network (offline)")
+    pool: str = opt("avg", "avg (global average) | flatten (the seed's)")
+    head_hidden: int = opt(256, "hidden width of the head (0: a linear head)")
+    dropout: float = opt(0.5, "dropout before the head's output layer")
+    tta_flip: bool = opt(False, "evaluate each image and its mirror, average the logits")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "rmsprop"
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    scheduler: str = "none"
-    label_smoothing: float = 0.0
+    name: str = opt("rmsprop", "rmsprop | adam | adamw | sgd")
+    lr: float = opt(2e-5, "the head's peak learning rate")
+    weight_decay: float = opt(0.0, "weight decay (not on norm weights and biases, see next key)")
+    decay_norm_and_bias: bool = opt(False, "apply weight decay to norm weights and biases too")
+    scheduler: str = opt("none", "none | cosine (over the whole stage) | onecycle (restarted per phase)")
+    lr_warmup_epochs: float = opt(0.0, "linear warm-up epochs (fractions allowed); onecycle: its rise per phase")
+    label_smoothing: float = opt(0.0, "label smoothing of the training loss")
 
 
 @dataclass
 class FinetuneConfig:
-    warmup_epochs: int = 0
-    unfreeze_blocks: int = 1
-    backbone_lr_ratio: float = 1.0
-    train_bn: bool = False
-    init_ckpt: str | None = None
+    warmup_epochs: int = opt(0, "epochs with the backbone frozen before the unfreeze")
+    unfreeze_blocks: int = opt(1, "top backbone blocks unfrozen after the warm-up")
+    milestones: list[list[int]] | None = opt(
+        None, "gradual unfreezing: [[epoch, top_blocks], ...] (replaces the two above)"
+    )
+    backbone_lr_ratio: float = opt(1.0, "peak rate of the top block relative to optim.lr")
+    layer_decay: float = opt(1.0, "block k from the top trains at lr * backbone_lr_ratio * layer_decay**k")
+    train_bn: bool = opt(False, "BatchNorm of unfrozen blocks trains (false: frozen statistics)")
+    init_ckpt: str | None = opt(None, "start from this checkpoint's weights (e.g. a frozen run's)")
+
+
+@dataclass
+class EarlyStopConfig:
+    patience: int = opt(0, "end a phase after this many epochs without improvement (0: off)")
+    monitor: str = opt("val/acc", "val/acc | val/f1 | val/auroc | val/loss")
 
 
 @dataclass
 class SpeedConfig:
-    channels_last: bool = True  # NHWC memory format for convolutions (faster on recent GPUs and CPUs)
-    compile: bool = False  # torch.compile the model (opt-in)
+    channels_last: bool = opt(True, "NHWC convolutions (faster on recent GPUs and CPUs)")
+    compile: bool = opt(False, "torch.compile the model (first epoch pays the compilation)")
 
 
 @dataclass
 class LogConfig:
-    images_every_n_epochs: int = 1  # confusion matrix, error images, PR curve; 0 = never
-    max_images: int = 16
+    images_every_n_epochs: int = opt(1, "confusion matrix, error images, PR curve every N epochs (0: off)")
+    max_images: int = opt(16, "images per TensorBoard grid")
 
 
 @dataclass
 class AllConfig:
-    epochs: list[int] | None = None  # stage=all: max_epochs of features, frozen, finetune
+    epochs: list[int] | None = opt(
+        None, "stage=all: [features, frozen, finetune] epochs (null: trainer.max_epochs, else presets)"
+    )
+
+
+TRAINER_DEFAULTS = {
+    "max_epochs": 30,
+    "accelerator": "auto",
+    "devices": "auto",
+    "precision": "auto",
+    "log_every_n_steps": 10,
+}
 
 
 @dataclass
 class RunConfig:
-    stage: str = "finetune"
-    seed: int = 42
-    out_dir: str = "runs"
-    ckpt_path: str | None = None
+    stage: str = opt("finetune", "features | frozen | finetune | test | all")
+    seed: int = opt(42, "global seed")
+    out_dir: str = opt("runs", "where runs go")
+    ckpt_path: str | None = opt(None, "resume (a path, or 'last'); stage=test: the checkpoint to evaluate")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     log: LogConfig = field(default_factory=LogConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     all: AllConfig = field(default_factory=AllConfig)
     # Free-form on purpose: every key is passed to lightning.Trainer and checked against its signature.
-    trainer: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = opt(TRAINER_DEFAULTS, "any lightning.Trainer argument")
 
 
 def _choice(value: str, choices: tuple[str, ...] | list[str], key: str) -> None:
@@ -152,10 +189,9 @@ def load_config(argv: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
     cli = parse_overrides(argv)
     schema = OmegaConf.structured(RunConfig)
     try:
-        base = OmegaConf.merge(schema, _read_yaml(config_dir / "base.yaml"))
-        stage = str(cli.get("stage", base.stage))
+        stage = str(cli.get("stage", schema.stage))
         _choice(stage, STAGES, "stage")
-        cfg = OmegaConf.merge(base, _read_yaml(config_dir / "stage" / f"{stage}.yaml"))
+        cfg = OmegaConf.merge(schema, _read_yaml(config_dir / "stage" / f"{stage}.yaml"))
         backbone = str(OmegaConf.select(cli, "model.backbone", default=cfg.model.backbone))
         per_backbone = [
             _read_yaml(config_dir / "backbone" / f"{backbone}{suffix}.yaml") for suffix in ("", f".{stage}")
@@ -176,6 +212,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg.data.augment, AUGMENTS, "data.augment")
     _choice(cfg.optim.name, OPTIMIZERS, "optim.name")
     _choice(cfg.optim.scheduler, SCHEDULERS, "optim.scheduler")
+    _choice(cfg.early_stop.monitor, list(MONITORS), "early_stop.monitor")
     _choice(cfg.model.pool, POOLS, "model.pool")
     from datamodules.download import SOURCE_NAMES
 
@@ -199,6 +236,8 @@ def validate(cfg: DictConfig) -> None:
         "finetune.unfreeze_blocks": cfg.finetune.unfreeze_blocks,
         "finetune.backbone_lr_ratio": cfg.finetune.backbone_lr_ratio,
         "model.head_hidden": cfg.model.head_hidden,
+        "optim.lr_warmup_epochs": cfg.optim.lr_warmup_epochs,
+        "early_stop.patience": cfg.early_stop.patience,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -213,24 +252,56 @@ def validate(cfg: DictConfig) -> None:
             f"unknown trainer key(s) {', '.join('trainer.' + k for k in unknown)}; "
             "trainer.* must be arguments of lightning.Trainer (max_epochs, accelerator, devices, ...)"
         )
-    n_blocks = BACKBONES[cfg.model.backbone].num_blocks
-    if cfg.finetune.unfreeze_blocks > n_blocks:
-        raise ConfigError(
-            f"finetune.unfreeze_blocks={cfg.finetune.unfreeze_blocks} but {cfg.model.backbone} "
-            f"has only {n_blocks} blocks"
-        )
+    max_epochs = cfg.trainer.get("max_epochs")
+    if not isinstance(max_epochs, int) or isinstance(max_epochs, bool) or max_epochs < 1:
+        raise ConfigError(f"trainer.max_epochs must be a whole number of at least 1, got {max_epochs}")
+    for key in ("max_steps", "max_time", "min_steps"):
+        if cfg.trainer.get(key) not in (None, -1):
+            raise ConfigError(f"trainer.{key} is not supported: a stage's plan counts epochs (use trainer.max_epochs)")
     if cfg.all.epochs is not None and (len(cfg.all.epochs) != 3 or min(cfg.all.epochs) < 1):
         raise ConfigError(
-            f"all.epochs must be three positive epoch counts (features, frozen, finetune), got {list(cfg.all.epochs)}"
+            "all.epochs must be three epoch counts of at least 1 (features, frozen, finetune), "
+            f"got {list(cfg.all.epochs)}"
         )
+    if cfg.stage in TRAINING_STAGES:
+        plan_from_config(cfg)  # refuses a schedule that would not do what it says
     if cfg.log.images_every_n_epochs < 0 or cfg.log.max_images < 1:
         raise ConfigError("log.images_every_n_epochs must be >= 0 and log.max_images >= 1")
     if cfg.stage == "test" and not cfg.ckpt_path:
         raise ConfigError("stage=test needs a checkpoint: add ckpt_path=PATH/TO/run/checkpoints/best.ckpt")
 
 
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+def plan_from_config(cfg: DictConfig) -> Plan:
+    """The plan of a training stage (see ``lightning_modules/schedule.py``); ConfigError if it cannot run."""
+    from lightning_modules.backbones import BACKBONES
+
+    ft = cfg.finetune
+    milestones = None
+    if cfg.stage == "finetune":
+        milestones = milestones_from(ft.warmup_epochs, ft.unfreeze_blocks, ft.milestones)
+    try:
+        return build_plan(
+            cfg.stage,
+            int(cfg.trainer.max_epochs),
+            BACKBONES[cfg.model.backbone].num_blocks,
+            cfg.optim.lr,
+            milestones=milestones,
+            backbone_lr_ratio=ft.backbone_lr_ratio,
+            layer_decay=ft.layer_decay,
+            scheduler=cfg.optim.scheduler,
+            lr_warmup_epochs=cfg.optim.lr_warmup_epochs,
+        )
+    except PlanError as err:
+        raise ConfigError(str(err)) from None
+
+
+def to_yaml(cfg: DictConfig, plan: Plan | None = None) -> str:
+    """The resolved config; with ``plan``, followed by the plan as the run executed it."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    if plan is not None:
+        text += "# The stage's schedule as executed (lightning_modules/schedule.py); not an input key.\n"
+        text += OmegaConf.to_yaml({"plan": plan.to_dict()})
+    return text
 
 
 HELP = """\
@@ -248,31 +319,31 @@ stages (stage=...):
 backbones (model.backbone=...):
   {backbones}
 
-main keys (defaults from configs/base.yaml; stage presets in configs/stage/):
-  seed, out_dir, ckpt_path (a path, or 'last' to resume the latest run of this stage+backbone)
-  data.root, data.image_size, data.batch_size (per device), data.num_workers,
-  data.source (download when data.root has no train/), data.url, data.sha256, data.split_sizes,
-  data.augment ({augments}), data.cache_dir, data.skip_bad_files (false: unreadable images are an error)
-  model.backbone, model.pretrained, model.weights, model.pool ({pools}), model.head_hidden, model.dropout
-  optim.name ({optims}), optim.lr (the head's), optim.weight_decay, optim.scheduler ({scheds})
-  finetune.warmup_epochs, finetune.unfreeze_blocks, finetune.backbone_lr_ratio,
-  finetune.train_bn, finetune.init_ckpt (start from a frozen run's checkpoint)
-  log.images_every_n_epochs, log.max_images  TensorBoard images; all.epochs=[F,Z,T] for stage=all
-  trainer.*  any lightning.Trainer argument: trainer.max_epochs, trainer.accelerator, trainer.devices,
-             trainer.strategy, trainer.precision (auto: bf16/16-mixed on GPU, 32 on CPU), ...
+keys (defaults from the schema in pipeline/config.py; presets in configs/stage/ and configs/backbone/):
+{keys}
 
 example:
   python train.py stage=finetune data.root=path/to/cats_and_dogs_small model.backbone=efficientnet_lite0
 """
 
 
+def _key_lines(schema: type, prefix: str = "") -> list[str]:
+    lines = []
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
+            lines += _key_lines(globals()[f.type] if isinstance(f.type, str) else f.type, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.name == "trainer":
+            default = " ".join(f"trainer.{k}={v}" for k, v in default.items())
+            lines.append(f"  trainer.*  {f.metadata['help']}; defaults: {default}")
+            continue
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
+        lines.append(f"  {prefix}{f.name}={shown}  {f.metadata['help']}")
+    return lines
+
+
 def help_text() -> str:
     from lightning_modules.backbones import BACKBONES
 
-    return HELP.format(
-        backbones=", ".join(sorted(BACKBONES)),
-        augments="|".join(AUGMENTS),
-        pools="|".join(POOLS),
-        optims="|".join(OPTIMIZERS),
-        scheds="|".join(SCHEDULERS),
-    )
+    return HELP.format(backbones=", ".join(sorted(BACKBONES)), keys="\n".join(_key_lines(RunConfig)))

@@ -1,15 +1,23 @@
-"""Run one stage end to end: data, model, the fits of each freeze phase, evaluation, metrics.json."""
+"""Run one stage end to end: build, plan, run the phases, evaluate the best model, report.
+
+The schedule itself is decided in ``lightning_modules/schedule.py``; this module executes it:
+one ``fit`` per phase (so DDP wraps exactly that phase's trainable set), the state handed from
+one phase to the next through ``checkpoints/last.ckpt``, which the runner writes itself at the
+end of every phase (whatever ``trainer.*`` says about checkpointing or validation).
+"""
 
 from __future__ import annotations
 
-import os
+import contextlib
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -17,17 +25,14 @@ from datamodules.feature_cache import FeatureDataModule
 from datamodules.image_folder import ImageFolderDataModule, default_num_workers, scan_splits
 from lightning_modules.backbones import build_backbone
 from lightning_modules.classifier import TransferClassifier
-from lightning_modules.freeze_schedule import FreezeSchedule, TrainableSchedule, count_trainable
+from lightning_modules.early_stopping import PhaseEarlyStopping
+from lightning_modules.freeze_schedule import ApplyPlan, count_trainable
 from lightning_modules.run_safety import EpochTimer, SaveOnInterrupt
-from pipeline.config import ConfigError, to_yaml
+from lightning_modules.schedule import Plan
+from pipeline.config import MONITORS, ConfigError, plan_from_config, to_yaml
 from pipeline.run_dir import resolve_run, write_json_atomic, write_text_atomic
 from pipeline.trainer_factory import apply_speed_settings, make_trainer
 
-# Intentional here: frozen blocks are in eval mode, and later phases reuse the checkpoint folder.
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
-# Test-only switch: run all phases in one fit, as Lightning's BaseFinetuning would (unsafe under DDP).
-UNSAFE_SINGLE_FIT_ENV = "TRANSFER_UNSAFE_SINGLE_FIT"
 METRIC_KEYS = ("acc", "loss", "f1", "auroc", "count")
 
 
@@ -61,7 +66,7 @@ def _check_ckpt_backbone(path: str, backbone: str) -> dict:
     return ckpt
 
 
-def build_model(cfg: DictConfig, class_names: list[str]) -> TransferClassifier:
+def build_model(cfg: DictConfig, class_names: list[str], plan: Plan | None = None) -> TransferClassifier:
     model = TransferClassifier(
         backbone=cfg.model.backbone,
         class_names=class_names,
@@ -70,13 +75,14 @@ def build_model(cfg: DictConfig, class_names: list[str]) -> TransferClassifier:
         head_hidden=cfg.model.head_hidden,
         dropout=cfg.model.dropout,
         optim_name=cfg.optim.name,
-        lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
-        scheduler=cfg.optim.scheduler,
-        backbone_lr_ratio=cfg.finetune.backbone_lr_ratio,
+        decay_norm_and_bias=cfg.optim.decay_norm_and_bias,
         train_bn=cfg.finetune.train_bn,
         tta_flip=cfg.model.tta_flip,
         label_smoothing=cfg.optim.label_smoothing,
+        inputs="features" if cfg.stage == "features" else "images",
+        channels_last=cfg.speed.channels_last,
+        plan=plan,
     )
     if cfg.model.weights or cfg.model.pretrained:
         pretrained = build_backbone(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights)
@@ -181,26 +187,55 @@ def ensure_data(cfg: DictConfig) -> None:
     )
 
 
+@dataclass
+class Build:
+    """Everything a stage's fits need, made before the first one starts."""
+
+    run_dir: Path
+    resume: str | None  # checkpoint a resumed run continues from
+    resume_ckpt: dict | None
+    model: TransferClassifier
+    datamodule: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PhasesDone:
+    trainer: Trainer
+    plan: Plan  # as executed (early stops included)
+    timer: EpochTimer
+    phases: list[dict[str, Any]]
+
+
 def run_stage(cfg: DictConfig, run_name: str | None = None) -> dict[str, Any]:
     """Run ``cfg.stage``; returns (and writes to the run folder) the metrics."""
     started = time.time()
     seed_everything(cfg.seed, workers=True)
-    splits = ("test",) if cfg.stage == "test" else ("train", "val", "test")
+    if cfg.stage == "test":
+        return _run_test(cfg, run_name, started)
+    build = build_stage(cfg, run_name)
+    plan = plan_for_run(cfg, build.resume_ckpt)
+    announce(cfg, build.run_dir, plan)
+    done = run_phases(cfg, build, plan)
+    if isinstance(build.datamodule, FeatureDataModule):
+        build.extra["feature_cache"] = {"path": str(build.datamodule.path), "built": build.datamodule.computed}
+    val, test, best = evaluate_best(done.trainer, build)
+    extra = build.extra | {"best_ckpt": best, "phases": done.phases} | _speed_report(done.timer)
+    return _finish(cfg, build.run_dir, done.trainer, build.model, started, val, test, extra)
+
+
+def build_stage(cfg: DictConfig, run_name: str | None = None) -> Build:
+    """Data (layout errors surface here, before any model), run folder, model and datamodule."""
     ensure_data(cfg)
-    # layout errors surface before any model is built; unreadable files are found here too
     threads = cfg.data.num_workers or default_num_workers()
-    index = scan_splits(cfg.data.root, splits, skip_bad_files=cfg.data.skip_bad_files, threads=threads)
+    index = scan_splits(
+        cfg.data.root, ("train", "val", "test"), skip_bad_files=cfg.data.skip_bad_files, threads=threads
+    )
     run_dir, resume = resolve_run(cfg, run_name)
     resume_ckpt = _check_ckpt_backbone(resume, cfg.model.backbone) if resume else None
     _report_skipped(index, run_dir)
-    if cfg.stage == "test":
-        return _run_test(cfg, run_dir, index, started)
-
     apply_speed_settings(cfg)
     model = build_model(cfg, index.classes)
-    if cfg.speed.channels_last:
-        model.to(memory_format=torch.channels_last)
-        model.channels_last = True
     cache_dir = cfg.data.cache_dir or str(Path(cfg.out_dir) / "cache")
     images = ImageFolderDataModule(
         cfg.data.root,
@@ -215,52 +250,103 @@ def run_stage(cfg: DictConfig, run_name: str | None = None) -> dict[str, Any]:
         seed=cfg.seed,
         decoded_cache_dir=cache_dir if cfg.data.decoded_cache else None,
     )
-    datamodule = images
-    extra: dict[str, Any] = {}
-    if cfg.stage == "features":
-        model.on_features = True
-        device = "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator", "auto") != "cpu" else "cpu"
-        datamodule = FeatureDataModule(
-            images,
-            model,
-            cache_dir,
-            cfg.model.pool,
-            device,
-            flip_train=cfg.data.augment != "none",
-            flip_eval=cfg.model.tta_flip,
+    if cfg.stage != "features":
+        return Build(run_dir, resume, resume_ckpt, model, images)
+    device = "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator", "auto") != "cpu" else "cpu"
+    features = FeatureDataModule(
+        images,
+        model,
+        cache_dir,
+        cfg.model.pool,
+        device,
+        flip_train=cfg.data.augment != "none",
+        flip_eval=cfg.model.tta_flip,
+    )
+    return Build(run_dir, resume, resume_ckpt, model, features)
+
+
+def plan_for_run(cfg: DictConfig, resume_ckpt: dict | None) -> Plan:
+    """The config's plan; a resumed run replays the early stops its checkpoint recorded."""
+    plan = plan_from_config(cfg)
+    saved = (resume_ckpt or {}).get("plan")
+    if saved is None:
+        return plan
+    saved_plan = Plan.from_dict(saved)
+    plan = plan.replay(saved_plan.early_stops)
+    if plan != saved_plan:
+        rank_zero_warn(
+            "the plan differs from the one the resumed checkpoint was trained with; continuing with the new one:\n"
+            f"before: {saved_plan.describe()}\nnow: {plan.describe()}"
         )
+    return plan
 
-    _write_config(cfg, run_dir)
-    schedule = FreezeSchedule(cfg.stage, cfg.finetune.warmup_epochs, cfg.finetune.unfreeze_blocks)
-    max_epochs = int(cfg.trainer.get("max_epochs", 1))
-    start, step = _resume_point(resume_ckpt)
-    del resume_ckpt
-    phases = schedule.phases(start, max_epochs) or [(start, max(start, max_epochs))]
-    strict = os.environ.get(UNSAFE_SINGLE_FIT_ENV) != "1"
-    if not strict:  # reproduces Lightning #20340 on purpose, for the test that must catch it
-        phases = [(phases[0][0], phases[-1][1])]
-    ckpt = resume
-    timer = EpochTimer()
+
+def announce(cfg: DictConfig, run_dir: Path, plan: Plan) -> None:
+    """Print the plan and save it with the resolved config (global rank zero)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    rank_zero_info(plan.describe())
+    if rank_zero_only.rank == 0:
+        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg, plan))
+
+
+def run_phases(cfg: DictConfig, build: Build, plan: Plan) -> PhasesDone:
+    """One fit per phase, from the resumed epoch on; the runner writes the hand-over checkpoint."""
+    model, run_dir = build.model, build.run_dir
+    start, step = _resume_point(build.resume_ckpt)
+    build.resume_ckpt = None  # free the resumed state dict
+    ckpt, timer, phases = build.resume, EpochTimer(), []
     fit_model = torch.compile(model) if cfg.speed.compile else model
-    for begin, end in phases:
-        # One fit per phase: DDP wraps the model with exactly this phase's trainable set.
-        model.set_trainable_top(schedule.trainable_blocks(begin))
-        callbacks = [TrainableSchedule(schedule, begin, strict=strict), timer]
+    # A finished run that is resumed still needs one (empty) fit to restore its trainer state.
+    index = plan.phase_index(start) if start < plan.epochs else len(plan.phases) - 1
+    trainer = None
+    while index < len(plan.phases):
+        phase = plan.phases[index]
+        model.set_plan(plan)
+        model.set_trainable_top(phase.top_blocks)
+        stopper = _early_stopping(cfg, index)
+        callbacks = [ApplyPlan(plan, index), timer, *([stopper] if stopper else [])]
         # purge_step: TensorBoard hides what a killed run logged after its last checkpoint;
-        # purge only what an earlier process may have logged past its checkpoint, not this one's phases
-        purge = step if ckpt is not None and ckpt == resume else None
-        trainer = make_trainer(cfg, run_dir, callbacks, model=model, max_epochs=end, purge_step=purge)
-        _fit(trainer, fit_model, datamodule, ckpt)
+        # purge only what an earlier process may have logged past it, not this one's phases
+        purge = step if ckpt is not None and ckpt == build.resume else None
+        trainer = make_trainer(cfg, run_dir, callbacks, model=model, max_epochs=phase.end, purge_step=purge)
+        _fit(trainer, fit_model, build.datamodule, ckpt)
+        record = {"phase": index, "epochs": [phase.start, phase.end], "top_blocks": phase.top_blocks}
+        if stopper is not None and trainer.current_epoch < phase.end:
+            best_epoch = stopper.restore_best(model, trainer)
+            plan = plan.stop_early(index, trainer.current_epoch)
+            model.set_plan(plan)
+            record |= {"stopped_early_at_epoch": trainer.current_epoch - 1, "best_epoch": best_epoch}
+            rank_zero_info(
+                f"phase {index} stopped early after epoch {trainer.current_epoch - 1}; "
+                f"the next phase starts from its best epoch ({best_epoch})"
+            )
+        phases.append(record)
         ckpt, step = str(run_dir / "checkpoints" / "last.ckpt"), trainer.global_step
-    if cfg.stage == "features":
-        extra["feature_cache"] = {"path": str(datamodule.path), "built": datamodule.computed}
+        trainer.save_checkpoint(ckpt)  # the hand-over: explicit, whatever trainer.* says
+        index += 1
+    return PhasesDone(trainer, plan, timer, phases)
 
-    best = trainer.checkpoint_callback.best_model_path or None
-    val = _summarise(trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False), "val")
-    test = _summarise(trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=True), "test")
-    extra["best_ckpt"] = best
-    extra |= _speed_report(timer)
-    return _finish(cfg, run_dir, trainer, model, started, val, test, extra)
+
+def _early_stopping(cfg: DictConfig, index: int) -> PhaseEarlyStopping | None:
+    patience = cfg.early_stop.patience
+    if patience <= 0:
+        return None
+    monitor = cfg.early_stop.monitor
+    return PhaseEarlyStopping(index, monitor=monitor, mode=MONITORS[monitor], patience=patience)
+
+
+def evaluate_best(trainer: Trainer, build: Build) -> tuple[dict | None, dict | None, str | None]:
+    """Validation and test metrics of the best checkpoint (by validation accuracy), or of the
+    final weights when checkpointing is off."""
+    callback = trainer.checkpoint_callback
+    best = (callback.best_model_path or None) if callback is not None else None
+    if best is None:
+        rank_zero_info("no best checkpoint (checkpointing off or no validation): evaluating the final weights")
+    model, data = build.model, build.datamodule
+    val = _summarise(trainer.validate(model, datamodule=data, ckpt_path=best, verbose=False), "val")
+    test = _summarise(trainer.test(model, datamodule=data, ckpt_path=best, verbose=True), "test")
+    return val, test, best
 
 
 def _speed_report(timer: EpochTimer) -> dict[str, Any]:
@@ -279,10 +365,21 @@ def _speed_report(timer: EpochTimer) -> dict[str, Any]:
     return report
 
 
-def _fit(trainer, model, datamodule, ckpt: str | None) -> None:
+@contextlib.contextmanager
+def _expected_warnings():
+    """Warnings that are intended here: frozen blocks are in eval mode at the start of training,
+    and every phase's fit reuses the run's checkpoint folder."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+        warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+        yield
+
+
+def _fit(trainer: Trainer, model, datamodule, ckpt: str | None) -> None:
     """``trainer.fit``; an interrupt (SIGINT/SIGTERM) that saved a checkpoint becomes RunInterrupted."""
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+        with _expected_warnings():
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
     except SystemExit as exc:  # Lightning turns SIGINT and SIGTERM into SystemExit
         saver = next(c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt))
         if not saver.saved:
@@ -302,7 +399,11 @@ def _write_config(cfg: DictConfig, run_dir: Path) -> None:
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
 
 
-def _run_test(cfg: DictConfig, run_dir: Path, index, started: float) -> dict[str, Any]:
+def _run_test(cfg: DictConfig, run_name: str | None, started: float) -> dict[str, Any]:
+    threads = cfg.data.num_workers or default_num_workers()
+    index = scan_splits(cfg.data.root, ("test",), skip_bad_files=cfg.data.skip_bad_files, threads=threads)
+    run_dir, _ = resolve_run(cfg, run_name)
+    _report_skipped(index, run_dir)
     ckpt = _check_ckpt_backbone(cfg.ckpt_path, cfg.model.backbone)
     if ckpt.get("class_names") and ckpt["class_names"] != index.classes:
         raise ConfigError(f"checkpoint classes {ckpt['class_names']} differ from the test folder's {index.classes}")

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -83,7 +83,8 @@ def make_trainer(
     **overrides: Any,
 ) -> Trainer:
     """A Trainer logging to ``run_dir`` with checkpoints (written atomically, and on SIGINT/SIGTERM),
-    per-step seeding, the LR monitor and the DDP replica check.
+    per-step seeding and the DDP replica check (``trainer.enable_checkpointing=false``: no
+    best/last checkpoint callbacks; the runner still writes its phase hand-over checkpoint).
 
     ``model`` (with this phase's trainable set applied) decides the sync_batchnorm default;
     ``purge_step`` (a resumed run's step) hides events a killed run logged after its checkpoint."""
@@ -94,6 +95,28 @@ def make_trainer(
         default_hp_metric=False,
         **({"purge_step": purge_step} if purge_step is not None else {}),
     )
+    kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
+    checkpoints = []
+    if kwargs.get("enable_checkpointing", True):
+        checkpoints = _checkpoint_callbacks(run_dir)
+    if kwargs.get("precision", "auto") == "auto":
+        kwargs["precision"] = auto_precision(cfg)
+    if model is not None:
+        kwargs["sync_batchnorm"] = resolve_sync_batchnorm(cfg, model)
+    # The datamodules bring their own samplers (datamodules/sampling.py).
+    kwargs |= {"use_distributed_sampler": False} | overrides
+    all_callbacks = [
+        *checkpoints,
+        ReplicaAgreement(),
+        SaveOnInterrupt(run_dir / "checkpoints"),
+        StepSeed(cfg.seed),
+        TensorBoardViews(cfg.log.images_every_n_epochs, cfg.log.max_images),
+        *callbacks,
+    ]
+    return Trainer(logger=logger, callbacks=all_callbacks, plugins=[AtomicCheckpointIO()], **kwargs)
+
+
+def _checkpoint_callbacks(run_dir: Path) -> list[ModelCheckpoint]:
     best = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best-epoch{epoch:03d}-acc{val/acc:.4f}",
@@ -104,21 +127,4 @@ def make_trainer(
     # Lightning 2.6's save_last only rewrites last.ckpt in epochs that also saved a top-k
     # checkpoint; an unmonitored top-1 checkpoint named "last" is rewritten every epoch.
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False)
-    kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if kwargs.get("precision", "auto") == "auto":
-        kwargs["precision"] = auto_precision(cfg)
-    if model is not None:
-        kwargs["sync_batchnorm"] = resolve_sync_batchnorm(cfg, model)
-    # The datamodules bring their own samplers (datamodules/sampling.py).
-    kwargs |= {"use_distributed_sampler": False} | overrides
-    all_callbacks = [
-        best,
-        last,
-        LearningRateMonitor("epoch"),
-        ReplicaAgreement(),
-        SaveOnInterrupt(run_dir / "checkpoints"),
-        StepSeed(cfg.seed),
-        TensorBoardViews(cfg.log.images_every_n_epochs, cfg.log.max_images),
-        *callbacks,
-    ]
-    return Trainer(logger=logger, callbacks=all_callbacks, plugins=[AtomicCheckpointIO()], **kwargs)
+    return [best, last]

@@ -47,5 +47,8 @@ def fast_args(root: Path, out_dir: Path, **extra: str) -> list[str]:
         "trainer.enable_model_summary": "false",
         "trainer.log_every_n_steps": "1",
     }
+    schedule_keys = {"finetune.warmup_epochs", "finetune.milestones"}
+    if extra.get("stage", "finetune") == "finetune" and not schedule_keys & set(extra):
+        args["finetune.warmup_epochs"] = "1"  # the preset's 30 warm-up epochs would never end in 3
     args |= extra
     return [f"{k}={v}" for k, v in args.items()]

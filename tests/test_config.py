@@ -47,7 +47,7 @@ def test_stage_presets_follow_the_seed():
         (["trainer.max_epoch=3"], "unknown trainer key(s) trainer.max_epoch"),
         (["optim.lr=0"], "optim.lr must be positive"),
         (["data.batch_size=-4"], "data.batch_size must be positive"),
-        (["model.backbone=resnet18", "finetune.unfreeze_blocks=6"], "resnet18 has only 5 blocks"),
+        (["model.backbone=resnet18", "finetune.unfreeze_blocks=6"], "the backbone has 5"),
         (["stage=test"], "stage=test needs a checkpoint"),
         (["notakeyvalue"], "arguments must look like key=value"),
     ],

@@ -12,7 +12,6 @@ import torch
 import torchvision
 
 from lightning_modules.backbones import build_backbone
-from pipeline.stages import UNSAFE_SINGLE_FIT_ENV
 
 from conftest import ROOT, fast_args
 from helpers import checkpoint_state, read_metrics, scalar_tags
@@ -37,13 +36,43 @@ def weights_file(tmp_path_factory) -> Path:
     return path
 
 
-def train_subprocess(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> Path:
-    """Run train.py in a fresh process (DDP re-launches the script); returns the run folder."""
-    full_env = {k: v for k, v in os.environ.items() if k not in ("TRANSFER_RUN_DIR", UNSAFE_SINGLE_FIT_ENV)}
+# The broken approach, built only here: every phase in one fit, blocks unfrozen inside it after DDP
+# wrapped the model (what Lightning's BaseFinetuning does; Lightning #20340).
+UNSAFE_SINGLE_FIT = """
+import sys
+sys.path.insert(0, {root!r})
+from pipeline import stages
+from lightning_modules.freeze_schedule import ApplyPlan
+from lightning_modules.run_safety import EpochTimer
+from pipeline.trainer_factory import make_trainer
+
+
+class SwitchInsideOneFit(ApplyPlan):
+    def on_train_epoch_start(self, trainer, pl_module):
+        pl_module.set_trainable_top(self.plan.phases[self.plan.phase_index(trainer.current_epoch)].top_blocks)
+
+
+def one_fit(cfg, build, plan):
+    build.model.set_plan(plan)
+    timer = EpochTimer()
+    trainer = make_trainer(cfg, build.run_dir, [SwitchInsideOneFit(plan, 0), timer], max_epochs=plan.epochs)
+    stages._fit(trainer, build.model, build.datamodule, None)
+    return stages.PhasesDone(trainer, plan, timer, [])
+
+
+stages.run_phases = one_fit
+import train
+train.main()
+"""
+
+
+def train_subprocess(args: list[str], cwd: Path, script: Path | None = None) -> Path:
+    """Run train.py (or ``script``) in a fresh process (DDP re-launches it); returns the run folder."""
+    full_env = {k: v for k, v in os.environ.items() if k != "TRANSFER_RUN_DIR"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
+        [sys.executable, str(script or ROOT / "train.py"), *args],
         cwd=cwd,
-        env=full_env | (env or {}),
+        env=full_env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -98,7 +127,9 @@ def test_unfrozen_blocks_train_identically_on_every_rank(ddp_root, tmp_path, wei
 def test_replica_check_catches_unsynchronised_unfrozen_blocks(ddp_root, tmp_path, weights_file):
     """The broken approach (one fit, blocks unfrozen after DDP wrapped the model) must be detected."""
     args = ddp_finetune_args(ddp_root, tmp_path / "out", weights_file)
-    run = train_subprocess(args, tmp_path, env={UNSAFE_SINGLE_FIT_ENV: "1"})
+    script = tmp_path / "unsafe_single_fit.py"
+    script.write_text(UNSAFE_SINGLE_FIT.format(root=str(ROOT)))
+    run = train_subprocess(args, tmp_path, script)
     diffs = _replica_diffs(run)
     print(f"\nreplica differences per epoch, unfrozen blocks not synchronised: {diffs}")
     assert diffs[0] == 0.0  # warm-up: only the (synchronised) head trains

@@ -7,7 +7,6 @@ import torch
 import torchvision
 from lightning.pytorch import seed_everything
 
-from lightning_modules.freeze_schedule import FreezeSchedule
 from pipeline.config import load_config
 from pipeline.stages import build_model
 
@@ -32,16 +31,6 @@ def _initial_state(args: list[str]) -> dict[str, torch.Tensor]:
 
 def _block(key: str) -> int:
     return int(key.split(".")[2])  # backbone.blocks.<i>....
-
-
-def test_schedule_is_a_pure_function_of_stage_and_epoch():
-    schedule = FreezeSchedule("finetune", warmup_epochs=3, unfreeze_blocks=2)
-    assert [schedule.trainable_blocks(e) for e in range(5)] == [0, 0, 0, 2, 2]
-    assert schedule.phases(0, 6) == [(0, 3), (3, 6)]
-    assert schedule.phases(4, 6) == [(4, 6)]
-    assert schedule.phases(0, 2) == [(0, 2)]
-    assert FreezeSchedule("frozen", 3, 2).trainable_blocks(10) == 0
-    assert FreezeSchedule("frozen", 3, 2).phases(0, 6) == [(0, 6)]
 
 
 def test_frozen_stage_changes_only_the_head(toy_root, tmp_path, weights_file):

@@ -1,0 +1,269 @@
+"""The staged schedule of a stage, as one plain value: which blocks train when, at which rate.
+
+Everything a stage does over time is decided here, before any Trainer exists; the rest of the
+code only executes a :class:`Plan` (``pipeline.stages`` runs one fit per phase, the
+``ApplyPlan`` callback sets each phase's trainable blocks and logs the rates, the
+LightningModule's scheduler evaluates :meth:`Plan.factor` at the global step). The whole
+``stage=finetune`` schedule, fastai's ``fine_tune`` in spirit, is :func:`build_plan`:
+
+* head warm-up with the backbone frozen, then the top blocks unfrozen (one step, or gradual
+  ``milestones`` as Lightning Flash's ``unfreeze_milestones``);
+* discriminative rates: block ``k`` from the top trains at ``lr * backbone_lr_ratio * layer_decay**k``
+  (timm's layer decay, fastai's ``slice``), one optimizer group per block;
+* one rate multiplier for all groups, a pure function of the position in the stage.
+
+Learning rate granularity: per optimizer step. Step ``s`` uses the plan's rate at the middle of
+its interval, ``t = (s + 0.5) / steps_per_epoch`` epochs, so warm-ups and one-cycle phases of one
+or two epochs are smooth, no step runs at rate 0, and a resume at any step (mid-epoch included)
+gets exactly the rate an uninterrupted run had.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from torch import nn
+
+SCHEDULERS = ("none", "cosine", "onecycle")
+# One-cycle constants as in fastai's fit_one_cycle: start at lr/25, end at lr/1e5, 25% warm-up.
+ONECYCLE_DIV, ONECYCLE_FINAL_DIV, ONECYCLE_PCT = 25.0, 1e5, 0.25
+
+
+class PlanError(ValueError):
+    """A schedule that cannot run as asked (e.g. blocks that would never unfreeze); one line."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Epochs ``[start, end)`` during which the top ``top_blocks`` backbone blocks train."""
+
+    start: int
+    end: int
+    top_blocks: int
+
+    @property
+    def epochs(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Plan:
+    stage: str
+    phases: tuple[Phase, ...]
+    n_blocks: int  # blocks of the backbone
+    groups: tuple[tuple[str, float], ...]  # (optimizer group, peak learning rate): head, then top-down blocks
+    scheduler: str = "none"
+    lr_warmup_epochs: float = 0.0
+    early_stops: tuple[tuple[int, int], ...] = field(default=())  # (phase, epochs it trained), in order
+
+    # --- reading ------------------------------------------------------------------------------
+    @property
+    def epochs(self) -> int:
+        return self.phases[-1].end
+
+    def phase_index(self, epoch: int) -> int:
+        for index, phase in enumerate(self.phases):
+            if phase.start <= epoch < phase.end:
+                return index
+        raise PlanError(f"epoch {epoch} is outside the plan's {self.epochs} epochs")
+
+    def peak_lr(self, group: str) -> float:
+        return dict(self.groups)[group]
+
+    def block_group(self, block: int) -> str | None:
+        """The optimizer group of backbone block ``block`` (None: the plan never trains it)."""
+        name = f"block{block}"
+        return name if name in dict(self.groups) else None
+
+    def factor(self, t: float) -> float:
+        """Multiplier of every group's peak rate at ``t`` epochs into the stage (fractions allowed)."""
+        t = min(max(t, 0.0), float(self.epochs))
+        warmup = self.lr_warmup_epochs
+        if self.scheduler == "onecycle":
+            phase = self.phases[self.phase_index(min(int(t), self.epochs - 1))]
+            u = (t - phase.start) / phase.epochs  # position inside the phase, 0..1
+            pct = warmup / phase.epochs if warmup > 0 else ONECYCLE_PCT
+            low, final = 1 / ONECYCLE_DIV, 1 / ONECYCLE_FINAL_DIV
+            if u < pct:
+                return low + (1 - low) * (1 - math.cos(math.pi * u / pct)) / 2
+            return final + (1 - final) * (1 + math.cos(math.pi * (u - pct) / (1 - pct))) / 2
+        if t < warmup:  # linear warm-up from the stage's start (none, cosine)
+            return t / warmup
+        if self.scheduler == "cosine":  # one annealing over the whole stage, across phases
+            return (1 + math.cos(math.pi * (t - warmup) / (self.epochs - warmup))) / 2
+        return 1.0
+
+    def lr(self, group: str, step: int, steps_per_epoch: int) -> float:
+        """The rate of ``group`` during global optimizer step ``step``."""
+        return self.peak_lr(group) * self.factor(step_position(step, steps_per_epoch))
+
+    # --- changing -----------------------------------------------------------------------------
+    def stop_early(self, index: int, end_epoch: int) -> Plan:
+        """This plan after phase ``index`` stopped early at ``end_epoch``: later phases move up, so
+        the next phase starts right away (and the stage gets shorter by the epochs skipped)."""
+        phase = self.phases[index]
+        if not phase.start < end_epoch < phase.end:
+            return self
+        shift = phase.end - end_epoch
+        phases = [
+            *self.phases[:index],
+            replace(phase, end=end_epoch),
+            *(replace(p, start=p.start - shift, end=p.end - shift) for p in self.phases[index + 1 :]),
+        ]
+        return replace(self, phases=tuple(phases), early_stops=(*self.early_stops, (index, end_epoch - phase.start)))
+
+    def replay(self, early_stops: list[list[int]] | tuple) -> Plan:
+        """Apply a resumed run's recorded early stops to this (freshly built) plan."""
+        plan = self
+        for index, trained in early_stops:
+            plan = plan.stop_early(index, plan.phases[index].start + trained)
+        return plan
+
+    # --- showing ------------------------------------------------------------------------------
+    def describe(self) -> str:
+        lines = [
+            f"plan for stage={self.stage}: {self.epochs} epochs, scheduler {self.scheduler}"
+            + (f", {self.lr_warmup_epochs:g} warm-up epochs" if self.lr_warmup_epochs else "")
+        ]
+        for index, phase in enumerate(self.phases):
+            what = (
+                "backbone frozen"
+                if phase.top_blocks == 0
+                else f"top {phase.top_blocks} of {self.n_blocks} blocks train"
+            )
+            stop = [n for i, n in self.early_stops if i == index]
+            note = f" (stopped early after {stop[0]} epochs)" if stop else ""
+            lines.append(f"  phase {index}: epochs {phase.start}-{phase.end - 1}: {what}{note}")
+        rates = ", ".join(f"{name} {lr:.3g}" for name, lr in self.groups)
+        lines.append(f"  peak learning rates: {rates}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists and numbers (safe in a ``weights_only`` checkpoint and in YAML)."""
+        d = asdict(self)
+        d["phases"] = [[p["start"], p["end"], p["top_blocks"]] for p in d["phases"]]
+        d["groups"] = [[name, lr] for name, lr in self.groups]
+        d["early_stops"] = [list(s) for s in self.early_stops]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        return cls(
+            stage=d["stage"],
+            phases=tuple(Phase(*p) for p in d["phases"]),
+            n_blocks=d["n_blocks"],
+            groups=tuple((name, float(lr)) for name, lr in d["groups"]),
+            scheduler=d["scheduler"],
+            lr_warmup_epochs=float(d["lr_warmup_epochs"]),
+            early_stops=tuple(tuple(s) for s in d["early_stops"]),
+        )
+
+
+def step_position(step: int, steps_per_epoch: int) -> float:
+    """Epochs into the stage at the middle of optimizer step ``step``."""
+    return (step + 0.5) / steps_per_epoch
+
+
+def milestones_from(warmup_epochs: int, unfreeze_blocks: int, milestones: list | None) -> list[tuple[int, int]]:
+    """``finetune.milestones`` as ``[(epoch, top_blocks), ...]``, or the one-step shorthand
+    ``finetune.warmup_epochs`` / ``finetune.unfreeze_blocks``; always starting at epoch 0."""
+    if milestones:
+        pairs = [(int(e), int(b)) for e, b in milestones]
+    else:
+        pairs = [(warmup_epochs, unfreeze_blocks)]
+    if pairs[0][0] > 0:
+        pairs.insert(0, (0, 0))  # before the first milestone the backbone is frozen
+    return pairs
+
+
+def build_plan(
+    stage: str,
+    epochs: int,
+    n_blocks: int,
+    lr: float,
+    *,
+    milestones: list[tuple[int, int]] | None = None,
+    backbone_lr_ratio: float = 1.0,
+    layer_decay: float = 1.0,
+    scheduler: str = "none",
+    lr_warmup_epochs: float = 0.0,
+) -> Plan:
+    """The plan of ``stage``; refuses (PlanError) any schedule that would not do what it says."""
+    if epochs < 1:
+        raise PlanError(f"trainer.max_epochs must be at least 1, got {epochs}")
+    if stage == "finetune":
+        pairs = milestones or [(0, 0)]
+        _check_milestones(pairs, epochs, n_blocks)
+        ends = [e for e, _ in pairs[1:]] + [epochs]
+        phases = tuple(Phase(e, end, b) for (e, b), end in zip(pairs, ends))
+    else:  # features, frozen: the backbone never trains
+        phases = (Phase(0, epochs, 0),)
+    top_max = max(p.top_blocks for p in phases)
+    groups = [("head", lr)] + [
+        (f"block{n_blocks - 1 - k}", lr * backbone_lr_ratio * layer_decay**k) for k in range(top_max)
+    ]
+    _check_rates(scheduler, lr_warmup_epochs, phases, epochs, layer_decay, backbone_lr_ratio, top_max)
+    return Plan(stage, phases, n_blocks, tuple(groups), scheduler, float(lr_warmup_epochs))
+
+
+def _check_milestones(pairs: list[tuple[int, int]], epochs: int, n_blocks: int) -> None:
+    shown = [list(p) for p in pairs]
+    for (e0, b0), (e1, b1) in zip(pairs, pairs[1:]):
+        if e1 <= e0:
+            raise PlanError(f"finetune.milestones must have increasing epochs, got {shown}")
+        if b1 < b0:
+            raise PlanError(f"finetune.milestones must not freeze blocks again (top blocks {b0} -> {b1}), got {shown}")
+    for epoch, blocks in pairs:
+        if epoch >= epochs:
+            raise PlanError(
+                f"an unfreeze at epoch {epoch} never happens with trainer.max_epochs={epochs} "
+                f"(finetune.warmup_epochs / finetune.milestones must be below it)"
+            )
+        if not 0 <= blocks <= n_blocks:
+            raise PlanError(f"cannot train the top {blocks} blocks: the backbone has {n_blocks} (milestones {shown})")
+    if pairs[-1][1] == 0:
+        raise PlanError(
+            "stage=finetune never unfreezes a block (finetune.unfreeze_blocks=0 or milestones of 0 blocks); "
+            "use stage=frozen to train the head only"
+        )
+
+
+def _check_rates(scheduler, warmup, phases, epochs, layer_decay, ratio, top_max) -> None:
+    if scheduler not in SCHEDULERS:
+        raise PlanError(f"optim.scheduler={scheduler!r} is not valid; choose one of: {', '.join(SCHEDULERS)}")
+    if warmup < 0:
+        raise PlanError(f"optim.lr_warmup_epochs must be zero or positive, got {warmup}")
+    if scheduler == "onecycle":
+        shortest = min(p.epochs for p in phases)
+        if warmup >= shortest:
+            raise PlanError(
+                f"optim.lr_warmup_epochs={warmup:g} must be shorter than every phase of a one-cycle plan "
+                f"(the shortest has {shortest} epochs)"
+            )
+    elif warmup >= epochs:
+        raise PlanError(f"optim.lr_warmup_epochs={warmup:g} must be shorter than trainer.max_epochs={epochs}")
+    if not 0 < layer_decay <= 1:
+        raise PlanError(f"finetune.layer_decay must be in (0, 1], got {layer_decay}")
+    if top_max and ratio <= 0:
+        raise PlanError(f"finetune.backbone_lr_ratio must be positive when blocks train, got {ratio}")
+
+
+def param_groups(
+    head: nn.Module, blocks: nn.ModuleList, plan: Plan, weight_decay: float, decay_norm_and_bias: bool = False
+) -> list[dict[str, Any]]:
+    """Optimizer groups: the head, then every block the plan ever trains (all present from the
+    start, so an unfreeze never adds a group), each at its peak rate. Norm weights and biases
+    (every tensor of one dimension) get no weight decay unless ``decay_norm_and_bias``, as
+    timm's ``param_groups_weight_decay``; such twins share the group's name and rate."""
+    modules = [("head", head)] + [(plan.block_group(i), b) for i, b in enumerate(blocks) if plan.block_group(i)]
+    groups = []
+    for name, module in modules:
+        decay, no_decay = [], []
+        for param in module.parameters():
+            (no_decay if param.ndim <= 1 and not decay_norm_and_bias else decay).append(param)
+        for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            if params:
+                groups.append({"name": name, "params": params, "lr": plan.peak_lr(name), "weight_decay": wd})
+    return groups
