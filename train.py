@@ -17,13 +17,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     from datamodules.image_folder import DataLayoutError
     from lightning_modules.backbones import WeightsError
     from lightning_modules.run_safety import NonFiniteLossError
+    from lightning_modules.schedule import PlanError
     from pipeline.all_stages import run_all
     from pipeline.stages import RunInterrupted, run_stage
 
     try:
         cfg = load_config(argv)
         return run_all(argv) if cfg.stage == "all" else run_stage(cfg)
-    except (ConfigError, DataLayoutError, WeightsError, DownloadError) as err:
+    except (ConfigError, DataLayoutError, WeightsError, DownloadError, PlanError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except NonFiniteLossError as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -59,11 +60,13 @@ def scan_splits(
     check_files: bool = True,
     skip_bad_files: bool = True,
     threads: int = 4,
+    cache_dir: str | Path | None = None,
 ) -> SplitIndex:
     """List the images of each split; classes are folder names and must agree across splits.
 
     With ``check_files`` every image is decoded once: unreadable ones are left out and listed in
-    ``SplitIndex.skipped`` (or, with ``skip_bad_files=False``, raise a DataLayoutError)."""
+    ``SplitIndex.skipped`` (or, with ``skip_bad_files=False``, raise a DataLayoutError). With
+    ``cache_dir`` the verdicts are remembered there, so unchanged files are not decoded again."""
     root = Path(root)
     if not root.is_dir():
         raise DataLayoutError(f"data.root={root} does not exist; {LAYOUT}")
@@ -101,7 +104,8 @@ def scan_splits(
             items += [(str(class_dir / f), label) for f in files]
         samples[split] = items
     if check_files:
-        bad |= find_bad_files([path for items in samples.values() for path, _ in items], threads)
+        memory = scan_memory_path(cache_dir, root) if cache_dir is not None else None
+        bad |= find_bad_files([path for items in samples.values() for path, _ in items], threads, memory)
     strict_bad = {p: r for p, r in bad.items() if r != "hidden file"}  # OS litter is never an error
     if strict_bad and not skip_bad_files:
         first = "; ".join(f"{path} ({reason})" for path, reason in list(strict_bad.items())[:3])
@@ -117,6 +121,12 @@ def scan_splits(
                 names = [classes[i] for i in sorted(missing)]
                 raise DataLayoutError(f"no readable images for class(es) {names} in {root / SPLIT_DIRS[split]}")
     return SplitIndex(root, classes, samples, skipped)
+
+
+def scan_memory_path(cache_dir: str | Path, root: Path) -> Path:
+    """The remembered decode checks of one data root (see ``image_io.find_bad_files``)."""
+    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"scan-{digest}.json"
 
 
 class LabeledImages(Dataset):

@@ -7,6 +7,8 @@ loader worker in the middle of an epoch.
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +18,8 @@ from PIL import Image
 
 # Up to ~180 megapixels is decoded (PIL warns above 89 MP); beyond that the file is skipped.
 MAX_PIXELS = 180_000_000
+# Bump when check_image's verdicts change (e.g. a new decoder): remembered verdicts are then discarded.
+SCAN_MEMORY_VERSION = 1
 # torchvision's list plus GIF (Pillow reads its first frame).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -61,8 +65,45 @@ def check_image(path: str) -> str | None:
     return None
 
 
-def find_bad_files(paths: list[str], threads: int = 4) -> dict[str, str]:
-    """``{path: reason}`` for every file in ``paths`` that does not decode (PIL releases the GIL)."""
+def find_bad_files(paths: list[str], threads: int = 4, memory: str | Path | None = None) -> dict[str, str]:
+    """``{path: reason}`` for every file in ``paths`` that does not decode (PIL releases the GIL).
+
+    ``memory``: a JSON file remembering each file's verdict with its size and modification time;
+    files unchanged since they were last checked are only stat'ed, not decoded again (a second
+    scan of 25,000 files takes a fraction of a second instead of decoding them all). The file
+    keeps entries for ``paths`` only, so deleted files disappear from it."""
+    known = _read_memory(memory)
+    stamps = {path: _stamp(path) for path in paths}
+    verdicts = {path: known[path][2] for path in paths if path in known and known[path][:2] == stamps[path]}
+    todo = [path for path in paths if path not in verdicts]
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        reasons = list(pool.map(check_image, paths, chunksize=32))
-    return {path: reason for path, reason in zip(paths, reasons) if reason is not None}
+        verdicts |= dict(zip(todo, pool.map(check_image, todo, chunksize=32)))
+    if memory is not None and (todo or len(known) != len(paths)):
+        _write_memory(memory, {path: [*stamps[path], verdicts[path]] for path in paths})
+    return {path: verdicts[path] for path in paths if verdicts[path] is not None}
+
+
+def _stamp(path: str) -> list[int]:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return [-1, -1]  # vanished since it was listed: never matches, so it is checked (and fails)
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _read_memory(memory: str | Path | None) -> dict[str, list]:
+    if memory is None:
+        return {}
+    try:
+        data = json.loads(Path(memory).read_text())
+        return data["files"] if data.get("version") == SCAN_MEMORY_VERSION else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # missing or damaged: check everything again
+
+
+def _write_memory(memory: str | Path, files: dict[str, list]) -> None:
+    path = Path(memory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # several DDP ranks may write at once
+    tmp.write_text(json.dumps({"version": SCAN_MEMORY_VERSION, "files": files}))
+    os.replace(tmp, path)

@@ -235,6 +235,13 @@ class TransferClassifier(LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch of the current fit (known from the start of its training)."""
+        if self._steps_per_epoch is None:
+            raise RuntimeError("steps per epoch are known once training starts (sync_rates_with_plan)")
+        return self._steps_per_epoch
+
     def sync_rates_with_plan(self) -> None:
         """At the start of a fit's training (after any restore): count the optimizer steps per
         epoch as Lightning does, check the scheduler is at the global step, and set every group's

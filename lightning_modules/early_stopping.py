@@ -1,8 +1,9 @@
-"""Early stopping of one phase of the plan, remembering that phase's best weights."""
+"""Early stopping of one phase of the plan, keeping that phase's best weights."""
 
 from __future__ import annotations
 
-import copy
+from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -10,17 +11,19 @@ from lightning.pytorch.callbacks import EarlyStopping
 
 
 class PhaseEarlyStopping(EarlyStopping):
-    """Lightning's ``EarlyStopping`` for phase ``index``: its state is keyed by the phase (so the
-    next phase, resumed from the hand-over checkpoint, starts counting afresh), and it keeps a
-    copy of the weights and optimizer state of the phase's best epoch, which
-    :meth:`restore_best` puts back when the phase stopped early."""
+    """Lightning's ``EarlyStopping`` for phase ``index`` of the plan.
 
-    def __init__(self, index: int, **kwargs):
+    Its state is keyed by the phase, so the next phase (resumed from the hand-over checkpoint)
+    starts counting afresh. Whenever the monitored value improves, the whole training state is
+    written to ``best_path`` (so it survives an interrupted and resumed phase); when the phase
+    stopped, :meth:`restore_best` puts those weights and that optimizer state back."""
+
+    def __init__(self, index: int, best_path: str | Path, **kwargs: Any):
         super().__init__(check_on_train_epoch_end=False, **kwargs)
         self.index = index
+        self.best_path = Path(best_path)
         self.best_epoch: int | None = None
-        self._best_model: dict[str, torch.Tensor] | None = None
-        self._best_optimizers: list[dict] | None = None
+        self.stopped = False
 
     @property
     def state_key(self) -> str:
@@ -31,15 +34,25 @@ class PhaseEarlyStopping(EarlyStopping):
         super().on_validation_end(trainer, pl_module)
         if not torch.equal(self.best_score, previous):  # this epoch is the phase's best so far
             self.best_epoch = trainer.current_epoch
-            self._best_model = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
-            self._best_optimizers = [copy.deepcopy(o.state_dict()) for o in trainer.optimizers]
+            trainer.save_checkpoint(self.best_path)
+        self.stopped = bool(trainer.should_stop)
 
     def restore_best(self, pl_module: LightningModule, trainer: Trainer) -> int | None:
         """Load the phase's best weights and optimizer state; returns that epoch (None: no
         validation ran in the phase, the weights stay as they are)."""
-        if self._best_model is None:
+        if self.best_epoch is None or not self.best_path.is_file():
             return None
-        pl_module.load_state_dict(self._best_model)
-        for optimizer, state in zip(trainer.optimizers, self._best_optimizers):
+        best = torch.load(self.best_path, map_location="cpu", weights_only=True)
+        pl_module.load_state_dict(best["state_dict"])
+        for optimizer, state in zip(trainer.optimizers, best["optimizer_states"]):
             optimizer.load_state_dict(state)
         return self.best_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        patience = self.patience  # the configured patience wins over a resumed checkpoint's
+        super().load_state_dict(state_dict)
+        self.patience = patience
+        self.best_epoch = state_dict.get("best_epoch")

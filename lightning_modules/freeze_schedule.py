@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_modules.schedule import Plan
+from lightning_modules.schedule import Plan, PlanError
 
 
 def set_trainable(blocks: nn.ModuleList, top: int, train_bn: bool) -> None:
@@ -78,6 +78,15 @@ class ApplyPlan(Callback):
             raise RuntimeError(
                 f"epoch {trainer.current_epoch} is outside phase {self.index} (epochs {self.phase.start}-"
                 f"{self.phase.end - 1}); run one fit per phase (pipeline.stages does)"
+            )
+        # The plan's position is global_step / steps_per_epoch: it must agree with the epoch (it
+        # would not after a resume with another batch size, device count or limit_train_batches).
+        spe = pl_module.steps_per_epoch
+        if not 0 <= trainer.global_step - trainer.current_epoch * spe < spe:
+            raise PlanError(
+                f"global step {trainer.global_step} does not fit epoch {trainer.current_epoch} at {spe} steps per "
+                "epoch, so the learning-rate plan would be off; resume with the batch size, devices and "
+                "trainer.limit_train_batches the run started with"
             )
         pl_module.log("trainable_params", float(count_trainable(pl_module)), on_step=False, on_epoch=True)
 

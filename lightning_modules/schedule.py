@@ -101,10 +101,11 @@ class Plan:
 
     # --- changing -----------------------------------------------------------------------------
     def stop_early(self, index: int, end_epoch: int) -> Plan:
-        """This plan after phase ``index`` stopped early at ``end_epoch``: later phases move up, so
-        the next phase starts right away (and the stage gets shorter by the epochs skipped)."""
+        """This plan after phase ``index`` stopped early at ``end_epoch`` (its patience ran out,
+        possibly on its last epoch): later phases move up, so the next phase starts right away
+        (and the stage gets shorter by the epochs skipped)."""
         phase = self.phases[index]
-        if not phase.start < end_epoch < phase.end:
+        if not phase.start < end_epoch <= phase.end:
             return self
         shift = phase.end - end_epoch
         phases = [
@@ -118,7 +119,8 @@ class Plan:
         """Apply a resumed run's recorded early stops to this (freshly built) plan."""
         plan = self
         for index, trained in early_stops:
-            plan = plan.stop_early(index, plan.phases[index].start + trained)
+            if 0 <= index < len(plan.phases):  # a stop of a phase this plan does not have is moot
+                plan = plan.stop_early(index, plan.phases[index].start + trained)
         return plan
 
     # --- showing ------------------------------------------------------------------------------

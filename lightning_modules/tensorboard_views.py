@@ -38,6 +38,8 @@ def _gather_cat(trainer: Trainer, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     length = torch.tensor([tensor.shape[0]], device=tensor.device)
     lengths = trainer.strategy.all_gather(length).view(-1)
+    if int(lengths.max()) == 0:
+        return tensor
     padded = torch.zeros((int(lengths.max()), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     padded[: tensor.shape[0]] = tensor
     gathered = trainer.strategy.all_gather(padded)
@@ -113,13 +115,17 @@ class TensorBoardViews(Callback):
         self.wrong = sorted(self.wrong, key=lambda w: -w[0])[: self.max_images]
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._due(trainer) or not self.probs:
+        if not self._due(trainer):
             return
-        device = pl_module.device
-        probs = _gather_cat(trainer, torch.cat(self.probs).to(device)).cpu()
-        targets = _gather_cat(trainer, torch.cat(self.targets).to(device)).cpu()
+        # Every rank joins the gathers, also one whose shard had no validation batch (returning
+        # early there would leave the others waiting forever).
+        device, n_classes = pl_module.device, len(pl_module.class_names)
+        local_probs = torch.cat(self.probs) if self.probs else torch.zeros((0, n_classes))
+        local_targets = torch.cat(self.targets) if self.targets else torch.zeros((0,), dtype=torch.long)
+        probs = _gather_cat(trainer, local_probs.to(device)).cpu()
+        targets = _gather_cat(trainer, local_targets.to(device)).cpu()
         writer = _experiment(trainer)
-        if writer is None or not trainer.is_global_zero:
+        if writer is None or not trainer.is_global_zero or len(targets) == 0:
             return
         names = pl_module.class_names
         step = trainer.global_step

@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from pipeline.config import ConfigError, load_config, parse_overrides, to_yaml
+from pipeline.config import ConfigError, load_config, parse_overrides, plan_from_config, to_yaml
 from pipeline.run_dir import resolve_all_run, write_json_atomic, write_text_atomic
 from pipeline.stages import run_stage
 
@@ -20,8 +20,9 @@ METHODS = [
 
 def _stage_argv(stage: str, argv: list[str], epochs: int | None, frozen_best: str | None) -> list[str]:
     """The command line of one method. Epochs: ``all.epochs``, else ``trainer.max_epochs`` if given
-    (the same for every method), else the method's preset; fine-tuning continues from the frozen
-    run, so it has no head warm-up of its own (unless asked) and all its epochs fine-tune."""
+    (the same for every method), else the method's preset. Fine-tuning continues from the frozen
+    run, so unless the command line sets its schedule it runs the fine-tune preset's unfreezing
+    without the head warm-up (and, with fewer epochs, only the milestones that fall inside them)."""
     cli = parse_overrides(argv)
     extra = [f"stage={stage}"]
     if epochs is not None:
@@ -29,16 +30,25 @@ def _stage_argv(stage: str, argv: list[str], epochs: int | None, frozen_best: st
     if stage == "finetune":
         # the real path is known once the frozen run has finished; validation needs only a value
         extra.append(f"finetune.init_ckpt={frozen_best or 'frozen-run-best.ckpt'}")
-        asked = (
-            OmegaConf.select(cli, "finetune.warmup_epochs") is not None
-            or OmegaConf.select(cli, "finetune.milestones") is not None
-        )
+        asked = any(OmegaConf.select(cli, f"finetune.{k}") is not None for k in SCHEDULE_KEYS)
         if not asked:
-            extra.append("finetune.warmup_epochs=0")
-            if epochs is None and OmegaConf.select(cli, "trainer.max_epochs") is None:
-                preset = load_config([*argv, "stage=finetune"])
-                extra.append(f"trainer.max_epochs={preset.trainer.max_epochs - preset.finetune.warmup_epochs}")
+            if epochs is None:
+                epochs = OmegaConf.select(cli, "trainer.max_epochs")
+            extra += _without_warmup(argv, epochs)
     return [*argv, *extra]
+
+
+SCHEDULE_KEYS = ("warmup_epochs", "unfreeze_blocks", "milestones")
+
+
+def _without_warmup(argv: list[str], epochs: int | None) -> list[str]:
+    """The fine-tune preset's phases that unfreeze something, moved to start at epoch 0."""
+    alone = [a for a in argv if not a.startswith("trainer.max_epochs=")]
+    plan = plan_from_config(load_config([*alone, "stage=finetune"]))
+    first = next(p.start for p in plan.phases if p.top_blocks > 0)
+    total = int(epochs) if epochs is not None else plan.epochs - first
+    milestones = [[p.start - first, p.top_blocks] for p in plan.phases if p.top_blocks > 0 and p.start - first < total]
+    return [f"finetune.milestones={milestones}".replace(" ", ""), f"trainer.max_epochs={total}"]
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
@@ -72,8 +82,8 @@ def run_all(argv: list[str]) -> dict[str, Any]:
             raise ConfigError("stage=all: the frozen run left no best checkpoint to fine-tune from")
         stage_cfg = load_config(_stage_argv(stage, argv, n_epochs, frozen_best))
         metrics = run_stage(stage_cfg, run_name=all_dir.name)
-        if stage == "frozen":
-            frozen_best = metrics.get("best_ckpt")
+        if stage == "frozen":  # its best checkpoint; without checkpointing, the state it ended with
+            frozen_best = metrics.get("best_ckpt") or str(Path(metrics["run_dir"]) / "checkpoints" / "last.ckpt")
         rows.append({"method": method, **metrics})
     table = comparison_table(rows)
     result = {"stage": "all", "backbone": cfg.model.backbone, "run_dir": str(all_dir), "methods": rows}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,13 @@ def load_config(argv: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
         cfg = OmegaConf.merge(cfg, *per_backbone, cli)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
+    shorthand = [k for k in ("warmup_epochs", "unfreeze_blocks") if OmegaConf.select(cli, f"finetune.{k}") is not None]
+    if shorthand and OmegaConf.select(cli, "finetune.milestones") is not None:
+        raise ConfigError(
+            f"give either finetune.milestones or finetune.{'/'.join(shorthand)}, not both (milestones replace them)"
+        )
+    if shorthand:  # the command line's one-step schedule replaces a preset's milestones
+        cfg.finetune.milestones = None
     validate(cfg)
     return cfg
 
@@ -227,6 +235,18 @@ def validate(cfg: DictConfig) -> None:
         "data.batch_size": cfg.data.batch_size,
         "optim.lr": cfg.optim.lr,
     }
+    floats = {
+        "optim.lr": cfg.optim.lr,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.lr_warmup_epochs": cfg.optim.lr_warmup_epochs,
+        "optim.label_smoothing": cfg.optim.label_smoothing,
+        "finetune.backbone_lr_ratio": cfg.finetune.backbone_lr_ratio,
+        "finetune.layer_decay": cfg.finetune.layer_decay,
+        "model.dropout": cfg.model.dropout,
+    }
+    for key, value in floats.items():
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
@@ -242,6 +262,8 @@ def validate(cfg: DictConfig) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be zero or positive, got {value}")
+    if not 0.0 <= cfg.optim.label_smoothing < 1.0:
+        raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {cfg.optim.label_smoothing}")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
     if cfg.data.num_workers is not None and cfg.data.num_workers < 0:
@@ -255,9 +277,17 @@ def validate(cfg: DictConfig) -> None:
     max_epochs = cfg.trainer.get("max_epochs")
     if not isinstance(max_epochs, int) or isinstance(max_epochs, bool) or max_epochs < 1:
         raise ConfigError(f"trainer.max_epochs must be a whole number of at least 1, got {max_epochs}")
-    for key in ("max_steps", "max_time", "min_steps"):
-        if cfg.trainer.get(key) not in (None, -1):
+    for key in ("max_steps", "max_time", "min_steps", "min_epochs", "fast_dev_run"):
+        if cfg.trainer.get(key) not in (None, -1, False):
             raise ConfigError(f"trainer.{key} is not supported: a stage's plan counts epochs (use trainer.max_epochs)")
+    if cfg.trainer.get("limit_train_batches") in (0, 0.0):
+        raise ConfigError("trainer.limit_train_batches=0 would train nothing")
+    if cfg.early_stop.patience > 0:
+        for key, every_epoch in (("check_val_every_n_epoch", 1), ("val_check_interval", 1.0)):
+            if cfg.trainer.get(key, every_epoch) != every_epoch:
+                raise ConfigError(f"early_stop.patience needs one validation per epoch: remove trainer.{key}")
+        if cfg.trainer.get("limit_val_batches") in (0, 0.0):
+            raise ConfigError("early_stop.patience needs validation: trainer.limit_val_batches=0 turns it off")
     if cfg.all.epochs is not None and (len(cfg.all.epochs) != 3 or min(cfg.all.epochs) < 1):
         raise ConfigError(
             "all.epochs must be three epoch counts of at least 1 (features, frozen, finetune), "
@@ -277,6 +307,13 @@ def plan_from_config(cfg: DictConfig) -> Plan:
 
     ft = cfg.finetune
     milestones = None
+    if ft.milestones is not None:
+        pairs = list(ft.milestones)
+        if not pairs or any(len(p) != 2 or min(p) < 0 for p in pairs):
+            raise ConfigError(
+                f"finetune.milestones must be a non-empty list of [epoch, top_blocks] pairs of whole numbers >= 0, "
+                f"got {OmegaConf.to_container(ft.milestones)}"
+            )
     if cfg.stage == "finetune":
         milestones = milestones_from(ft.warmup_epochs, ft.unfreeze_blocks, ft.milestones)
     try:

@@ -21,7 +21,7 @@ from datamodules.transforms import eval_transform
 from lightning_modules.classifier import TransferClassifier
 from pipeline.config import ConfigError, parse_overrides
 from pipeline.export import EXPORT_FORMATS, export_model
-from pipeline.stages import load_checkpoint
+from pipeline.stages import model_from_checkpoint
 
 
 @dataclass
@@ -80,8 +80,7 @@ class _Files(Dataset):
 
 def load_model(ckpt_path: str) -> TransferClassifier:
     """The checkpoint alone is enough: backbone, class names and image size are in it."""
-    load_checkpoint(ckpt_path)  # refuses unsafe pickles with a clear error
-    return TransferClassifier.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    return model_from_checkpoint(ckpt_path).eval()
 
 
 def pick_device(name: str) -> torch.device:

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.feature_cache import FeatureDataModule
-from datamodules.image_folder import ImageFolderDataModule, default_num_workers, scan_splits
+from datamodules.image_folder import DataLayoutError, ImageFolderDataModule, default_num_workers, scan_splits
 from lightning_modules.backbones import build_backbone
 from lightning_modules.classifier import TransferClassifier
 from lightning_modules.early_stopping import PhaseEarlyStopping
@@ -31,7 +31,7 @@ from lightning_modules.run_safety import EpochTimer, SaveOnInterrupt
 from lightning_modules.schedule import Plan
 from pipeline.config import MONITORS, ConfigError, plan_from_config, to_yaml
 from pipeline.run_dir import resolve_run, write_json_atomic, write_text_atomic
-from pipeline.trainer_factory import apply_speed_settings, make_trainer
+from pipeline.trainer_factory import apply_speed_settings, expected_world_size, make_trainer
 
 METRIC_KEYS = ("acc", "loss", "f1", "auroc", "count")
 
@@ -64,6 +64,18 @@ def _check_ckpt_backbone(path: str, backbone: str) -> dict:
     if found != backbone:
         raise ConfigError(f"checkpoint {path} was trained with backbone {found!r}, not model.backbone={backbone!r}")
     return ckpt
+
+
+def model_from_checkpoint(path: str) -> TransferClassifier:
+    """The trained model of a checkpoint of this project (for evaluation and prediction)."""
+    load_checkpoint(path)  # refuses unsafe pickles with a clear error
+    try:
+        return TransferClassifier.load_from_checkpoint(path, map_location="cpu")
+    except TypeError as err:  # hyperparameters this version does not have
+        raise ConfigError(
+            f"checkpoint {path} was written by an older version of this project ({err}); "
+            "evaluate it with that version, or train again"
+        ) from None
 
 
 def build_model(cfg: DictConfig, class_names: list[str], plan: Plan | None = None) -> TransferClassifier:
@@ -217,6 +229,8 @@ def run_stage(cfg: DictConfig, run_name: str | None = None) -> dict[str, Any]:
     plan = plan_for_run(cfg, build.resume_ckpt)
     announce(cfg, build.run_dir, plan)
     done = run_phases(cfg, build, plan)
+    if done.plan != plan:  # a phase stopped early: config.yaml shows the plan as executed
+        _write_config(cfg, build.run_dir, done.plan)
     if isinstance(build.datamodule, FeatureDataModule):
         build.extra["feature_cache"] = {"path": str(build.datamodule.path), "built": build.datamodule.computed}
     val, test, best = evaluate_best(done.trainer, build)
@@ -228,15 +242,16 @@ def build_stage(cfg: DictConfig, run_name: str | None = None) -> Build:
     """Data (layout errors surface here, before any model), run folder, model and datamodule."""
     ensure_data(cfg)
     threads = cfg.data.num_workers or default_num_workers()
-    index = scan_splits(
-        cfg.data.root, ("train", "val", "test"), skip_bad_files=cfg.data.skip_bad_files, threads=threads
-    )
+    cache_dir = cfg.data.cache_dir or str(Path(cfg.out_dir) / "cache")
+    index = scan_splits(cfg.data.root, skip_bad_files=cfg.data.skip_bad_files, threads=threads, cache_dir=cache_dir)
+    _check_shards(index, expected_world_size(cfg))
     run_dir, resume = resolve_run(cfg, run_name)
     resume_ckpt = _check_ckpt_backbone(resume, cfg.model.backbone) if resume else None
+    if resume_ckpt is not None and "plan" not in resume_ckpt:
+        raise ConfigError(f"checkpoint {resume} has no plan (an older version wrote it): it cannot be resumed")
     _report_skipped(index, run_dir)
     apply_speed_settings(cfg)
     model = build_model(cfg, index.classes)
-    cache_dir = cfg.data.cache_dir or str(Path(cfg.out_dir) / "cache")
     images = ImageFolderDataModule(
         cfg.data.root,
         image_size=cfg.data.image_size,
@@ -265,13 +280,44 @@ def build_stage(cfg: DictConfig, run_name: str | None = None) -> Build:
     return Build(run_dir, resume, resume_ckpt, model, features)
 
 
+def _check_shards(index, world: int) -> None:
+    """Every process needs at least one image of each split: Lightning refuses an empty shard,
+    and a process without evaluation batches would leave the others waiting in the metrics'
+    synchronisation."""
+    for split, samples in index.samples.items():
+        if len(samples) < world:
+            raise DataLayoutError(
+                f"the {split} split has {len(samples)} image(s), fewer than the {world} processes; "
+                "give it at least one image per process, or use fewer devices"
+            )
+
+
 def plan_for_run(cfg: DictConfig, resume_ckpt: dict | None) -> Plan:
-    """The config's plan; a resumed run replays the early stops its checkpoint recorded."""
+    """The config's plan; a resumed run replays the early stops its checkpoint recorded, and must
+    keep the optimizer it was trained with (its state would not fit another one)."""
     plan = plan_from_config(cfg)
-    saved = (resume_ckpt or {}).get("plan")
-    if saved is None:
+    if resume_ckpt is None:
         return plan
-    saved_plan = Plan.from_dict(saved)
+    saved_plan = Plan.from_dict(resume_ckpt["plan"])
+    hparams = resume_ckpt.get("hyper_parameters", {})
+    now = {
+        "optimizer groups": [name for name, _ in plan.groups],
+        "optim.name": cfg.optim.name,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.decay_norm_and_bias": cfg.optim.decay_norm_and_bias,
+    }
+    before = {
+        "optimizer groups": [name for name, _ in saved_plan.groups],
+        "optim.name": hparams.get("optim_name"),
+        "optim.weight_decay": hparams.get("weight_decay"),
+        "optim.decay_norm_and_bias": hparams.get("decay_norm_and_bias"),
+    }
+    for key, value in now.items():
+        if before[key] != value:
+            raise ConfigError(
+                f"cannot resume: the checkpoint was trained with {key}={before[key]}, this config has {value} "
+                "(resume with the same optimizer and unfrozen blocks)"
+            )
     plan = plan.replay(saved_plan.early_stops)
     if plan != saved_plan:
         rank_zero_warn(
@@ -282,12 +328,9 @@ def plan_for_run(cfg: DictConfig, resume_ckpt: dict | None) -> Plan:
 
 
 def announce(cfg: DictConfig, run_dir: Path, plan: Plan) -> None:
-    """Print the plan and save it with the resolved config (global rank zero)."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
+    """Print the plan and save it with the resolved config."""
     rank_zero_info(plan.describe())
-    if rank_zero_only.rank == 0:
-        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg, plan))
+    _write_config(cfg, run_dir, plan)
 
 
 def run_phases(cfg: DictConfig, build: Build, plan: Plan) -> PhasesDone:
@@ -295,45 +338,60 @@ def run_phases(cfg: DictConfig, build: Build, plan: Plan) -> PhasesDone:
     model, run_dir = build.model, build.run_dir
     start, step = _resume_point(build.resume_ckpt)
     build.resume_ckpt = None  # free the resumed state dict
-    ckpt, timer, phases = build.resume, EpochTimer(), []
+    ckpt, timer, best_epochs = build.resume, EpochTimer(), {}
     fit_model = torch.compile(model) if cfg.speed.compile else model
     # A finished run that is resumed still needs one (empty) fit to restore its trainer state.
     index = plan.phase_index(start) if start < plan.epochs else len(plan.phases) - 1
-    trainer = None
+    trainer, first_fit = None, True
     while index < len(plan.phases):
         phase = plan.phases[index]
         model.set_plan(plan)
         model.set_trainable_top(phase.top_blocks)
-        stopper = _early_stopping(cfg, index)
+        stopper = _early_stopping(cfg, index, run_dir)
         callbacks = [ApplyPlan(plan, index), timer, *([stopper] if stopper else [])]
-        # purge_step: TensorBoard hides what a killed run logged after its last checkpoint;
-        # purge only what an earlier process may have logged past it, not this one's phases
-        purge = step if ckpt is not None and ckpt == build.resume else None
+        # purge_step: TensorBoard hides what a killed run logged after the checkpoint this
+        # process resumed from; later phases of this process purge nothing
+        purge = step if first_fit and ckpt is not None else None
         trainer = make_trainer(cfg, run_dir, callbacks, model=model, max_epochs=phase.end, purge_step=purge)
         _fit(trainer, fit_model, build.datamodule, ckpt)
-        record = {"phase": index, "epochs": [phase.start, phase.end], "top_blocks": phase.top_blocks}
-        if stopper is not None and trainer.current_epoch < phase.end:
-            best_epoch = stopper.restore_best(model, trainer)
+        first_fit = False
+        if stopper is not None and stopper.stopped:
+            best_epochs[index] = stopper.restore_best(model, trainer)
             plan = plan.stop_early(index, trainer.current_epoch)
             model.set_plan(plan)
-            record |= {"stopped_early_at_epoch": trainer.current_epoch - 1, "best_epoch": best_epoch}
             rank_zero_info(
                 f"phase {index} stopped early after epoch {trainer.current_epoch - 1}; "
-                f"the next phase starts from its best epoch ({best_epoch})"
+                f"the next phase starts from its best epoch ({best_epochs[index]})"
             )
-        phases.append(record)
-        ckpt, step = str(run_dir / "checkpoints" / "last.ckpt"), trainer.global_step
+        ckpt = str(run_dir / "checkpoints" / "last.ckpt")
         trainer.save_checkpoint(ckpt)  # the hand-over: explicit, whatever trainer.* says
+        if stopper is not None and trainer.is_global_zero:
+            stopper.best_path.unlink(missing_ok=True)  # its weights are in last.ckpt now
         index += 1
-    return PhasesDone(trainer, plan, timer, phases)
+    return PhasesDone(trainer, plan, timer, _phase_records(plan, best_epochs))
 
 
-def _early_stopping(cfg: DictConfig, index: int) -> PhaseEarlyStopping | None:
+def _phase_records(plan: Plan, best_epochs: dict[int, int | None]) -> list[dict[str, Any]]:
+    """What ran, phase by phase, for metrics.json (early stops of earlier processes included)."""
+    stops = dict(plan.early_stops)
+    records = []
+    for index, phase in enumerate(plan.phases):
+        record = {"phase": index, "epochs": [phase.start, phase.end], "top_blocks": phase.top_blocks}
+        if index in stops:
+            record["stopped_early_at_epoch"] = phase.start + stops[index] - 1
+            if best_epochs.get(index) is not None:
+                record["best_epoch"] = best_epochs[index]
+        records.append(record)
+    return records
+
+
+def _early_stopping(cfg: DictConfig, index: int, run_dir: Path) -> PhaseEarlyStopping | None:
     patience = cfg.early_stop.patience
     if patience <= 0:
         return None
     monitor = cfg.early_stop.monitor
-    return PhaseEarlyStopping(index, monitor=monitor, mode=MONITORS[monitor], patience=patience)
+    best = run_dir / "checkpoints" / f"phase{index}-best.ckpt"
+    return PhaseEarlyStopping(index, best, monitor=monitor, mode=MONITORS[monitor], patience=patience)
 
 
 def evaluate_best(trainer: Trainer, build: Build) -> tuple[dict | None, dict | None, str | None]:
@@ -392,22 +450,26 @@ def _fit(trainer: Trainer, model, datamodule, ckpt: str | None) -> None:
         ) from None
 
 
-def _write_config(cfg: DictConfig, run_dir: Path) -> None:
+def _write_config(cfg: DictConfig, run_dir: Path, plan: Plan | None = None) -> None:
+    """``config.yaml``: the resolved config and, for training stages, the plan (global rank zero)."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     if rank_zero_only.rank == 0:
-        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
+        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg, plan))
 
 
 def _run_test(cfg: DictConfig, run_name: str | None, started: float) -> dict[str, Any]:
     threads = cfg.data.num_workers or default_num_workers()
-    index = scan_splits(cfg.data.root, ("test",), skip_bad_files=cfg.data.skip_bad_files, threads=threads)
+    cache_dir = cfg.data.cache_dir or str(Path(cfg.out_dir) / "cache")
+    index = scan_splits(
+        cfg.data.root, ("test",), skip_bad_files=cfg.data.skip_bad_files, threads=threads, cache_dir=cache_dir
+    )
     run_dir, _ = resolve_run(cfg, run_name)
     _report_skipped(index, run_dir)
     ckpt = _check_ckpt_backbone(cfg.ckpt_path, cfg.model.backbone)
     if ckpt.get("class_names") and ckpt["class_names"] != index.classes:
         raise ConfigError(f"checkpoint classes {ckpt['class_names']} differ from the test folder's {index.classes}")
-    model = TransferClassifier.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
+    model = model_from_checkpoint(cfg.ckpt_path)
     images = ImageFolderDataModule(
         cfg.data.root,
         image_size=model.hparams.image_size,

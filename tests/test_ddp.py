@@ -103,7 +103,7 @@ def ddp_finetune_args(root: Path, out: Path, weights: Path, **extra: str) -> lis
 
 
 def _replica_diffs(run: Path) -> list[float]:
-    return [v for _, v in sorted(scalar_tags(run)["ddp/max_weight_diff"])]
+    return [v for _, v in sorted(scalar_tags(run)["ddp/differing_tensors"])]
 
 
 def test_unfrozen_blocks_train_identically_on_every_rank(ddp_root, tmp_path, weights_file):
@@ -197,3 +197,16 @@ def test_frozen_stage_under_ddp(ddp_root, tmp_path):
         "hparams.yaml",
         "metrics.json",
     ]
+
+
+def test_a_split_smaller_than_the_world_is_refused_before_any_process_starts(capsys, tmp_path):
+    """With fewer validation images than processes one rank would get none, and the others would
+    wait for it forever in the metrics' synchronisation: refused up front, in one line."""
+    import train
+
+    root = make_image_tree(tmp_path / "d", per_class={"train": 4, "validation": 1, "test": 2}, size=16)
+    with pytest.raises(SystemExit) as exc:
+        train.main(fast_args(root, tmp_path / "out", stage="frozen", **{"trainer.devices": "3"}))
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("INFO")]
+    assert len(err) == 1 and "the val split has 2 image(s), fewer than the 3 processes" in err[0], err

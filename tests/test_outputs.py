@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import predict
 from pipeline.export import PARITY_TOLERANCE, ExportedClassifier, export_model, run_exported
@@ -76,8 +77,9 @@ def test_stage_all_writes_a_three_row_comparison(toy_root, tmp_path):
         assert m["wall_time_s"] > 0 and m["test"]["count"] == 16
     assert methods[0]["trainable_params"] == methods[1]["trainable_params"] < methods[2]["trainable_params"]
     # the fine-tuning run started from the frozen run's best checkpoint, in a folder named like the rest
-    finetune_cfg = (Path(methods[2]["run_dir"]) / "config.yaml").read_text()
-    assert Path(methods[1]["best_ckpt"]).name in finetune_cfg and "warmup_epochs: 0" in finetune_cfg
+    finetune_cfg = OmegaConf.load(Path(methods[2]["run_dir"]) / "config.yaml")
+    assert finetune_cfg.finetune.init_ckpt == methods[1]["best_ckpt"]
+    assert finetune_cfg.plan.phases == [[0, 3, 1]]  # no second head warm-up: the top block trains at once
     assert {Path(m["run_dir"]).name for m in methods} == {folder.name}
     assert "comparison" in _events(folder).Tags()["tensors"][0]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from omegaconf import OmegaConf
 
 import train
 from lightning_modules.freeze_schedule import ApplyPlan
@@ -131,11 +132,24 @@ def test_norm_weights_and_biases_get_no_weight_decay():
         (["early_stop.monitor=val/precision"], "early_stop.monitor='val/precision' is not valid"),
         (["stage=all", "all.epochs=[2,0,2]"], "all.epochs must be three epoch counts of at least 1"),
         (["stage=all", "finetune.milestones=[[0,1],[2,2]]", "trainer.max_epochs=2"], "never happens"),
+        (["finetune.milestones=[[1]]"], "finetune.milestones must be a non-empty list of [epoch, top_blocks] pairs"),
+        (["finetune.milestones=[]"], "finetune.milestones must be a non-empty list"),
+        (["finetune.milestones=[[-1,0],[1,1]]"], "pairs of whole numbers >= 0"),
+        (["optim.label_smoothing=1.5"], "optim.label_smoothing must be in [0, 1)"),
+        (["optim.lr=nan"], "optim.lr must be a finite number"),
+        (["finetune.backbone_lr_ratio=inf"], "finetune.backbone_lr_ratio must be a finite number"),
+        (["trainer.fast_dev_run=true"], "trainer.fast_dev_run is not supported"),
+        (["trainer.limit_train_batches=0"], "would train nothing"),
+        (["early_stop.patience=2", "trainer.check_val_every_n_epoch=2"], "needs one validation per epoch"),
+        (["early_stop.patience=2", "trainer.limit_val_batches=0"], "early_stop.patience needs validation"),
+        (["finetune.milestones=[[0,0],[1,1]]", "finetune.warmup_epochs=1"], "give either finetune.milestones or"),
     ],
 )
 def test_nonsense_schedules_are_one_line_and_write_nothing(capsys, toy_root, tmp_path, extra, expected):
     out = tmp_path / "out"
-    args = fast_args(toy_root, out, stage="finetune", **{"finetune.warmup_epochs": "1"}) + extra
+    args = fast_args(toy_root, out, stage="finetune") + extra
+    if any(e.startswith("finetune.milestones") for e in extra):  # not the warm-up fast_args adds
+        args = [a for a in args if not a.startswith("finetune.warmup_epochs")] + extra
     with pytest.raises(SystemExit) as exc:
         train.main(args)
     assert exc.value.code == 2
@@ -216,9 +230,10 @@ def weights_file(tmp_path_factory) -> Path:
     return path
 
 
-def _record_phases(monkeypatch) -> dict[str, dict[int, dict[str, torch.Tensor]]]:
-    """The model's state at the start and end of every phase's fit."""
-    seen: dict[str, dict[int, dict[str, torch.Tensor]]] = {"start": {}, "end": {}}
+def _record_phases(monkeypatch) -> dict[str, dict]:
+    """The model's state at the start and end of every phase's fit, and at each start the global
+    step and the optimizer's step count of the head's first tensor (0 if the fit started afresh)."""
+    seen: dict[str, dict] = {"start": {}, "end": {}, "resumed_at": {}}
 
     def snapshot(module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -227,6 +242,8 @@ def _record_phases(monkeypatch) -> dict[str, dict[int, dict[str, torch.Tensor]]]
 
     def on_train_start(self, trainer, pl_module):
         seen["start"][self.index] = snapshot(pl_module)
+        state = trainer.optimizers[0].state_dict()["state"]
+        seen["resumed_at"][self.index] = (trainer.global_step, int(state[0]["step"]) if 0 in state else 0)
         return original_start(self, trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
@@ -269,9 +286,10 @@ def test_milestones_unfreeze_exactly_the_named_blocks(toy_root, tmp_path, weight
                 assert not any(stats), f"phase {index}: frozen BatchNorm statistics of block {block} moved"
             else:
                 assert not any(convs) and not any(stats), f"phase {index}: block {block} changed"
-    # the next phase starts exactly where the previous one ended
+    # the next phase starts exactly where the previous one ended: weights, step and optimizer state
     for index in (1, 2):
         assert all(torch.equal(end[index - 1][k], start[index][k]) for k in start[index])
+    assert seen["resumed_at"] == {0: (0, 0), 1: (6, 6), 2: (12, 12)}
     counts = [v for _, v in sorted(scalar_tags(run_dir(metrics))["trainable_params"])]
     assert counts[0] < counts[1] < counts[2]
 
@@ -288,6 +306,7 @@ def test_phase_hand_over_does_not_depend_on_trainer_settings(toy_root, tmp_path,
     metrics = run_train(args)
     assert metrics["epochs"] == 3 and metrics["test"]["count"] == 16
     assert all(torch.equal(seen["end"][0][k], seen["start"][1][k]) for k in seen["start"][1])
+    assert seen["resumed_at"][1] == (6, 6)  # the hand-over checkpoint was restored
     assert any(_changed(seen["start"][1], seen["end"][1], 4)), "the unfrozen block did not train"
     if "trainer.enable_checkpointing" in extra:
         assert metrics["best_ckpt"] is None
@@ -308,13 +327,7 @@ def test_stage_all_max_epochs_means_every_method(toy_root, tmp_path):
 
 
 def test_early_stopping_ends_a_phase_and_the_next_starts_from_its_best(tmp_path, monkeypatch):
-    # Validation labels swapped: the better the model learns, the worse validation gets, so the
-    # first epoch of each phase is its best and patience 1 stops the phase after its second.
-    root = make_image_tree(tmp_path / "swapped", size=32)
-    val = root / "validation"
-    (val / "cats").rename(val / "tmp")
-    (val / "dogs").rename(val / "cats")
-    (val / "tmp").rename(val / "dogs")
+    root = _swapped_validation(tmp_path / "swapped")
     epoch_ends: dict[int, dict[str, torch.Tensor]] = {}
     seen = _record_phases(monkeypatch)
 
@@ -346,3 +359,91 @@ def test_early_stopping_ends_a_phase_and_the_next_starts_from_its_best(tmp_path,
     assert read_metrics(run_dir(metrics))["phases"][0]["stopped_early_at_epoch"] == 1
     saved = torch.load(run_dir(metrics) / "checkpoints" / "last.ckpt", weights_only=True)["plan"]
     assert saved["early_stops"][0] == [0, 2]
+
+
+def _swapped_validation(root_dir: Path) -> Path:
+    """Toy data whose validation labels are swapped: the better the model learns, the worse
+    validation gets, so the first epoch of each phase is its best (early stopping, patience 1)."""
+    root = make_image_tree(root_dir, size=32)
+    val = root / "validation"
+    (val / "cats").rename(val / "tmp")
+    (val / "dogs").rename(val / "cats")
+    (val / "tmp").rename(val / "dogs")
+    return root
+
+
+def test_early_stopped_phase_resumed_mid_way_still_hands_over_its_best(tmp_path, monkeypatch):
+    from lightning_modules.run_safety import StepSeed
+
+    root = _swapped_validation(tmp_path / "swapped")
+    epoch_ends: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        epoch_ends[trainer.current_epoch] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    monkeypatch.setattr(ApplyPlan, "on_train_epoch_end", on_train_epoch_end, raising=False)
+    original = StepSeed.on_train_batch_start
+
+    def sigterm_at_step_9(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 9:  # inside epoch 1, after epoch 0 (the phase's best) was saved
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, trainer, pl_module, batch, batch_idx)
+
+    monkeypatch.setattr(StepSeed, "on_train_batch_start", sigterm_at_step_9)
+    args = fast_args(
+        root,
+        tmp_path / "out",
+        stage="finetune",
+        **{
+            "finetune.milestones": "[[0,0],[4,1]]",
+            "trainer.max_epochs": "6",
+            "early_stop.patience": "1",
+            "log.images_every_n_epochs": "0",
+        },
+    )
+    with pytest.raises(SystemExit):
+        train.main(args)
+    monkeypatch.setattr(StepSeed, "on_train_batch_start", original)
+    seen = _record_phases(monkeypatch)
+    resumed = run_train([*args, "ckpt_path=last"])
+    assert resumed["phases"][0] == {
+        "phase": 0,
+        "epochs": [0, 2],
+        "top_blocks": 0,
+        "stopped_early_at_epoch": 1,
+        "best_epoch": 0,
+    }
+    assert all(torch.equal(epoch_ends[0][k], seen["start"][1][k]) for k in epoch_ends[0])
+    saved = OmegaConf.load(run_dir(resumed) / "config.yaml")
+    assert saved.plan.early_stops[0] == [0, 2] and saved.plan.phases[1] == [2, 4, 1]
+    assert not list((run_dir(resumed) / "checkpoints").glob("phase*-best.ckpt"))
+
+
+def test_resuming_with_another_optimizer_is_refused(capsys, toy_root, tmp_path):
+    args = fast_args(toy_root, tmp_path, stage="frozen", **{"trainer.max_epochs": "1"})
+    run_train(args)
+    with pytest.raises(SystemExit) as exc:
+        train.main([*args, "ckpt_path=last", "optim.name=sgd", "trainer.max_epochs=2"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained with optim.name=adam, this config has sgd" in err[0]
+
+
+def test_stage_all_without_checkpointing_fine_tunes_from_the_frozen_runs_end(toy_root, tmp_path):
+    result = run_train(
+        fast_args(
+            toy_root, tmp_path, stage="all", **{"trainer.max_epochs": "1", "trainer.enable_checkpointing": "false"}
+        )
+    )
+    frozen, finetune = result["methods"][1], result["methods"][2]
+    assert frozen["best_ckpt"] is None and finetune["epochs"] == 1
+    config = OmegaConf.load(Path(finetune["run_dir"]) / "config.yaml")
+    assert config.finetune.init_ckpt == str(Path(frozen["run_dir"]) / "checkpoints" / "last.ckpt")
+
+
+def test_command_line_shorthand_replaces_a_presets_milestones():
+    preset = load_config(["model.backbone=efficientnet_lite0", "stage=finetune"])
+    assert preset.finetune.milestones is not None  # Lite0's fine-tune preset unfreezes gradually
+    mine = load_config(["model.backbone=efficientnet_lite0", "stage=finetune", "finetune.unfreeze_blocks=1"])
+    assert mine.finetune.milestones is None
+    assert plan_from_config(mine).phases == (Phase(0, 1, 0), Phase(1, 5, 1))

@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""One short GPU check (under 5 minutes on one GPU): does the project run on CUDA, and how fast?
+
+    python benchmarks/gpu_check.py            # prints one markdown table; --quick for a smoke run
+
+1. Speed: images per second and peak GPU memory of the seed's three methods (``benchmarks/steps.py``:
+   feature extraction, frozen training step, fine-tune training step) for VGG16 at 150 px and
+   EfficientNet-Lite0 at 224 px, random weights (nothing is downloaded), batch 32, on synthetic
+   batches: fp32 vs bf16 autocast, channels_last on/off, and ``torch.compile`` (bf16 +
+   channels_last only, where it is meant to be used).
+2. The real pipeline: ``train.py stage=finetune`` on generated toy images on one GPU (precision
+   auto = bf16-mixed), and, with two or more GPUs, the same with ``trainer.devices=2``, whose
+   replicas must agree (``ddp/differing_tensors`` = 0 at every epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tests"))
+
+MODELS = (("vgg16", 150), ("efficientnet_lite0", 224))
+VARIANTS = (  # precision, channels_last, compile
+    ("fp32", False, False),
+    ("fp32", True, False),
+    ("bf16", False, False),
+    ("bf16", True, False),
+    ("bf16", True, True),
+)
+
+
+def speed_rows(device: torch.device, seconds: float, variants=VARIANTS) -> list[dict]:
+    import steps
+
+    rows = []
+    for backbone, size in MODELS:
+        for precision, channels_last, compiled in variants:
+            model, plan, cfg = steps.build(backbone, size, channels_last=channels_last)
+            for method in steps.METHODS:
+                torch.cuda.reset_peak_memory_stats(device)
+                step = steps.make_step(model, plan, cfg, method, 32, device, precision)
+                if compiled:
+                    model.forward_features = torch.compile(model.forward_features)
+                started = time.perf_counter()
+                rate = steps.images_per_second(step, device, warmup=3 if compiled else 2, seconds=seconds)
+                rows.append(
+                    {
+                        "backbone": f"{backbone} {size}px",
+                        "method": method,
+                        "precision": precision,
+                        "channels_last": channels_last,
+                        "compile": compiled,
+                        "images_per_s": rate,
+                        "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                        "wall_s": time.perf_counter() - started,
+                    }
+                )
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def pipeline_checks(devices: int, work: Path) -> list[str]:
+    """train.py on toy images: one GPU, then two (DDP) when there are two."""
+    from helpers import scalar_tags
+    from toy_data import make_image_tree
+
+    root = make_image_tree(work / "toy", size=64)
+    lines = []
+    for n in [1, 2] if devices >= 2 else [1]:
+        out = work / f"out{n}"
+        args = [
+            "stage=finetune",
+            f"data.root={root}",
+            "data.source=none",
+            f"out_dir={out}",
+            "model.backbone=resnet18",
+            "model.pretrained=false",
+            "data.image_size=64",
+            "data.batch_size=8",
+            "finetune.warmup_epochs=1",
+            "trainer.max_epochs=3",
+            f"trainer.devices={n}",
+            "trainer.enable_progress_bar=false",
+        ]
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines.append(f"- train.py on {n} GPU(s): FAILED (exit {proc.returncode}): {proc.stderr[-500:]!r}")
+            continue
+        run = next(out.glob("finetune_resnet18/*"))
+        metrics = json.loads((run / "metrics.json").read_text())
+        line = (
+            f"- train.py stage=finetune on {n} GPU(s), precision auto: {metrics['epochs']} epochs in "
+            f"{time.perf_counter() - started:.0f} s, val acc {metrics['val']['acc']:.3f}, "
+            f"peak GPU memory {metrics.get('peak_cuda_mb')} MB"
+        )
+        if n > 1:
+            differing = [v for _, v in scalar_tags(run).get("ddp/differing_tensors", [])]
+            ok = bool(differing) and max(differing) == 0
+            line += f"; replica check per epoch {differing} ({'OK' if ok else 'REPLICAS DIFFER'})"
+        lines.append(line)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per configuration")
+    parser.add_argument("--quick", action="store_true", help="fp32 and bf16+channels_last only, 1 s each")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False)")
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
+    started = time.perf_counter()
+    variants = (VARIANTS[0], VARIANTS[3]) if args.quick else VARIANTS
+    rows = speed_rows(device, 1.0 if args.quick else args.seconds, variants)
+    with tempfile.TemporaryDirectory() as work:
+        checks = pipeline_checks(torch.cuda.device_count(), Path(work))
+    name = torch.cuda.get_device_name(0)
+    print(f"### {name} x {torch.cuda.device_count()}, torch {torch.__version__}, batch 32, random weights\n")
+    print("| backbone | method | precision | channels_last | compile | images/s | peak memory (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['backbone']} | {r['method']} | {r['precision']} | {'on' if r['channels_last'] else 'off'} "
+            f"| {'on' if r['compile'] else 'off'} | {r['images_per_s']:.0f} | {r['peak_mb']:.0f} |"
+        )
+    print()
+    print("\n".join(checks))
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

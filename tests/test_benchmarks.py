@@ -1,0 +1,45 @@
+"""The benchmark scripts' arithmetic, on a fake clock."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scan_scaling_times_and_speedups():
+    scan = _load("scan_scaling")
+    ticks = iter([10.0, 12.5])
+    assert scan.timed(lambda: None, clock=lambda: next(ticks)) == 2.5
+    assert scan.speedup(30.0, 0.5) == 60.0
+    row = {"files": 4000, "first_s": 4.0, "rescan_s": 0.1, "peak_rss_mb": 200.0}
+    line = scan.table([row]).splitlines()[-1]
+    assert line == "| 4,000 | 4.00 | 1.000 | 0.100 | 40x | 200 | 50.00 |"
+
+
+def test_scan_scaling_generates_the_layout(tmp_path: Path):
+    scan = _load("scan_scaling")
+    scan.make_jpegs(tmp_path, 40)
+    counts = {split: len(list((tmp_path / split).rglob("*.jpg"))) for split in scan.SPLITS}
+    assert counts == {"train": 20, "validation": 10, "test": 10}
+
+
+def test_seed_protocol_divides_n_batches_by_their_own_time():
+    seed = _load("seed_protocol")
+    # warm-up ends at t=1; three timed batches of 4 images end at t=2, 3, 5: 12 images in 4 s
+    assert seed.images_per_second([1.0, 2.0, 3.0, 5.0], [4, 4, 4]) == 3.0
+    # 100 batches of 8 images, one per second after the warm-up: 8 img/s (n / (n + 1) of it before)
+    assert seed.images_per_second([float(t) for t in range(101)], [8] * 100) == 8.0
+    assert seed.median([3.0, 1.0, 2.0]) == 2.0
+    with pytest.raises(ValueError):
+        seed.images_per_second([1.0, 2.0], [4, 4])
