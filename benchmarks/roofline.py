@@ -6,7 +6,8 @@ as a fraction of the measured peak matmul and convolution FLOP/s.
     python benchmarks/roofline.py --backbone vgg16 --image-size 150
 
 Peak: the best of several float32 matrix multiplications (2048 x 2048) and 3x3 convolutions
-(256 -> 256 channels, 56 x 56, channels_last), FLOPs counted by torch's FlopCounterMode. Each
+(256 -> 256 channels, 56 x 56, channels_last), FLOPs counted by torch's FlopCounterMode. Model
+FLOPs: the forward pass counted block by block, backward as twice the forward it passes through. Each
 method runs on synthetic batches (no loader) with the project's own model, trainable set and
 optimizer groups (``benchmarks/steps.py``); the table prints FLOPs per image, images per second,
 the achieved FLOP/s and its fraction of the peak.
@@ -78,7 +79,7 @@ def main() -> None:
     for method in steps.METHODS:
         batch = args.batch or (4 if method == "features" and device.type == "cpu" else 32)
         step = steps.make_step(model, plan, cfg, method, batch, device)
-        flops = steps.flops_per_image(step)
+        flops = steps.flops_per_image(model, plan, method, args.image_size)
         rate = steps.images_per_second(step, device, seconds=args.seconds)
         rows.append((method, batch, flops, rate))
     top = max(peak.values())

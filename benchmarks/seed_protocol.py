@@ -132,8 +132,8 @@ def overhead_and_loader(
         it = iter(loader)
         next(it)  # workers started
         stamps, sizes = [time.perf_counter()], []
-        for _ in range(n):
-            sizes.append(next(it)[1].shape[0])
+        for _, (_, target) in zip(range(n), it):  # n batches, or the rest of the epoch
+            sizes.append(target.shape[0])
             stamps.append(time.perf_counter())
         return images_per_second(stamps, sizes)
 
@@ -187,6 +187,7 @@ def overhead_and_loader(
     for _ in range(3):  # interleaved, so drifts (thermal, page cache) hit both alike
         plain.append(plain_loop(batches))
         framework.append(lightning_loop(batches))
+        print(f"plain {plain[-1]:.1f} img/s, framework {framework[-1]:.1f} img/s", file=sys.stderr, flush=True)
     raw_loader = median([loader_rate(plain_dm, batches) for _ in range(3)])
     build_started = time.perf_counter()
     cached_dm = datamodule(decoded=True)
@@ -203,7 +204,7 @@ def overhead_and_loader(
         "cached_loader_images_per_s": round(cached_loader, 1),
         "cache_speedup": round(cached_loader / raw_loader, 2),
         "decoded_cache_build_s": round(cache_build_s, 1),
-        "batches": batches,
+        "batches": min(batches, -(-len(plain_dm.datasets["train"]) // batch) - 1),  # n, or one epoch less warm-up
     }
 
 

@@ -95,11 +95,29 @@ def images_per_second(step: Step, device: torch.device, warmup: int = 2, seconds
             return steps * step.batch / elapsed
 
 
-def flops_per_image(step: Step) -> float:
-    """Floating-point operations of one batch of ``step`` (torch's FlopCounterMode), per image."""
+def flops_per_image(model, plan, method: str, image_size: int) -> float:
+    """Floating-point operations of one image of ``method``: the forward pass counted by torch's
+    FlopCounterMode block by block, and backward as twice the forward of what it passes through
+    (the usual convention; FlopCounterMode's own backward count is far off for depthwise
+    convolutions). ``frozen`` backpropagates through the head only, ``finetune`` also through the
+    plan's top blocks."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step.run()
-    return counter.get_total_flops() / step.batch
+    was_training = model.training
+    model.eval()
+    x = torch.randn(1, 3, image_size, image_size)
+    blocks = []
+    with torch.no_grad():
+        for block in model.backbone.blocks:
+            with FlopCounterMode(display=False) as counter:
+                x = block(x)
+            blocks.append(counter.get_total_flops())
+        with FlopCounterMode(display=False) as counter:
+            model.head(x)
+        head = counter.get_total_flops()
+    model.train(was_training)
+    forward = sum(blocks) + head
+    if method == "features":
+        return sum(blocks)
+    top = 0 if method == "frozen" else max(p.top_blocks for p in plan.phases)
+    return forward + 2 * (head + sum(blocks[len(blocks) - top :]))

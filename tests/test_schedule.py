@@ -328,24 +328,9 @@ def test_stage_all_max_epochs_means_every_method(toy_root, tmp_path):
 
 def test_early_stopping_ends_a_phase_and_the_next_starts_from_its_best(tmp_path, monkeypatch):
     root = _swapped_validation(tmp_path / "swapped")
-    epoch_ends: dict[int, dict[str, torch.Tensor]] = {}
+    epoch_ends = _record_epoch_ends(monkeypatch)
     seen = _record_phases(monkeypatch)
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        epoch_ends[trainer.current_epoch] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-
-    monkeypatch.setattr(ApplyPlan, "on_train_epoch_end", on_train_epoch_end, raising=False)
-    args = fast_args(
-        root,
-        tmp_path / "out",
-        stage="finetune",
-        **{
-            "finetune.milestones": "[[0,0],[4,1]]",
-            "trainer.max_epochs": "6",
-            "early_stop.patience": "1",
-            "log.images_every_n_epochs": "0",
-        },
-    )
+    args = _early_stop_args(root, tmp_path / "out")
     metrics = run_train(args)
     first = metrics["phases"][0]
     assert first["stopped_early_at_epoch"] == 1 and first["best_epoch"] == 0, metrics["phases"]
@@ -359,6 +344,28 @@ def test_early_stopping_ends_a_phase_and_the_next_starts_from_its_best(tmp_path,
     assert read_metrics(run_dir(metrics))["phases"][0]["stopped_early_at_epoch"] == 1
     saved = torch.load(run_dir(metrics) / "checkpoints" / "last.ckpt", weights_only=True)["plan"]
     assert saved["early_stops"][0] == [0, 2]
+
+
+def _early_stop_args(root: Path, out: Path) -> list[str]:
+    """Phase 0 of 4 epochs, phase 1 of 2, patience 1 (see ``_swapped_validation``)."""
+    settings = {
+        "finetune.milestones": "[[0,0],[4,1]]",
+        "trainer.max_epochs": "6",
+        "early_stop.patience": "1",
+        "log.images_every_n_epochs": "0",
+    }
+    return fast_args(root, out, stage="finetune", **settings)
+
+
+def _record_epoch_ends(monkeypatch) -> dict[int, dict[str, torch.Tensor]]:
+    """The model's state at the end of every training epoch."""
+    epoch_ends: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        epoch_ends[trainer.current_epoch] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    monkeypatch.setattr(ApplyPlan, "on_train_epoch_end", on_train_epoch_end, raising=False)
+    return epoch_ends
 
 
 def _swapped_validation(root_dir: Path) -> Path:
@@ -376,12 +383,7 @@ def test_early_stopped_phase_resumed_mid_way_still_hands_over_its_best(tmp_path,
     from lightning_modules.run_safety import StepSeed
 
     root = _swapped_validation(tmp_path / "swapped")
-    epoch_ends: dict[int, dict[str, torch.Tensor]] = {}
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        epoch_ends[trainer.current_epoch] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-
-    monkeypatch.setattr(ApplyPlan, "on_train_epoch_end", on_train_epoch_end, raising=False)
+    epoch_ends = _record_epoch_ends(monkeypatch)
     original = StepSeed.on_train_batch_start
 
     def sigterm_at_step_9(self, trainer, pl_module, batch, batch_idx):
@@ -390,17 +392,7 @@ def test_early_stopped_phase_resumed_mid_way_still_hands_over_its_best(tmp_path,
         return original(self, trainer, pl_module, batch, batch_idx)
 
     monkeypatch.setattr(StepSeed, "on_train_batch_start", sigterm_at_step_9)
-    args = fast_args(
-        root,
-        tmp_path / "out",
-        stage="finetune",
-        **{
-            "finetune.milestones": "[[0,0],[4,1]]",
-            "trainer.max_epochs": "6",
-            "early_stop.patience": "1",
-            "log.images_every_n_epochs": "0",
-        },
-    )
+    args = _early_stop_args(root, tmp_path / "out")
     with pytest.raises(SystemExit):
         train.main(args)
     monkeypatch.setattr(StepSeed, "on_train_batch_start", original)
