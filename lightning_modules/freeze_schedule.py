@@ -14,11 +14,11 @@ model, and refuses an epoch outside its phase.
 from __future__ import annotations
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_modules.schedule import Plan, PlanError
+from lightning_modules.tensorboard_views import tensorboard_writer
 
 
 def set_trainable(blocks: nn.ModuleList, top: int, train_bn: bool) -> None:
@@ -64,14 +64,10 @@ class ApplyPlan(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pl_module.sync_rates_with_plan()
-        if trainer.is_global_zero and trainer.current_epoch == self.phase.start:
-            top = self.phase.top_blocks
-            what = "backbone frozen" if top == 0 else f"top {top} of {self.plan.n_blocks} backbone blocks trainable"
-            count = count_trainable(pl_module)
-            text = f"epoch {self.phase.start}: phase {self.index}, {what}; {count:,} trainable parameters"
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_text("freeze_schedule", text, trainer.global_step)
+        writer = tensorboard_writer(trainer)
+        if writer is not None and trainer.is_global_zero and trainer.current_epoch == self.phase.start:
+            text = f"{self.plan.phase_text(self.index)}; {count_trainable(pl_module):,} trainable parameters"
+            writer.add_text("freeze_schedule", text, trainer.global_step)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.phase.start <= trainer.current_epoch < self.phase.end:

@@ -124,20 +124,21 @@ class Plan:
         return plan
 
     # --- showing ------------------------------------------------------------------------------
+    def phase_text(self, index: int) -> str:
+        phase = self.phases[index]
+        top = phase.top_blocks
+        what = "backbone frozen" if top == 0 else f"top {top} of {self.n_blocks} blocks train"
+        return f"phase {index}: epochs {phase.start}-{phase.end - 1}: {what}"
+
     def describe(self) -> str:
         lines = [
             f"plan for stage={self.stage}: {self.epochs} epochs, scheduler {self.scheduler}"
             + (f", {self.lr_warmup_epochs:g} warm-up epochs" if self.lr_warmup_epochs else "")
         ]
-        for index, phase in enumerate(self.phases):
-            what = (
-                "backbone frozen"
-                if phase.top_blocks == 0
-                else f"top {phase.top_blocks} of {self.n_blocks} blocks train"
-            )
+        for index in range(len(self.phases)):
             stop = [n for i, n in self.early_stops if i == index]
             note = f" (stopped early after {stop[0]} epochs)" if stop else ""
-            lines.append(f"  phase {index}: epochs {phase.start}-{phase.end - 1}: {what}{note}")
+            lines.append(f"  {self.phase_text(index)}{note}")
         rates = ", ".join(f"{name} {lr:.3g}" for name, lr in self.groups)
         lines.append(f"  peak learning rates: {rates}")
         return "\n".join(lines)

@@ -25,7 +25,8 @@ SEED_LAYOUT = {
 }
 
 
-def _experiment(trainer: Trainer):
+def tensorboard_writer(trainer: Trainer):
+    """The TensorBoard SummaryWriter of the trainer's loggers (None without one)."""
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             return logger.experiment
@@ -71,7 +72,7 @@ class TensorBoardViews(Callback):
         )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        writer = _experiment(trainer)
+        writer = tensorboard_writer(trainer)
         if writer is None or not trainer.is_global_zero:
             return
         writer.add_custom_scalars(SEED_LAYOUT)
@@ -124,7 +125,7 @@ class TensorBoardViews(Callback):
         local_targets = torch.cat(self.targets) if self.targets else torch.zeros((0,), dtype=torch.long)
         probs = _gather_cat(trainer, local_probs.to(device)).cpu()
         targets = _gather_cat(trainer, local_targets.to(device)).cpu()
-        writer = _experiment(trainer)
+        writer = tensorboard_writer(trainer)
         if writer is None or not trainer.is_global_zero or len(targets) == 0:
             return
         names = pl_module.class_names
