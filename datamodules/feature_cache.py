@@ -1,8 +1,9 @@
 """Stage ``features``: run the frozen backbone once per image, cache the pooled features on disk.
 
-The cache file is named by a key over everything that determines the features: backbone name
-and a hash of its weights, image size, normalisation, pooling and the list of files (path, size,
-modification time). Any change gives a new key, so a stale cache is never read.
+The cache file is named by a key over everything that determines the features: backbone name, the
+version of its cut and a hash of its weights, the versions of the decoding and preprocessing code,
+image size, normalisation, pooling and the list of files (path, size, modification time). Any
+change gives a new key, so a stale cache is never read.
 """
 
 from __future__ import annotations
@@ -18,12 +19,23 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, TensorDataset
 
+from datamodules import image_io, transforms
 from datamodules.image_folder import CPU_EVAL_BATCH, ImageFolderDataModule
 from datamodules.sampling import eval_sampler, train_sampler
 from lightning_modules.backbones import weights_fingerprint
 
 
+def _timm_version(backbone: str) -> str | None:
+    """timm's version for a timm backbone: a new release may compute other features."""
+    if not backbone.startswith("timm:"):
+        return None
+    import timm
+
+    return timm.__version__
+
+
 def cache_key(images: ImageFolderDataModule, model: torch.nn.Module, pool: str, views: int = 1) -> str:
+    """A short hash of everything that determines the cached features (see the module docstring)."""
     index = images._index()
     files = []
     for split, samples in sorted(index.samples.items()):
@@ -32,10 +44,16 @@ def cache_key(images: ImageFolderDataModule, model: torch.nn.Module, pool: str, 
             files.append((split, os.path.relpath(path, index.root), label, stat.st_size, stat.st_mtime_ns))
     description = {
         "backbone": model.backbone.name,
+        # code versions: the same weights and files give other features after these change
+        "backbone_version": model.backbone.version,
+        "preprocessing_version": transforms.PREPROCESSING_VERSION,
+        "decode_version": image_io.DECODE_VERSION,  # load_rgb's own (the decoded-image cache's key has it)
         "weights": weights_fingerprint(model.backbone),
         "image_size": images.image_size,
         "mean": images.mean,
         "std": images.std,
+        "interpolation": images.interpolation,
+        "timm": _timm_version(model.backbone.name),
         "pool": pool,
         "views": views,
         "classes": index.classes,
@@ -109,7 +127,8 @@ class FeatureDataModule(LightningDataModule):
     def path(self) -> Path:
         if self._path is None:
             key = cache_key(self.images, self.model, self.pool, self.views)
-            self._path = self.cache_dir / f"{self.model.backbone.name}-{self.images.image_size}px-{key}.pt"
+            name = self.model.backbone.name.replace(":", "-")  # timm:<name>: no colon in file names
+            self._path = self.cache_dir / f"{name}-{self.images.image_size}px-{key}.pt"
         return self._path
 
     def prepare_data(self) -> None:
@@ -146,7 +165,9 @@ class FeatureDataModule(LightningDataModule):
         # Features are already tensors in memory: worker processes would only add overhead.
         dataset = self.datasets[split]
         sampler = (
-            train_sampler(dataset, self.trainer, self.images.seed, with_epoch=False)
+            train_sampler(
+                dataset, self.trainer, self.images.seed, with_epoch=False, balanced=self.images.balanced_sampler
+            )
             if train
             else eval_sampler(dataset, self.trainer)
         )

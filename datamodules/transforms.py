@@ -35,21 +35,39 @@ def _seed_augmentation(size: int) -> list[v2.Transform]:
     ]
 
 
-def _standard_augmentation(size: int) -> list[v2.Transform]:
+def _resample(interpolation: str) -> v2.InterpolationMode:
+    """The backbone's resize filter (timm weights mostly bicubic; built-ins bilinear)."""
+    return v2.InterpolationMode(interpolation)
+
+
+def _standard_augmentation(size: int, interpolation: str = "bilinear") -> list[v2.Transform]:
     return [
-        v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
+        v2.RandomResizedCrop(size, scale=(0.35, 1.0), interpolation=_resample(interpolation), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.TrivialAugmentWide(),
     ]
 
 
-def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """Deterministic: squash-resize, scale to [0, 1], normalise."""
-    return v2.Compose([v2.ToImage(), v2.Resize((size, size), antialias=True), *_to_normalised(mean, std)])
+# Bump when eval_transform/load_rgb change what pixels the model sees: the feature cache key
+# includes it, so features cached from the old pixels are not reused.
+PREPROCESSING_VERSION = 1
+
+
+def eval_transform(
+    size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bilinear"
+) -> v2.Compose:
+    """Deterministic: squash-resize (with the backbone's filter), scale to [0, 1], normalise."""
+    resize = v2.Resize((size, size), interpolation=_resample(interpolation), antialias=True)
+    return v2.Compose([v2.ToImage(), resize, *_to_normalised(mean, std)])
 
 
 def train_transform(
-    preset: str, size: int, mean: Sequence[float], std: Sequence[float], cached: bool = False
+    preset: str,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    cached: bool = False,
+    interpolation: str = "bilinear",
 ) -> v2.Compose:
     """``none``: as eval; ``seed``: the seed's Keras augmentation; ``standard``: random resized
     crop + flip + TrivialAugmentWide.
@@ -64,9 +82,10 @@ def train_transform(
         extra = {"none": [], "seed": _seed_augmentation(size), "standard": [v2.TrivialAugmentWide()]}[preset]
         return v2.Compose([v2.ToImage(), *crop, *extra, *_to_normalised(mean, std)])
     if preset == "none":
-        return eval_transform(size, mean, std)
+        return eval_transform(size, mean, std, interpolation)
     if preset == "seed":
-        augment = [v2.Resize((size, size), antialias=True), *_seed_augmentation(size)]
+        augment = [v2.Resize((size, size), interpolation=_resample(interpolation), antialias=True)]
+        augment += _seed_augmentation(size)
     else:
-        augment = _standard_augmentation(size)
+        augment = _standard_augmentation(size, interpolation)
     return v2.Compose([v2.ToImage(), *augment, *_to_normalised(mean, std)])

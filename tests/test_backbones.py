@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from lightning_modules.backbones import BACKBONES, WeightsError, build_backbone
-from lightning_modules.heads import ClassifierHead
+from lightning_modules.freeze_schedule import set_trainable
+from lightning_modules.heads import ClassifierHead, make_pool
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -18,6 +19,92 @@ def test_every_backbone_builds_with_ordered_blocks(name):
     channels, height, width = backbone.output_shape(64)
     assert channels > 0 and height >= 1 and width >= 1
     assert len(backbone.mean) == len(backbone.std) == 3
+
+
+# Sources whose classifier starts with pretrained hidden layers (VGG16's fc6/fc7, MobileNetV3's
+# 960 -> 1280 Linear + Hardswish, both after pooling): as with Keras' include_top=False, the backbone
+# is their conv base, so their reference is the global average of their own ``features``. Every
+# other backbone must reproduce exactly what its source network feeds its final Linear.
+CONV_BASE_ONLY = {"vgg16", "mobilenet_v3_large"}
+
+
+def _randomise_norms_and_scales(net: nn.Module, seed: int) -> None:
+    # Fresh norm layers are near-identities (weight 1, bias 0, running stats 0 / 1) and ConvNeXt's
+    # layer scales are 1e-6: random values make a dropped, duplicated or misplaced one visible.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if param.ndim == 1 or name.endswith("layer_scale"):
+                if name.endswith("bias"):
+                    param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+                else:
+                    param.copy_(0.5 + torch.rand(param.shape, generator=generator))
+        for name, buffer in net.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
+            elif name.endswith("running_var"):
+                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
+
+
+def _source_features(name: str, net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What the source network's own forward computes as its features, ``(B, D)``."""
+    if name in CONV_BASE_ONLY:
+        return nn.AdaptiveAvgPool2d(1)(net.features(images)).flatten(1)
+    final = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+    assert final.out_features == 1000, f"{name}: the last Linear is not the ImageNet classifier"
+    seen = []
+    handle = final.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        net(images)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+@torch.no_grad()
+def test_blocks_compute_the_source_networks_features(name, tmp_path, monkeypatch):
+    """Blocks in order, then the head's average pooling, equal the source network's feature path
+    with the same weights, loaded the way model.weights=PATH loads them (full network's state dict)."""
+    spec = BACKBONES[name]
+    torch.manual_seed(0)
+    source = spec.build().eval()
+    _randomise_norms_and_scales(source, seed=1)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    expected = _source_features(name, source, images)
+
+    state = source.state_dict()
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: state)  # no 500 MB file for VGG16
+    (tmp_path / "weights.pth").touch()
+    backbone = build_backbone(name, weights=tmp_path / "weights.pth").eval()
+    actual = make_pool("avg")(backbone(images))
+
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_convnext_top_block_ends_with_the_pretrained_norm_and_trains_with_it():
+    backbone = build_backbone("convnext_tiny")
+    top = backbone.blocks[-1]
+    assert isinstance(top[-1], nn.LayerNorm) and isinstance(top[-2], nn.AdaptiveAvgPool2d)
+    assert backbone.output_shape(64) == (768, 1, 1)  # pooled before the norm, as torchvision does
+    set_trainable(backbone.blocks, 0, train_bn=False)
+    assert not top[-1].weight.requires_grad
+    set_trainable(backbone.blocks, 1, train_bn=False)
+    assert top[-1].weight.requires_grad and top[-1].bias.requires_grad
+    assert not any(p.requires_grad for p in backbone.blocks[-2].parameters())
+
+
+def test_weights_without_convnext_final_norm_are_refused(tmp_path, monkeypatch):
+    import torchvision
+
+    state = {
+        k: v for k, v in torchvision.models.convnext_tiny().state_dict().items() if not k.startswith("classifier.")
+    }
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: state)
+    (tmp_path / "headless.pth").touch()
+    with pytest.raises(WeightsError, match=r"does not fit convnext_tiny: 2 of its tensors are missing.*classifier\.0"):
+        build_backbone("convnext_tiny", weights=tmp_path / "headless.pth")
 
 
 def test_vgg16_top_block_is_block5_conv1_to_3():

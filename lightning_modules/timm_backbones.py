@@ -1,0 +1,301 @@
+"""``model.backbone=timm:<name>``: a timm CNN cut into ordered blocks, like the built-in backbones.
+
+The blocks run in sequence (``Backbone.forward``) and the head average-pools their output, so they
+must compute exactly what timm computes up to its pre-logits features,
+``net.forward_head(net.forward_features(x), pre_logits=True)``. That is only true for networks
+whose ``forward_features`` is a plain chain of modules over ``(B, C, H, W)`` maps; each supported
+family lists its chain below (read off timm's ``forward_features`` / ``forward_head``), and where
+timm does more than average pooling after ``forward_features`` (ConvNeXt's final LayerNorm,
+MobileNetV3's pooled head conv) the top block ends with that, pooled to ``(B, D, 1, 1)``, as the
+built-in ConvNeXt does. Where the blocks are cut comes from timm itself:
+``group_matcher(coarse=True)``, the grouping its layer decay uses (stem, then one group per stage).
+Every spec is checked when it is made: the blocks must hold every tensor of the network and, with
+random norm statistics, reproduce timm's pre-logits features. Other networks (ViTs, with their
+class token and position embedding, and any family not listed) are refused with one line.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_modules.backbones import BackboneError, BackboneSpec, WeightsError
+
+TIMM_PREFIX = "timm:"
+# Bump when the cut of any family changes what the blocks compute (feature cache key).
+CUT_VERSION = 1
+TIMM_OFFLINE_HINT = (
+    "use model.weights=PATH/TO/model.safetensors or .pth (a timm state dict, e.g. the model's file from "
+    "huggingface.co/timm, loaded safely), or model.backbone=efficientnet_lite0 (its weights ship with pip), "
+    "or model.pretrained=false"
+)
+
+
+class _PreLogitsMap(nn.Module):
+    """A timm head up to its pre-logits features (pooling, norm, MLP; no classifier), returned as
+    a ``(B, D, 1, 1)`` map so the project's head pooling (avg or flatten) passes it through."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x, pre_logits=True)[:, :, None, None]
+
+
+Units = list[tuple[str, nn.Module]]
+
+
+def _each(prefix: str, container: nn.Module) -> Units:
+    return [(f"{prefix}.{name}", module) for name, module in container.named_children()]
+
+
+def _named(net: nn.Module, *names: str) -> Units:
+    return [(name, getattr(net, name)) for name in names]
+
+
+# Each family's forward_features, module by module, then what its forward_head does before the
+# classifier when that is more than global average pooling (timm 1.0's code).
+def _resnet_units(net: nn.Module) -> Units:
+    return _named(net, "conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+def _convnext_units(net: nn.Module) -> Units:
+    # head = NormMlpClassifierHead: pool, then the final LayerNorm (and MLP, if any) on the pooled vector
+    return [
+        ("stem", net.stem),
+        *_each("stages", net.stages),
+        ("norm_pre", net.norm_pre),
+        ("head", _PreLogitsMap(net.head)),
+    ]
+
+
+def _efficientnet_units(net: nn.Module) -> Units:
+    return [*_named(net, "conv_stem", "bn1"), *_each("blocks", net.blocks), *_named(net, "conv_head", "bn2")]
+
+
+def _mobilenetv3_units(net: nn.Module) -> Units:
+    # forward_head pools, then applies the pretrained 1x1 head conv (+ norm, act) to the pooled map
+    head = nn.Sequential(net.global_pool, net.conv_head, net.norm_head, net.act2)
+    return [*_named(net, "conv_stem", "bn1"), *_each("blocks", net.blocks), ("head", head)]
+
+
+def _regnet_units(net: nn.Module) -> Units:
+    return _named(net, "stem", "s1", "s2", "s3", "s4", "final_conv")
+
+
+@dataclass(frozen=True)
+class _Family:
+    module: str  # timm.models.<module>
+    cls: str
+    names: str  # shown in the refusal
+    units: Callable[[nn.Module], Units]
+
+
+FAMILIES = (
+    _Family("resnet", "ResNet", "resnet*/resnext*/seresnet*/wide_resnet*", _resnet_units),
+    _Family("convnext", "ConvNeXt", "convnext*/convnextv2*", _convnext_units),
+    _Family("efficientnet", "EfficientNet", "efficientnet*/tf_efficientnet*/mixnet*/mnasnet*", _efficientnet_units),
+    _Family("mobilenetv3", "MobileNetV3", "mobilenetv3*/mobilenetv4*/lcnet*", _mobilenetv3_units),
+    _Family("regnet", "RegNet", "regnetx*/regnety*", _regnet_units),
+)
+SUPPORTED = "; ".join(f"{f.cls} ({f.names})" for f in FAMILIES)
+
+
+def _import_timm(name: str):
+    try:
+        import timm
+    except ImportError:
+        raise BackboneError(f"model.backbone={name} needs timm: pip install -e '.[timm]'") from None
+    return timm
+
+
+def _family(net: nn.Module) -> _Family | None:
+    import importlib
+
+    for family in FAMILIES:
+        # the exact class: a subclass may override forward_features
+        if type(net) is getattr(importlib.import_module(f"timm.models.{family.module}"), family.cls):
+            return family
+    return None
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+
+
+def _create(model_name: str, name: str, pretrained: bool = False) -> nn.Module:
+    timm = _import_timm(name)
+    try:
+        # num_classes=0: no classifier (the project's head replaces it); its weights are skipped on load
+        return timm.create_model(model_name, pretrained=pretrained, num_classes=0)
+    except RuntimeError as err:
+        if pretrained:
+            raise
+        raise BackboneError(f"model.backbone={name}: {_one_line(err)}") from None
+
+
+def _group_ids(net: nn.Module) -> tuple[dict[str, int], int]:
+    """timm's coarse grouping of ``net``'s parameters (stem, stages, ...), and the id of the group of
+    names its matcher leaves unmatched (final norms, head convs)."""
+    from timm.models._manipulate import group_with_matcher
+
+    sentinel = "\0unmatched"  # no matcher regex matches it: it lands in timm's unmatched group
+    names = [(n, None) for n, _ in net.named_parameters()] + [(sentinel, None)]
+    ids = group_with_matcher(names, net.group_matcher(coarse=True), reverse=True)
+    return ids, ids.pop(sentinel)
+
+
+def cut(net: nn.Module, name: str) -> list[nn.Module]:
+    """The ordered blocks of a timm network of a supported family (see the module docstring)."""
+    family = _family(net)
+    if family is None:
+        raise BackboneError(
+            f"model.backbone={name}: timm's {type(net).__name__} is not supported (its forward_features is not "
+            f"a chain of modules over (B, C, H, W) maps); supported timm families: {SUPPORTED}"
+        )
+    units = family.units(net)
+    param_names = {id(p): n for n, p in net.named_parameters()}
+    ids, unmatched = _group_ids(net)
+    blocks: list[list] = []  # [timm group id or None, modules]
+    for unit_name, module in units:
+        groups = {ids[param_names[id(p)]] for p in module.parameters()} - {unmatched}
+        if len(groups) > 1:
+            raise BackboneError(f"model.backbone={name}: {unit_name} spans timm's groups {sorted(groups)}")
+        group = groups.pop() if groups else None
+        if not blocks:
+            blocks.append([group, [module]])
+        elif group is None or blocks[-1][0] in (None, group):
+            # A unit without a group of its own (activation, pool, final norm, head conv) trains with
+            # the unit before it: the top stage gets the final norm, as timm's EfficientNet groups it.
+            blocks[-1][1].append(module)
+            blocks[-1][0] = blocks[-1][0] if group is None else group
+        elif group < blocks[-1][0]:
+            raise BackboneError(f"model.backbone={name}: {unit_name} runs after a later timm group")
+        else:
+            blocks.append([group, [module]])
+    held = {id(t) for _, module in units for t in [*module.parameters(), *module.buffers()]}
+    left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if id(t) not in held]
+    if left:
+        raise BackboneError(f"model.backbone={name}: the blocks leave {len(left)} tensors out (e.g. {left[:3]})")
+    return [modules[0] if len(modules) == 1 else nn.Sequential(*modules) for _, modules in blocks]
+
+
+def randomise_norms(net: nn.Module, seed: int) -> None:
+    """Random norm weights, biases, running statistics and layer scales: fresh ones are near
+    identities, which would hide a dropped or misplaced norm from a comparison."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, param in net.named_parameters():
+            if param.ndim == 1 or key.endswith(("gamma", "layer_scale")):
+                if key.endswith("bias"):
+                    param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+                else:
+                    param.copy_(0.5 + torch.rand(param.shape, generator=generator))
+        for key, buffer in net.named_buffers():
+            if key.endswith("running_mean"):
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
+            elif key.endswith("running_var"):
+                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
+
+
+def pre_logits(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What timm feeds its classifier: ``forward_head(forward_features(x), pre_logits=True)``."""
+    return net.forward_head(net.forward_features(images), pre_logits=True)
+
+
+@torch.no_grad()
+def _check_blocks(net: nn.Module, blocks: list[nn.Module], name: str) -> None:
+    """Refuse a cut whose blocks, then average pooling, differ from timm's own pre-logits features
+    (e.g. a timm version whose forward_features changed)."""
+    randomise_norms(net, seed=0)
+    net.eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    expected = pre_logits(net, images)
+    x = images
+    for block in blocks:
+        x = block(x)
+    if x.dim() != 4:
+        raise BackboneError(f"model.backbone={name}: the blocks give a {x.dim()}-d output, not (B, C, H, W)")
+    actual = x.mean(dim=(2, 3))
+    if actual.shape != expected.shape or not torch.allclose(actual, expected, rtol=1e-4, atol=1e-4):
+        raise BackboneError(
+            f"model.backbone={name}: its blocks do not reproduce timm's features with this timm version; "
+            f"supported timm families: {SUPPORTED}"
+        )
+
+
+def _download_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError, RuntimeError, ConnectionError]  # OSError: hub and URL errors
+    try:
+        from huggingface_hub.errors import EntryNotFoundError
+
+        errors.append(EntryNotFoundError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _load_pretrained(model_name: str, name: str, net: nn.Module) -> None:
+    """timm's ImageNet weights for ``net`` (downloaded by timm through the Hugging Face Hub, or its cache)."""
+    cfg = dict(getattr(net, "pretrained_cfg", None) or {})
+    if not any(cfg.get(k) for k in ("hf_hub_id", "url", "file", "state_dict")):
+        raise WeightsError(
+            f"timm has no pretrained weights for {name}; pick a tag that has them "
+            f"(timm.list_pretrained('{model_name.split('.')[0]}*')) or use model.pretrained=false"
+        )
+    try:
+        source = _create(model_name, name, pretrained=True)
+    except _download_errors() as err:
+        reason = _one_line(err)
+        try:
+            from huggingface_hub import constants
+            from huggingface_hub.errors import LocalEntryNotFoundError
+
+            if isinstance(err, LocalEntryNotFoundError):
+                how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hugging Face Hub is unreachable"
+                reason = f"{how} and the weights are not in its local cache"
+        except ImportError:
+            pass
+        raise WeightsError(f"could not download ImageNet weights for {name} ({reason}); {TIMM_OFFLINE_HINT}") from None
+    net.load_state_dict(source.state_dict())
+
+
+@functools.cache
+def timm_spec(name: str) -> BackboneSpec:
+    """The spec of ``timm:<model name>`` (a tag such as ``resnet50.a1_in1k`` picks the pretrained
+    config: mean/std, input size, interpolation). Builds the network once, with random weights."""
+    model_name = name[len(TIMM_PREFIX) :]
+    timm = _import_timm(name)
+    if not model_name or not timm.is_model(model_name):
+        raise BackboneError(
+            f"model.backbone={name}: timm {timm.__version__} has no model {model_name!r} "
+            f"(list them: python -c \"import timm; print(timm.list_models('resnet*'))\")"
+        )
+    build = functools.partial(_create, model_name, name)
+    net = build()
+    blocks = cut(net, name)
+    _check_blocks(net, blocks, name)
+    data = timm.data.resolve_model_data_config(net)
+    return BackboneSpec(
+        name,
+        build,
+        functools.partial(_split, name=name),
+        len(blocks),
+        tuple(data["mean"]),
+        tuple(data["std"]),
+        load_pretrained=functools.partial(_load_pretrained, model_name, name),
+        version=CUT_VERSION,
+        default_image_size=int(data["input_size"][-1]),
+        interpolation=str(data["interpolation"]),
+        crop_pct=float(data["crop_pct"]),
+    )
+
+
+def _split(net: nn.Module, name: str) -> list[nn.Module]:
+    return cut(net, name)

@@ -1,0 +1,243 @@
+"""model.backbone=timm:<name>: blocks, weights, refusals and the stages with a timm network."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm", reason="pip install -e '.[timm]'")
+
+from lightning.pytorch import seed_everything  # noqa: E402
+
+from lightning_modules.backbones import BackboneError, WeightsError, backbone_spec, build_backbone  # noqa: E402
+from lightning_modules.freeze_schedule import set_trainable  # noqa: E402
+from lightning_modules.heads import make_pool  # noqa: E402
+from lightning_modules.timm_backbones import randomise_norms, timm_spec  # noqa: E402
+from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.export import PARITY_TOLERANCE, export_model, run_exported  # noqa: E402
+from pipeline.predict import load_model  # noqa: E402
+from pipeline.stages import build_model  # noqa: E402
+
+from conftest import fast_args  # noqa: E402
+from helpers import checkpoint_state, run_dir, run_train, scalar_tags  # noqa: E402
+
+# Small networks of each supported family, with the number of blocks timm's coarse grouping gives.
+FAMILIES = {
+    "resnet18": 5,  # stem, layer1-4
+    "convnext_atto": 5,  # stem, stages 0-3 (+ the final LayerNorm)
+    "efficientnet_b0": 8,  # stem, blocks 0-6 (+ conv_head, bn2, as timm groups them)
+    "mobilenetv3_small_050": 7,  # stem, blocks 0-5 (+ the pooled head conv)
+    "regnetx_002": 5,  # stem, s1-s4
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+@torch.no_grad()
+def test_blocks_compute_timms_pre_logits_features(name, tmp_path):
+    """Blocks in order, then the head's average pooling, equal timm's own
+    forward_head(forward_features(x), pre_logits=True), with the weights loaded through
+    model.weights=PATH from a full timm state dict (its classifier included)."""
+    torch.manual_seed(0)
+    source = timm.create_model(name, pretrained=False).eval()  # with its 1000-class classifier
+    randomise_norms(source, seed=1)
+    path = tmp_path / f"{name}.pth"
+    torch.save(source.state_dict(), path)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    expected = source.forward_head(source.forward_features(images), pre_logits=True)
+
+    backbone = build_backbone(f"timm:{name}", weights=path).eval()
+    assert len(backbone.blocks) == FAMILIES[name] == backbone_spec(f"timm:{name}").num_blocks
+    features = backbone(images)
+    assert features.dim() == 4
+    actual = make_pool("avg")(features)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_preprocessing_comes_from_timms_pretrained_config():
+    spec = backbone_spec("timm:resnet18")
+    assert spec.mean == (0.485, 0.456, 0.406) and spec.std == (0.229, 0.224, 0.225)
+    assert (spec.default_image_size, spec.interpolation) == (224, "bicubic")  # resnet18.a1_in1k
+    assert backbone_spec("timm:resnet18.tv_in1k").interpolation == "bilinear"
+    lite = build_backbone("timm:tf_efficientnet_lite0")
+    assert lite.mean == lite.std == (0.5, 0.5, 0.5)
+    assert (lite.default_image_size, lite.interpolation) == (224, "bicubic")
+
+
+def test_convnext_top_block_ends_with_the_final_norm_and_trains_with_it():
+    backbone = build_backbone("timm:convnext_atto")
+    assert backbone.output_shape(64) == (320, 1, 1)  # pooled before the norm, as timm does
+    top = backbone.blocks[-1]
+    norm = top[-1].head.norm
+    set_trainable(backbone.blocks, 1, train_bn=False)
+    assert norm.weight.requires_grad and all(p.requires_grad for p in top.parameters())
+    assert not any(p.requires_grad for p in backbone.blocks[-2].parameters())
+
+
+def _error(args: list[str]) -> str:
+    with pytest.raises(ConfigError) as exc:
+        load_config(args)
+    message = str(exc.value)
+    assert "\n" not in message
+    return message
+
+
+def test_vit_is_refused_with_the_supported_families():
+    message = _error(["model.backbone=timm:vit_tiny_patch16_224"])
+    assert "VisionTransformer is not supported" in message
+    for family in ("ResNet", "ConvNeXt", "EfficientNet", "MobileNetV3", "RegNet"):
+        assert family in message
+
+
+def test_unknown_timm_model_and_builtin_name_are_one_line():
+    assert "has no model 'no_such_net'" in _error(["model.backbone=timm:no_such_net"])
+    assert "or timm:<name>" in _error(["model.backbone=vgg19"])
+
+
+def test_plan_counts_the_timm_blocks():
+    assert "the backbone has 8" in _error(["model.backbone=timm:efficientnet_b0", "finetune.unfreeze_blocks=9"])
+
+
+def test_without_timm_the_error_says_how_to_install(monkeypatch):
+    timm_spec.cache_clear()
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(BackboneError) as exc:
+        backbone_spec("timm:resnet18")
+    assert str(exc.value) == "model.backbone=timm:resnet18 needs timm: pip install -e '.[timm]'"
+    monkeypatch.undo()
+    timm_spec.cache_clear()
+
+
+def test_offline_pretrained_download_is_one_clear_line(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # not from a cache another run filled
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", "/nonexistent-hf-home/hub")
+    with pytest.raises(WeightsError) as exc:
+        build_backbone("timm:resnet18", pretrained=True)
+    message = str(exc.value)
+    assert "\n" not in message and "timm:resnet18" in message
+    for hint in ("model.weights=", "model.pretrained=false"):
+        assert hint in message
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_local_timm_weights_file_is_loaded(tmp_path, suffix):
+    torch.manual_seed(3)
+    net = timm.create_model("resnet18")  # with its classifier (fc.*), which the backbone ignores
+    path = tmp_path / f"resnet18{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(net.state_dict(), path)
+    else:
+        torch.save(net.state_dict(), path)
+    backbone = build_backbone("timm:resnet18", weights=path)
+    assert torch.equal(backbone.blocks[0][0].weight, net.conv1.weight)
+    assert torch.equal(backbone.blocks[4][1].bn2.running_var, net.layer4[1].bn2.running_var)
+
+
+def test_timm_weights_missing_backbone_tensors_are_refused(tmp_path):
+    state = {k: v for k, v in timm.create_model("convnext_atto").state_dict().items() if k != "head.norm.weight"}
+    path = tmp_path / "no_final_norm.pth"
+    torch.save(state, path)
+    with pytest.raises(
+        WeightsError, match=r"does not fit timm:convnext_atto: 1 of its tensors are missing.*head\.norm"
+    ):
+        build_backbone("timm:convnext_atto", weights=path)
+
+
+def test_timm_weights_of_another_shape_are_one_line(tmp_path):
+    path = tmp_path / "resnet50.pth"
+    torch.save(timm.create_model("resnet50").state_dict(), path)
+    with pytest.raises(WeightsError, match=r"does not fit timm:resnet18: size mismatch for layer1\.0\.conv1") as exc:
+        build_backbone("timm:resnet18", weights=path)
+    assert "\n" not in str(exc.value)
+
+
+# --- the stages with a timm backbone (random weights, generated images) -------------------------
+
+
+@pytest.fixture(scope="module")
+def timm_args(tmp_path_factory) -> dict[str, str]:
+    """timm:resnet18 from a local file of random weights with random norms: timm zero-initialises
+    the last BatchNorm of every residual block, and with frozen BatchNorm (finetune.train_bn=false)
+    the conv before it would then get no gradient at all."""
+    torch.manual_seed(5)
+    net = timm.create_model("resnet18")
+    randomise_norms(net, seed=6)
+    path = tmp_path_factory.mktemp("timm_weights") / "resnet18.pth"
+    torch.save(net.state_dict(), path)
+    return {"model.backbone": "timm:resnet18", "model.weights": str(path)}
+
+
+def _initial_state(args: list[str]) -> dict[str, torch.Tensor]:
+    cfg = load_config(args)
+    seed_everything(cfg.seed)
+    return {k: v.clone() for k, v in build_model(cfg, ["cats", "dogs"]).state_dict().items()}
+
+
+def _block(key: str) -> int:
+    return int(key.split(".")[2])  # backbone.blocks.<i>....
+
+
+@pytest.fixture(scope="module")
+def finetuned(toy_root, tmp_path_factory, timm_args):
+    settings = {"finetune.warmup_epochs": "1", "finetune.unfreeze_blocks": "1", "trainer.max_epochs": "2"}
+    args = fast_args(toy_root, tmp_path_factory.mktemp("timm_ft"), stage="finetune", **timm_args, **settings)
+    before = _initial_state(args)
+    metrics = run_train(args)
+    return before, metrics
+
+
+def test_finetune_trains_only_the_top_block_and_the_head(finetuned):
+    before, metrics = finetuned
+    after = checkpoint_state(run_dir(metrics) / "checkpoints" / "last.ckpt")
+    bn = {k for k in before if k.rsplit(".", 1)[0] in {m.rsplit(".", 1)[0] for m in before if "running_mean" in m}}
+    lower = [k for k in before if k.startswith("backbone.") and _block(k) < 4]
+    top_conv = [k for k in before if k.startswith("backbone.blocks.4.") and k not in bn and k.endswith("weight")]
+    top_bn = [k for k in before if k.startswith("backbone.blocks.4.") and k in bn and "num_batches" not in k]
+    head = [k for k in before if k.startswith("head.") and k.endswith("weight")]
+    assert lower and top_conv and top_bn and head
+    assert all(torch.equal(before[k], after[k]) for k in lower), "a lower block changed"
+    assert all(not torch.equal(before[k], after[k]) for k in top_conv), "an unfrozen conv did not train"
+    assert all(torch.equal(before[k], after[k]) for k in top_bn), "frozen BatchNorm of the top block changed"
+    assert all(not torch.equal(before[k], after[k]) for k in head), "the head did not train"
+    scalars = scalar_tags(run_dir(metrics))
+    assert "lr/block4" in scalars and "lr/block3" not in scalars  # one optimizer group for the one block
+    counts = [v for _, v in sorted(scalars["trainable_params"])]
+    assert len(counts) == 2 and counts[0] < counts[1]
+
+
+def test_torchscript_export_of_the_timm_model_matches_its_probabilities(finetuned, tmp_path):
+    model = load_model(finetuned[1]["best_ckpt"])
+    path, diff = export_model(model, 32, "torchscript", tmp_path / "model.torchscript")
+    assert diff <= PARITY_TOLERANCE
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.probabilities(model.logits(images))
+    assert (run_exported("torchscript", path, images) - expected).abs().max() <= PARITY_TOLERANCE
+
+
+def test_frozen_stage_with_a_timm_backbone_changes_only_the_head(toy_root, tmp_path, timm_args):
+    args = fast_args(toy_root, tmp_path, stage="frozen", **timm_args, **{"trainer.max_epochs": "2"})
+    before = _initial_state(args)
+    after = checkpoint_state(run_dir(run_train(args)) / "checkpoints" / "last.ckpt")
+    backbone = [k for k in before if k.startswith("backbone.")]
+    head = [k for k in before if k.startswith("head.") and k.endswith("weight")]
+    assert backbone and head
+    assert all(torch.equal(before[k], after[k]) for k in backbone), "a frozen backbone tensor changed"
+    assert all(not torch.equal(before[k], after[k]) for k in head), "the head did not train"
+
+
+def test_features_stage_with_a_timm_backbone_caches_features(toy_root, tmp_path, timm_args):
+    cache = tmp_path / "cache"
+    args = fast_args(toy_root, tmp_path, stage="features", **timm_args, **{"data.cache_dir": str(cache)})
+    metrics = run_train(args)
+    assert metrics["feature_cache"]["built"] is True
+    assert len(list(cache.glob("*.pt"))) == 1
+    assert 0.0 <= metrics["test"]["acc"] <= 1.0
