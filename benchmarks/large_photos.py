@@ -27,14 +27,15 @@ sys.path.insert(0, str(ROOT))
 def make_large_photos(source: Path, target: Path, n: int, size: tuple[int, int] = (4000, 3000)) -> None:
     from PIL import Image
 
+    from datamodules.image_io import load_rgb
+
     for split, count in (("train", n), ("validation", 2), ("test", 2)):
         for name in ("cats", "dogs"):
             files = sorted((source / "train" / name).glob("*.jpg"))[: count // 2]
             folder = target / split / name
             folder.mkdir(parents=True, exist_ok=True)
-            for f in files:
-                with Image.open(f) as image:
-                    image.convert("RGB").resize(size, Image.BICUBIC).save(folder / f.name, quality=90)
+            for f in files:  # load_rgb: upright (EXIF orientation applied), as training reads it
+                load_rgb(f).resize(size, Image.BICUBIC).save(folder / f.name, quality=90)
 
 
 def loader_rate(dm, passes: int = 3) -> float:

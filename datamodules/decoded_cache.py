@@ -16,7 +16,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
-from datamodules.image_io import load_rgb
+from datamodules.image_io import DECODE_VERSION, load_rgb
 
 # Cached side length relative to data.image_size: room for random crops of image_size.
 MARGIN = 1.15
@@ -28,7 +28,8 @@ def cached_size(image_size: int) -> int:
 
 def _key(samples: list[tuple[str, int]], side: int) -> str:
     stats = [(p, label, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p, label in samples]
-    return hashlib.sha256(json.dumps([side, stats]).encode()).hexdigest()[:20]
+    # DECODE_VERSION: a cache decoded by an older load_rgb (e.g. without EXIF orientation) is not reused
+    return hashlib.sha256(json.dumps([side, DECODE_VERSION, stats]).encode()).hexdigest()[:20]
 
 
 def _decode(path: str, side: int) -> np.ndarray:

@@ -23,9 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from datamodules.image_io import IMAGE_EXTENSIONS, find_bad_files
+from datamodules.image_io import IMAGE_EXTENSIONS, scan_files
+from datamodules.near_duplicates import HASH_NAME, MAX_DISTANCE, NearDuplicate, cross_split_pairs, tsv_text
 
 SPLITS = ("train", "validation", "test")
+DOWNLOAD_SPLIT = (1000, 500, 500)  # images per class: the seed's 2,000 / 1,000 / 1,000
 OFFLINE_HINT = (
     "point data.root at a folder laid out as ROOT/{train,validation,test}/<class>/<images>, "
     "or set data.url to a reachable copy of the archive (file:// works)"
@@ -189,15 +191,20 @@ def oxford_files(download_dir: Path, breeds: bool) -> dict[str, list[Path]]:
 
 def carve_split(
     files: dict[str, list[Path]], root: Path, sizes: list[int], seed: int, threads: int = 4
-) -> dict[str, str]:
+) -> tuple[dict[str, str], list[NearDuplicate]]:
     """Write ``root/{train,validation,test}/<class>/`` and ``root/manifest.csv``.
 
     Every file is decoded (corrupt ones are left out and listed in ``root/bad_files.tsv``);
     exact duplicates (same sha256) count once, so a picture can never be in two splits; then each
-    class is shuffled with ``seed`` and cut into ``sizes`` images per split. Returns the bad files."""
+    class is shuffled with ``seed`` and cut into ``sizes`` images per split. Near duplicates that
+    land in two splits (re-encoded or resized copies, which sha256 cannot see) are listed in
+    ``root/near_duplicates.tsv``, not moved: the split stays a function of the seed. Returns the
+    bad files and the near-duplicate pairs."""
     all_paths = [str(p) for paths in files.values() for p in paths]
     named_bad = {p: "not an image file name" for p in all_paths if not p.lower().endswith(IMAGE_EXTENSIONS)}
-    bad = named_bad | find_bad_files([p for p in all_paths if p not in named_bad], threads)
+    checks = scan_files([p for p in all_paths if p not in named_bad], threads)
+    bad = named_bad | {p: check.reason for p, check in checks.items() if check.reason is not None}
+    hashes: dict[str, list[tuple[str, int]]] = {split: [] for split in SPLITS}
     staging = root / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     rows, seen = [], set()
@@ -224,6 +231,7 @@ def carve_split(
                 target = folder / f"{name}.{digest[:12]}{path.suffix.lower()}"
                 shutil.copyfile(path, target)
                 rows.append((f"{split}/{name}/{target.name}", name, split, digest))
+                hashes[split].append((f"{split}/{name}/{target.name}", checks[str(path)].dhash))
             start += size
     for split in SPLITS:
         os.replace(staging / split, root / split)
@@ -231,13 +239,15 @@ def carve_split(
     with open(root / "bad_files.tsv", "w") as f:
         f.write("file\treason\n")
         f.writelines(f"{path}\t{reason}\n" for path, reason in sorted(bad.items()))
+    pairs = cross_split_pairs(hashes)
+    (root / "near_duplicates.tsv").write_text(tsv_text(pairs))
     tmp = root / "manifest.csv.tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "class", "split", "sha256"])
         writer.writerows(sorted(rows))
     os.replace(tmp, root / "manifest.csv")  # written last: its presence means "complete"
-    return bad
+    return bad, pairs
 
 
 # --- entry point ------------------------------------------------------------------------------
@@ -281,9 +291,14 @@ def prepare_dataset(
         files = petimages_files(extracted)
     else:
         files = oxford_files(work, breeds=source == "oxford_pets_breeds")
-    bad = carve_split(files, root, sizes, seed)
+    bad, pairs = carve_split(files, root, sizes, seed)
     log(
         f"prepared {root}: {len(files)} classes x {sizes} images (train/validation/test); "
         f"{len(bad)} corrupt or non-image files left out (listed in {root / 'bad_files.tsv'}); "
         f"licence: {spec.licence}"
+    )
+    log(
+        f"near-duplicate check: {len(pairs)} image pair(s) across splits ({HASH_NAME}, distance <= {MAX_DISTANCE}), "
+        f"listed in {root / 'near_duplicates.tsv'}"
+        + ("; data.drop_near_duplicates=true removes them from validation/test" if pairs else "")
     )

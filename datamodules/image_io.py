@@ -1,8 +1,10 @@
-"""Reading user images robustly: odd modes are converted, unreadable files are found up front.
+"""Reading user images robustly: odd modes are converted, EXIF orientation is applied,
+unreadable files are found up front.
 
 Every file is decoded once before training (JPEGs at a reduced DCT scale, which still reads all
 their data, so truncation is caught): a bad file is then skipped and listed instead of crashing a
-loader worker in the middle of an epoch.
+loader worker in the middle of an epoch. The same decode gives each file's perceptual hash, for
+the near-duplicate check across splits (``datamodules.near_duplicates``).
 """
 
 from __future__ import annotations
@@ -12,16 +14,40 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+
+from datamodules.near_duplicates import dhash
 
 # Up to ~180 megapixels is decoded (PIL warns above 89 MP); beyond that the file is skipped.
 MAX_PIXELS = 180_000_000
-# Bump when check_image's verdicts change (e.g. a new decoder): remembered verdicts are then discarded.
-SCAN_MEMORY_VERSION = 1
-# torchvision's list plus GIF (Pillow reads its first frame).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# Bump when load_rgb's pixels change: caches of decoded images and features built before are then
+# not reused (2: EXIF orientation applied).
+DECODE_VERSION = 2
+HEIF_EXTENSIONS = (".heic", ".heif")  # iPhone photos
+
+
+def _register_heif() -> bool:
+    """HEIC/HEIF decoding through pillow-heif, when installed (an optional extra)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+HEIF_AVAILABLE = _register_heif()
+HEIF_MISSING = "HEIC/HEIF image: install pillow-heif (pip install -e '.[heif]')"
+# Bump when check_image's results change (a new decoder, a new hash): remembered ones are then
+# discarded. Installing pillow-heif changes the verdict on HEIC files, hence the suffix.
+SCAN_MEMORY_VERSION = "2+heif" if HEIF_AVAILABLE else "2"  # 2: EXIF orientation and the dHash
+_HEX_DIGITS = set("0123456789abcdef")
+# torchvision's list plus GIF (Pillow reads its first frame) and HEIC/HEIF: listed also without
+# pillow-heif, so such files are skipped with the reason instead of passed over as non-images.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif", *HEIF_EXTENSIONS)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -40,8 +66,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
     """Decode ``path`` as an RGB image. ``min_size``: JPEGs much larger than needed are decoded
     at a reduced scale that still leaves at least ``2 * min_size`` pixels per side."""
+    if not HEIF_AVAILABLE and str(path).lower().endswith(HEIF_EXTENSIONS):
+        raise ValueError(HEIF_MISSING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", "Corrupt EXIF data", UserWarning)  # it only costs the orientation
         try:
             opened = Image.open(path)
         except Image.DecompressionBombError as err:
@@ -50,37 +79,69 @@ def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
             if image.width * image.height > MAX_PIXELS:
                 raise ValueError(f"too large ({image.width}x{image.height} pixels)")
             if min_size and image.format == "JPEG":
-                image.draft("RGB", (2 * min_size, 2 * min_size))
+                image.draft("RGB", (2 * min_size, 2 * min_size))  # a square: rotation keeps it valid
             image.load()
+            _apply_orientation(image)
             return _to_rgb(image)
 
 
-def check_image(path: str) -> str | None:
-    """None if ``path`` decodes as an image, else a short reason."""
+def _apply_orientation(image: Image.Image) -> None:
+    """Turn a loaded image upright by its EXIF Orientation (phone photos are stored sideways
+    with a tag saying so). Unreadable EXIF leaves the pixels as stored: metadata alone never
+    makes a picture unusable."""
     try:
-        load_rgb(path, min_size=16)
+        if image.getexif().get(0x0112, 1) in (2, 3, 4, 5, 6, 7, 8):
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of upright images
+    except Exception:  # noqa: BLE001, S110 - damaged EXIF: keep the stored orientation
+        pass
+
+
+class Check(NamedTuple):
+    """What the pre-training decode of one file found."""
+
+    reason: str | None  # None: the file decodes
+    dhash: int | None  # its 64-bit difference hash (None when it does not decode)
+
+
+def check_image(path: str) -> Check:
+    """Decode ``path`` (at a reduced scale) and hash the picture, or say why it does not decode."""
+    try:
+        return Check(None, dhash(load_rgb(path, min_size=16)))
     except Exception as err:  # noqa: BLE001 - any decoder failure means "unreadable"
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return text[:200]
-    return None
+        return Check(text[:200], None)
 
 
-def find_bad_files(paths: list[str], threads: int = 4, memory: str | Path | None = None) -> dict[str, str]:
-    """``{path: reason}`` for every file in ``paths`` that does not decode (PIL releases the GIL).
+def scan_files(paths: list[str], threads: int = 4, memory: str | Path | None = None) -> dict[str, Check]:
+    """Every file's ``Check`` (decoded on ``threads`` threads; PIL releases the GIL).
 
-    ``memory``: a JSON file remembering each file's verdict with its size and modification time;
+    ``memory``: a JSON file remembering each file's check with its size and modification time;
     files unchanged since they were last checked are only stat'ed, not decoded again (a second
     scan of 25,000 files takes a fraction of a second instead of decoding them all). The file
     keeps entries for ``paths`` only, so deleted files disappear from it."""
     known = _read_memory(memory)
     stamps = {path: _stamp(path) for path in paths}
-    verdicts = {path: known[path][2] for path in paths if path in known and known[path][:2] == stamps[path]}
-    todo = [path for path in paths if path not in verdicts]
+    checks = {path: _remembered(known[path]) for path in paths if path in known and known[path][:2] == stamps[path]}
+    todo = [path for path in paths if path not in checks]
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        verdicts |= dict(zip(todo, pool.map(check_image, todo, chunksize=32)))
+        checks |= dict(zip(todo, pool.map(check_image, todo, chunksize=32)))
     if memory is not None and (todo or len(known) != len(paths)):
-        _write_memory(memory, {path: [*stamps[path], verdicts[path]] for path in paths})
-    return {path: verdicts[path] for path in paths if verdicts[path] is not None}
+        _write_memory(memory, {path: [*stamps[path], *_storable(checks[path])] for path in paths})
+    return {path: checks[path] for path in paths}
+
+
+def find_bad_files(paths: list[str], threads: int = 4, memory: str | Path | None = None) -> dict[str, str]:
+    """``{path: reason}`` for every file in ``paths`` that does not decode (see ``scan_files``)."""
+    checks = scan_files(paths, threads, memory)
+    return {path: check.reason for path, check in checks.items() if check.reason is not None}
+
+
+def _remembered(entry: list) -> Check:
+    return Check(entry[2], None if entry[3] is None else int(entry[3], 16))
+
+
+def _storable(check: Check) -> list:
+    return [check.reason, None if check.dhash is None else f"{check.dhash:016x}"]  # JSON has no uint64
 
 
 def _stamp(path: str) -> list[int]:
@@ -96,9 +157,19 @@ def _read_memory(memory: str | Path | None) -> dict[str, list]:
         return {}
     try:
         data = json.loads(Path(memory).read_text())
-        return data["files"] if data.get("version") == SCAN_MEMORY_VERSION else {}
-    except (OSError, ValueError, KeyError, TypeError):
+        if data.get("version") != SCAN_MEMORY_VERSION:
+            return {}
+        return {path: entry for path, entry in data["files"].items() if _valid(entry)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}  # missing or damaged: check everything again
+
+
+def _valid(entry: object) -> bool:
+    """A remembered ``[size, mtime, reason, dhash hex]``; anything else is checked again."""
+    if not (isinstance(entry, list) and len(entry) == 4):
+        return False
+    digest = entry[3]
+    return digest is None or (isinstance(digest, str) and len(digest) == 16 and set(digest) <= _HEX_DIGITS)
 
 
 def _write_memory(memory: str | Path, files: dict[str, list]) -> None:
