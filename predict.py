@@ -3,6 +3,7 @@
 
 python predict.py ckpt_path=runs/.../best.ckpt inputs=PATH_OR_GLOB output=preds.csv
 python predict.py ckpt_path=... export=onnx|torchscript [export_path=model.onnx]
+python predict.py ckpt_path=... inputs=photos/ cam_dir=cams/   (Grad-CAM overlays; pip install -e ".[cam]")
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(__doc__)
         return None
+    from lightning_modules.backbones import BackboneError
     from pipeline.config import ConfigError
     from pipeline.predict import main as predict_main
 
     try:
         return predict_main(argv)
-    except ConfigError as err:
+    except (ConfigError, BackboneError) as err:  # e.g. a timm checkpoint without timm installed
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

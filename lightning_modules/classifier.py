@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,31 +14,49 @@ from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
+    BinaryCalibrationError,
     BinaryF1Score,
     MulticlassAccuracy,
     MulticlassAUROC,
+    MulticlassCalibrationError,
     MulticlassF1Score,
 )
 
 from lightning_modules.backbones import build_backbone
+from lightning_modules.calibration import ECE_BINS, to_probabilities
 from lightning_modules.freeze_schedule import set_frozen_eval, set_trainable
 from lightning_modules.heads import ClassifierHead
 from lightning_modules.run_safety import NonFiniteLossError
 from lightning_modules.schedule import Plan, param_groups, step_position
+from lightning_modules.tensorboard_views import gather_cat
 
 SPLITS = ("train", "val", "test")
 
 
 def _metrics(num_classes: int) -> MetricCollection:
     if num_classes == 2:
-        return MetricCollection({"acc": BinaryAccuracy(), "f1": BinaryF1Score(), "auroc": BinaryAUROC()})
+        return MetricCollection(
+            {
+                "acc": BinaryAccuracy(),
+                "f1": BinaryF1Score(),
+                "auroc": BinaryAUROC(),
+                "ece": BinaryCalibrationError(n_bins=ECE_BINS),
+            }
+        )
     return MetricCollection(
         {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
             "f1": MulticlassF1Score(num_classes, average="macro"),
             "auroc": MulticlassAUROC(num_classes),
+            "ece": MulticlassCalibrationError(num_classes, n_bins=ECE_BINS),
         }
     )
+
+
+def flip_averaged(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Evaluation logits of images: with test-time flip, the mean of the image's and its mirror's
+    (shared by the model's evaluation and the export, so both answer the same)."""
+    return (forward(images) + forward(images.flip(-1))) / 2 if flip else forward(images)
 
 
 def make_optimizer(name: str, groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.Optimizer:
@@ -85,6 +104,8 @@ class TransferClassifier(LightningModule):
         inputs: str = "images",
         channels_last: bool = False,
         plan: Plan | None = None,
+        # trained-model settings added later: defaults keep older checkpoints loadable
+        class_weights: list[float] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["inputs", "channels_last", "plan"])
@@ -108,6 +129,18 @@ class TransferClassifier(LightningModule):
         self.metrics = nn.ModuleDict({f"{s}_m": _metrics(len(self.class_names)) for s in SPLITS})
         self.losses = nn.ModuleDict({f"{s}_m": MeanMetric() for s in SPLITS})
         self.counts = nn.ModuleDict({f"{s}_m": SumMetric() for s in SPLITS})
+        # Temperature scaling, fitted on the validation set after training (pipeline.stages):
+        # evaluation logits are divided by it; saved with the weights, so every consumer of the
+        # checkpoint (stage=test, predict.py, the export) gives the same probabilities.
+        self.register_buffer("temperature", torch.ones(()))
+        if class_weights is not None and len(class_weights) != len(self.class_names):
+            raise ValueError(f"{len(class_weights)} class weights for {len(self.class_names)} classes")
+        weights = torch.tensor(class_weights if class_weights is not None else [], dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)  # in hparams already
+        # With collect_predictions, validation/test keep every image's logits in dataset order.
+        self.collect_predictions = False
+        self._outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._steps_per_epoch: int | None = None
 
     def set_plan(self, plan: Plan) -> None:
@@ -143,28 +176,37 @@ class TransferClassifier(LightningModule):
         """Logits for a batch of this model's ``inputs``. Cached evaluation features may hold views
         ``(B, V, D)`` (the image and its mirror): their logits are averaged. With ``tta_flip``,
         evaluation of images averages the logits of each image and its mirror."""
+        if self.training:
+            return self(inputs) if self.inputs == "images" else self.forward_head(inputs)
+        return self._eval_logits(inputs) / self.temperature
+
+    def _eval_logits(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.inputs == "features":
             if inputs.dim() == 3:
                 batch, views = inputs.shape[:2]
                 return self.forward_head(inputs.flatten(0, 1)).view(batch, views, -1).mean(dim=1)
             return self.forward_head(inputs)
-        if self.hparams.tta_flip and not self.training:
-            return (self(inputs) + self(inputs.flip(-1))) / 2
-        return self(inputs)
+        return flip_averaged(self, inputs, self.hparams.tta_flip)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Class probabilities, shape ``(B, num_classes)``."""
-        if self.binary:
-            p = torch.sigmoid(logits.float().squeeze(1))
-            return torch.stack([1 - p, p], dim=1)
-        return logits.float().softmax(dim=1)
+        return to_probabilities(logits, self.binary)
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy; in training with label smoothing and the class weights (a weighted mean:
+        sum of w[y] * loss / sum of w[y], as torch's weighted cross-entropy). Evaluation losses are
+        unweighted, so they stay comparable between runs."""
         smoothing = self.hparams.label_smoothing if self.training else 0.0
+        weighted = self.training and self.class_weights.numel() > 0
         if self.binary:
             soft = target.float() * (1 - smoothing) + 0.5 * smoothing
-            return F.binary_cross_entropy_with_logits(logits.squeeze(1).float(), soft)
-        return F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
+            if not weighted:
+                return F.binary_cross_entropy_with_logits(logits.squeeze(1).float(), soft)
+            per_image = F.binary_cross_entropy_with_logits(logits.squeeze(1).float(), soft, reduction="none")
+            w = self.class_weights[target]
+            return (per_image * w).sum() / w.sum()
+        weight = self.class_weights if weighted else None
+        return F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=smoothing)
 
     # --- steps --------------------------------------------------------------------------------
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
@@ -198,6 +240,8 @@ class TransferClassifier(LightningModule):
         self.log(f"{split}/count", counts, on_step=False, on_epoch=True, batch_size=batch_size)
         if split == "train":
             return loss
+        if self.collect_predictions:
+            self._outputs.append((logits.detach().float(), target.detach()))
         return {"loss": loss.detach(), "probs": probs, "target": target}
 
     def training_step(self, batch, batch_idx):
@@ -218,6 +262,37 @@ class TransferClassifier(LightningModule):
 
     def test_step(self, batch, batch_idx):
         return self._step(batch, "test")
+
+    # --- per-image predictions ----------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._outputs = []
+
+    def on_test_epoch_start(self) -> None:
+        self._outputs = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._keep_predictions("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._keep_predictions("test")
+
+    def _keep_predictions(self, split: str) -> None:
+        """Every image's logits (as evaluated: divided by the temperature) and target, gathered
+        over ranks and put back in dataset order: the evaluation sampler gives rank ``r`` the indices
+        ``r, r + W, r + 2W, ...`` (``datamodules.sampling.eval_sampler``)."""
+        if not self.collect_predictions or self.trainer.sanity_checking:
+            return
+        width = 1 if self.binary else len(self.class_names)
+        logits = torch.cat([o[0] for o in self._outputs]) if self._outputs else torch.zeros((0, width))
+        targets = torch.cat([o[1] for o in self._outputs]) if self._outputs else torch.zeros((0,), dtype=torch.long)
+        self._outputs = []
+        logits = gather_cat(self.trainer, logits.to(self.device)).cpu()
+        targets = gather_cat(self.trainer, targets.to(self.device)).cpu()
+        world = self.trainer.world_size
+        order = torch.tensor([i for r in range(world) for i in range(r, len(targets), world)], dtype=torch.long)
+        in_order_logits, in_order_targets = torch.empty_like(logits), torch.empty_like(targets)
+        in_order_logits[order], in_order_targets[order] = logits, targets
+        self.predictions[split] = (in_order_logits, in_order_targets)
 
     # --- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -258,6 +333,19 @@ class TransferClassifier(LightningModule):
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = self.plan.lr(group["name"], trainer.global_step, self._steps_per_epoch)
+
+    def on_fit_start(self) -> None:
+        # a temperature is fitted for one set of weights: training starts uncalibrated (also
+        # when it continues from a calibrated checkpoint, finetune.init_ckpt)
+        self.temperature.fill_(1.0)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # checkpoints written before temperature scaling existed: uncalibrated
+        checkpoint["state_dict"].setdefault("temperature", torch.ones(()))
+        if self.collect_predictions:
+            # the final evaluation fits the temperature afresh on uncalibrated logits (a resumed
+            # run's best checkpoint may hold the temperature an earlier evaluation stored)
+            checkpoint["state_dict"]["temperature"] = torch.ones(())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["class_names"] = self.class_names

@@ -43,7 +43,11 @@ class PhaseEarlyStopping(EarlyStopping):
         if self.best_epoch is None or not self.best_path.is_file():
             return None
         best = torch.load(self.best_path, map_location="cpu", weights_only=True)
-        pl_module.load_state_dict(best["state_dict"])
+        averaging = [c for c in trainer.callbacks if hasattr(c, "restore")] if "current_model_state" in best else []
+        if averaging:  # weight EMA: the best epoch's raw weights and its average (lightning_modules.ema)
+            averaging[0].restore(pl_module, best)
+        else:
+            pl_module.load_state_dict(best["state_dict"])
         for optimizer, state in zip(trainer.optimizers, best["optimizer_states"]):
             optimizer.load_state_dict(state)
         return self.best_epoch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,7 +34,7 @@ def captioned_grid(images: torch.Tensor, captions: list[str], tile: int = 128, n
         canvas = Image.new("RGB", (tile, tile + 30), (255, 255, 255))
         canvas.paste(pil, (0, 0))
         ImageDraw.Draw(canvas).multiline_text((3, tile + 1), caption, fill=(0, 0, 0), font=font, spacing=1)
-        tiles.append(torch.from_numpy(np.asarray(canvas)).permute(2, 0, 1))
+        tiles.append(torch.from_numpy(np.array(canvas)).permute(2, 0, 1))
     return make_grid(torch.stack(tiles), nrow=nrow, padding=4, pad_value=200)
 
 
@@ -58,4 +59,84 @@ def confusion_matrix_image(matrix: torch.Tensor, class_names: list[str], cell: i
             draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=(shade, shade, 255))
             colour = (255, 255, 255) if share > 0.6 else (0, 0, 0)
             draw.text((x + 4, y + cell // 2 - 6), str(int(counts[i, j])), fill=colour, font=font)
-    return torch.from_numpy(np.asarray(canvas)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1)
+
+
+def _bins(confidence: torch.Tensor, hit: torch.Tensor, n_bins: int) -> list[tuple[float, float, int]]:
+    """(mean confidence, observed frequency, count) of each equal-width confidence bin."""
+    edges = torch.linspace(0, 1, n_bins + 1)
+    index = torch.bucketize(confidence.clamp(0, 1), edges[1:-1], right=True)
+    rows = []
+    for b in range(n_bins):
+        mask = index == b
+        n = int(mask.sum())
+        rows.append((float(confidence[mask].mean()) if n else 0.0, float(hit[mask].float().mean()) if n else 0.0, n))
+    return rows
+
+
+def reliability_diagram(
+    before: torch.Tensor, after: torch.Tensor, targets: torch.Tensor, binary: bool, n_bins: int, title: str
+) -> Image.Image:
+    """Two reliability diagrams side by side (before / after temperature scaling): per confidence
+    bin, the observed frequency (bar) against the diagonal of perfect calibration. The binned
+    quantity is the one torchmetrics' ECE uses: P(second class) vs its frequency for two classes,
+    the top-label confidence vs accuracy otherwise."""
+    font = _font()
+    size, margin = 240, 36
+    canvas = Image.new("RGB", (2 * (size + 2 * margin), size + 2 * margin + 16), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((margin, 2), title, fill=(0, 0, 0), font=font)
+    for panel, (name, probs) in enumerate((("before", before), ("after", after))):
+        if binary:
+            confidence, hit = probs[:, 1], targets == 1
+        else:
+            confidence, predicted = probs.max(dim=1)
+            hit = predicted == targets
+        x0, y0 = panel * (size + 2 * margin) + margin, margin + 16
+        draw.rectangle([x0, y0, x0 + size, y0 + size], outline=(0, 0, 0))
+        draw.line([x0, y0 + size, x0 + size, y0], fill=(180, 180, 180), width=1)
+        width = size / n_bins
+        for b, (_, freq, n) in enumerate(_bins(confidence, hit, n_bins)):
+            if n:
+                left = x0 + b * width
+                draw.rectangle([left + 1, y0 + size - freq * size, left + width - 1, y0 + size], fill=(90, 120, 220))
+        draw.text((x0, y0 + size + 2), f"{name} scaling: confidence 0..1", fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def line_plot(
+    xs: Sequence[float], ys: Sequence[float], title: str, x_label: str, y_label: str, mark: float | None = None
+) -> Image.Image:
+    """A line plot with a log-scale x axis (e.g. loss against learning rate); ``mark``: a vertical
+    line at that x (the suggestion). Drawn with PIL, as the other figures."""
+    font = _font()
+    width, height, left, top, bottom = 560, 360, 60, 30, 40
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    points = [(math.log10(x), y) for x, y in zip(xs, ys) if x > 0 and math.isfinite(y)]
+    draw.text((left, 6), title, fill=(0, 0, 0), font=font)
+    if len(points) < 2:
+        return canvas
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    x1, y1 = x1 if x1 > x0 else x0 + 1, y1 if y1 > y0 else y0 + 1
+    plot_w, plot_h = width - left - 20, height - top - bottom
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return left + (x - x0) / (x1 - x0) * plot_w, top + (1 - (y - y0) / (y1 - y0)) * plot_h
+
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline=(0, 0, 0))
+    draw.line([at(x, y) for x, y in points], fill=(40, 80, 200), width=2)
+    for decade in range(math.ceil(x0), math.floor(x1) + 1):
+        x, _ = at(decade, y0)
+        draw.line([x, top + plot_h, x, top + plot_h + 4], fill=(0, 0, 0))
+        draw.text((x - 12, top + plot_h + 6), f"1e{decade}", fill=(0, 0, 0), font=font)
+    draw.text((4, top), f"{y1:.3g}", fill=(0, 0, 0), font=font)
+    draw.text((4, top + plot_h - 12), f"{y0:.3g}", fill=(0, 0, 0), font=font)
+    if mark is not None and mark > 0:
+        x, _ = at(math.log10(mark), y0)
+        draw.line([x, top, x, top + plot_h], fill=(220, 60, 60), width=1)
+        draw.text((x + 4, top + 4), f"suggested {mark:.2g}", fill=(220, 60, 60), font=font)
+    draw.text((left + plot_w // 2 - 60, height - 16), x_label, fill=(0, 0, 0), font=font)
+    draw.text((left + 4, top + plot_h - 14), y_label, fill=(120, 120, 120), font=font)
+    return canvas

@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.functional import confusion_matrix
 
+from lightning_modules.cam import cam_available, gradcam, overlay
 from lightning_modules.figures import captioned_grid, confusion_matrix_image, denormalise
 
 # The seed ends each method with these two plots: training vs validation accuracy and loss.
@@ -33,7 +34,7 @@ def tensorboard_writer(trainer: Trainer):
     return None
 
 
-def _gather_cat(trainer: Trainer, tensor: torch.Tensor) -> torch.Tensor:
+def gather_cat(trainer: Trainer, tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate a rank-local tensor of any length over all ranks (padding for all_gather)."""
     if trainer.world_size < 2:
         return tensor
@@ -123,8 +124,8 @@ class TensorBoardViews(Callback):
         device, n_classes = pl_module.device, len(pl_module.class_names)
         local_probs = torch.cat(self.probs) if self.probs else torch.zeros((0, n_classes))
         local_targets = torch.cat(self.targets) if self.targets else torch.zeros((0,), dtype=torch.long)
-        probs = _gather_cat(trainer, local_probs.to(device)).cpu()
-        targets = _gather_cat(trainer, local_targets.to(device)).cpu()
+        probs = gather_cat(trainer, local_probs.to(device)).cpu()
+        targets = gather_cat(trainer, local_targets.to(device)).cpu()
         writer = tensorboard_writer(trainer)
         if writer is None or not trainer.is_global_zero or len(targets) == 0:
             return
@@ -140,3 +141,9 @@ class TensorBoardViews(Callback):
             )
             captions = [f"true {names[t]}\npred {names[p]} {c:.2f}" for _, _, t, p, c in self.wrong]
             writer.add_image("val/most_confident_errors", captioned_grid(images, captions), step)
+            if cam_available():  # where the model looked for its wrong answer (pip install -e ".[cam]")
+                inputs = torch.stack([w[1] for w in self.wrong]).to(pl_module.device)
+                maps = gradcam(pl_module, inputs, [p for _, _, _, p, _ in self.wrong], pl_module.binary)
+                overlays = [torch.from_numpy(overlay(i.permute(1, 2, 0).numpy(), m)) for i, m in zip(images, maps)]
+                grid = captioned_grid(torch.stack(overlays).permute(0, 3, 1, 2), captions)
+                writer.add_image("val/most_confident_errors_gradcam", grid, step)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, load_config, parse_overrides, plan_from_config, to_yaml
+from pipeline.evaluation import read_correct
 from pipeline.run_dir import resolve_all_run, write_json_atomic, write_text_atomic
 from pipeline.stages import run_stage
+from pipeline.statistics import mcnemar
 
 METHODS = [
     ("features", "1. feature extraction (cached features, head only)"),
@@ -51,19 +54,61 @@ def _without_warmup(argv: list[str], epochs: int | None) -> list[str]:
     return [f"finetune.milestones={milestones}".replace(" ", ""), f"trainer.max_epochs={total}"]
 
 
+def _acc(split: dict) -> str:
+    if "acc" not in split:
+        return "n/a"
+    low, high = split.get("acc_ci95", (float("nan"), float("nan")))
+    return f"{split['acc']:.4f} [{low:.3f}, {high:.3f}]"
+
+
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| method | val acc | test acc | val loss | test loss | epochs | wall time (s) | trainable params |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | val acc [95% CI] | test acc [95% CI] | val loss | test loss | test ECE | epochs "
+        "| wall time (s) | trainable params |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         val, test = row["val"] or {}, row["test"] or {}
         lines.append(
-            f"| {row['method']} | {val.get('acc', float('nan')):.4f} | {test.get('acc', float('nan')):.4f} "
-            f"| {val.get('loss', float('nan')):.4f} | {test.get('loss', float('nan')):.4f} | {row['epochs']} "
+            f"| {row['method']} | {_acc(val)} | {_acc(test)} "
+            f"| {val.get('loss', float('nan')):.4f} | {test.get('loss', float('nan')):.4f} "
+            f"| {test.get('ece', float('nan')):.4f} | {row['epochs']} "
             f"| {row['wall_time_s']:.1f} | {row['trainable_params']:,} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def paired_tests(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """McNemar between every two methods on the test images (paired by file)."""
+    correct = {row["method"]: read_correct(row["test_predictions"]) for row in rows if row.get("test_predictions")}
+    tests = []
+    for a, b in itertools.combinations(correct, 2):
+        files = sorted(correct[a])
+        if set(files) != set(correct[b]):
+            raise RuntimeError(f"{a} and {b} were tested on different images: no paired test")
+        result = mcnemar([correct[a][f] for f in files], [correct[b][f] for f in files])
+        tests.append({"a": a, "b": b, **result})
+    return tests
+
+
+def paired_table(tests: list[dict[str, Any]]) -> str:
+    lines = [
+        "Paired McNemar tests on the test images (exact binomial; a_only: images A gets right and B wrong):",
+        "",
+        "| A | B | a_only | b_only | p-value |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {t['a']} | {t['b']} | {t['a_only']} | {t['b_only']} | {t['p_value']:.3g} |" for t in tests]
+    return "\n".join(lines) + "\n"
+
+
+def check_all(argv: list[str]) -> list[int | None]:
+    """Every method's configuration (and plan), checked before the first one starts; the epochs."""
+    cfg = load_config(argv)
+    epochs = list(cfg.all.epochs) if cfg.all.epochs is not None else [None, None, None]
+    for (stage, _), n_epochs in zip(METHODS, epochs):
+        load_config(_stage_argv(stage, argv, n_epochs, None))
+    return epochs
 
 
 def run_all(argv: list[str]) -> dict[str, Any]:
@@ -71,10 +116,7 @@ def run_all(argv: list[str]) -> dict[str, Any]:
     cfg = load_config(argv)
     if cfg.ckpt_path:
         raise ConfigError("stage=all starts fresh runs; resume a single stage with stage=<name> ckpt_path=...")
-    epochs = list(cfg.all.epochs) if cfg.all.epochs is not None else [None, None, None]
-    # every method's configuration (and plan) is checked before the first one starts
-    for (stage, _), n_epochs in zip(METHODS, epochs):
-        load_config(_stage_argv(stage, argv, n_epochs, None))
+    epochs = check_all(argv)
     all_dir = resolve_all_run(cfg)
     rows, frozen_best = [], None
     for (stage, method), n_epochs in zip(METHODS, epochs):
@@ -85,8 +127,15 @@ def run_all(argv: list[str]) -> dict[str, Any]:
         if stage == "frozen":  # its best checkpoint; without checkpointing, the state it ended with
             frozen_best = metrics.get("best_ckpt") or str(Path(metrics["run_dir"]) / "checkpoints" / "last.ckpt")
         rows.append({"method": method, **metrics})
-    table = comparison_table(rows)
-    result = {"stage": "all", "backbone": cfg.model.backbone, "run_dir": str(all_dir), "methods": rows}
+    tests = paired_tests(rows)
+    table = comparison_table(rows) + "\n" + paired_table(tests)
+    result = {
+        "stage": "all",
+        "backbone": cfg.model.backbone,
+        "run_dir": str(all_dir),
+        "methods": rows,
+        "mcnemar": tests,
+    }
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     if rank_zero_only.rank == 0:

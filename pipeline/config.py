@@ -25,7 +25,7 @@ from lightning_modules.schedule import SCHEDULERS, Plan, PlanError, build_plan, 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-STAGES = ("features", "frozen", "finetune", "test", "all")
+STAGES = ("features", "frozen", "finetune", "test", "all", "lr_find")
 TRAINING_STAGES = ("features", "frozen", "finetune")
 AUGMENTS = ("none", "seed", "standard")
 OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")
@@ -46,7 +46,9 @@ def opt(default: Any, help: str) -> Any:  # noqa: A002 - the field's help text
 
 @dataclass
 class DataConfig:
-    root: str = opt("data/cats_and_dogs_small", "folder with train/, validation/, test/ (<class>/<images>)")
+    root: str = opt(
+        "data/cats_and_dogs_small", "folder with train/, validation/, test/ (<class>/<images>), or <class>/<images>"
+    )
     image_size: int = opt(150, "square input size in pixels")
     batch_size: int = opt(20, "images per step per device (N devices: N * batch_size per optimizer step)")
     num_workers: int | None = opt(None, "loader processes (null: one per CPU core, at most 8)")
@@ -54,10 +56,26 @@ class DataConfig:
     cache_dir: str | None = opt(None, "feature and decoded-image caches (null: <out_dir>/cache)")
     skip_bad_files: bool = opt(True, "unreadable images are skipped and listed; false: stop with an error")
     decoded_cache: bool = opt(False, "decode + resize each image once into a memory-mapped file")
-    source: str = opt("kaggle_cats_vs_dogs", "download source when data.root has no train/ (none: never)")
+    source: str = opt(
+        "kaggle_cats_vs_dogs", "download source when data.root has no train/ and no class folders (none: never)"
+    )
     url: str | None = opt(None, "overrides the source's download address (a mirror, file://...)")
     sha256: str | None = opt("auto", "archive checksum (auto: the source's known one; null: no check)")
-    split_sizes: list[int] = opt([1000, 500, 500], "images per class for train, validation, test of a download")
+    split_sizes: list[int | float] | None = opt(
+        None,
+        "train, validation, test: images per class, or fractions (null: [1000,500,500] per class for a download, "
+        "[0.8,0.1,0.1] for your own ROOT/<class>/ folder)",
+    )
+    split_seed: int = opt(0, "seed of a ROOT/<class>/ folder's split and folds (not `seed`: repeats keep the test set)")
+    folds: int | None = opt(None, "K-fold cross-validation: the non-test images in K stratified folds (null: off)")
+    fold: int | None = opt(None, "with data.folds: the fold that validates (0..K-1); the others train")
+    balanced_sampler: bool = opt(False, "draw training images class-balanced (with replacement, seeded per epoch)")
+    train_per_class: int | None = opt(
+        None, "train on a nested, seeded subset of N images per class (learning curves; null: all)"
+    )
+    drop_near_duplicates: bool = opt(
+        False, "remove validation/test images that near-duplicate an earlier split's (listed either way)"
+    )
 
 
 @dataclass
@@ -80,6 +98,8 @@ class OptimConfig:
     scheduler: str = opt("none", "none | cosine (over the whole stage) | onecycle (restarted per phase)")
     lr_warmup_epochs: float = opt(0.0, "linear warm-up epochs (fractions allowed); onecycle: its rise per phase")
     label_smoothing: float = opt(0.0, "label smoothing of the training loss")
+    class_weights: Any = opt(None, "loss weight per class: auto (inverse frequency), [w0, w1, ...] or null")
+    ema_decay: float = opt(0.0, "exponential moving average of the weights, evaluated and saved as the model (0: off)")
 
 
 @dataclass
@@ -111,6 +131,15 @@ class SpeedConfig:
 class LogConfig:
     images_every_n_epochs: int = opt(1, "confusion matrix, error images, PR curve every N epochs (0: off)")
     max_images: int = opt(16, "images per TensorBoard grid")
+    mlflow: bool = opt(False, "also log params, metrics and the best checkpoint to MLflow (pip install -e '.[mlflow]')")
+    mlflow_uri: str | None = opt(None, "MLflow tracking URI (null: the local folder <out_dir>/mlruns)")
+
+
+@dataclass
+class LrFindConfig:
+    min_lr: float = opt(1e-7, "stage=lr_find: lowest rate of the range test")
+    max_lr: float = opt(1.0, "stage=lr_find: highest rate of the range test")
+    num_steps: int = opt(100, "stage=lr_find: training steps (at most one epoch)")
 
 
 @dataclass
@@ -131,7 +160,7 @@ TRAINER_DEFAULTS = {
 
 @dataclass
 class RunConfig:
-    stage: str = opt("finetune", "features | frozen | finetune | test | all")
+    stage: str = opt("finetune", "features | frozen | finetune | test | all | lr_find")
     seed: int = opt(42, "global seed")
     out_dir: str = opt("runs", "where runs go")
     ckpt_path: str | None = opt(None, "resume (a path, or 'last'); stage=test: the checkpoint to evaluate")
@@ -143,6 +172,7 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     all: AllConfig = field(default_factory=AllConfig)
+    lr_find: LrFindConfig = field(default_factory=LrFindConfig)
     # Free-form on purpose: every key is passed to lightning.Trainer and checked against its signature.
     trainer: dict[str, Any] = opt(TRAINER_DEFAULTS, "any lightning.Trainer argument")
 
@@ -173,6 +203,17 @@ def _one_line(err: OmegaConfBaseException) -> str:
 
 def _read_yaml(path: Path) -> DictConfig:
     return OmegaConf.load(path) if path.is_file() else OmegaConf.create({})
+
+
+def flatten_keys(node: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: nested config values under their dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out |= flatten_keys(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def parse_overrides(argv: list[str]) -> DictConfig:
@@ -213,10 +254,13 @@ def load_config(argv: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
 
 def validate(cfg: DictConfig) -> None:
     """Check what the schema's types cannot: choices, ranges and ``trainer.*`` keys."""
-    from lightning_modules.backbones import BACKBONES
+    from lightning_modules.backbones import BackboneError, backbone_spec
 
     _choice(cfg.stage, STAGES, "stage")
-    _choice(cfg.model.backbone, sorted(BACKBONES), "model.backbone")
+    try:
+        backbone_spec(cfg.model.backbone)  # a timm:<name> is built once here (random weights) and cut
+    except BackboneError as err:
+        raise ConfigError(str(err)) from None
     _choice(cfg.data.augment, AUGMENTS, "data.augment")
     _choice(cfg.optim.name, OPTIMIZERS, "optim.name")
     _choice(cfg.optim.scheduler, SCHEDULERS, "optim.scheduler")
@@ -225,11 +269,23 @@ def validate(cfg: DictConfig) -> None:
     from datamodules.download import SOURCE_NAMES
 
     _choice(cfg.data.source, SOURCE_NAMES, "data.source")
-    if len(cfg.data.split_sizes) != 3 or min(cfg.data.split_sizes) < 1:
+    from datamodules.flat_folder import parse_split_sizes
+
+    try:
+        if cfg.data.split_sizes is not None:
+            parse_split_sizes(list(cfg.data.split_sizes))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    folds, fold = cfg.data.folds, cfg.data.fold
+    if folds is not None and folds < 2:
+        raise ConfigError(f"data.folds must be at least 2 (or null: no cross-validation), got {folds}")
+    if (folds is None) != (fold is None):
         raise ConfigError(
-            f"data.split_sizes must be three positive counts (train, validation, test), "
-            f"got {list(cfg.data.split_sizes)}"
+            "data.folds=K and data.fold=i go together: K folds, validation on fold i (0..K-1); "
+            "sweep.data.fold=[0,1,...] runs every fold"
         )
+    if folds is not None and not 0 <= fold < folds:
+        raise ConfigError(f"data.fold must be in 0..{folds - 1} for data.folds={folds}, got {fold}")
     positive = {
         "data.image_size": cfg.data.image_size,
         "data.batch_size": cfg.data.batch_size,
@@ -240,6 +296,7 @@ def validate(cfg: DictConfig) -> None:
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.lr_warmup_epochs": cfg.optim.lr_warmup_epochs,
         "optim.label_smoothing": cfg.optim.label_smoothing,
+        "optim.ema_decay": cfg.optim.ema_decay,
         "finetune.backbone_lr_ratio": cfg.finetune.backbone_lr_ratio,
         "finetune.layer_decay": cfg.finetune.layer_decay,
         "model.dropout": cfg.model.dropout,
@@ -264,8 +321,17 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be zero or positive, got {value}")
     if not 0.0 <= cfg.optim.label_smoothing < 1.0:
         raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {cfg.optim.label_smoothing}")
+    weights = cfg.optim.class_weights
+    if not (weights is None or weights == "auto" or OmegaConf.is_list(weights)):
+        raise ConfigError(
+            f"optim.class_weights must be auto, null or a list of weights (one per class), got {weights!r}"
+        )
+    if not 0.0 <= cfg.optim.ema_decay < 1.0:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1) (e.g. 0.999; 0: off), got {cfg.optim.ema_decay}")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
+    if cfg.data.train_per_class is not None and cfg.data.train_per_class < 1:
+        raise ConfigError(f"data.train_per_class must be at least 1 (or null: all), got {cfg.data.train_per_class}")
     if cfg.data.num_workers is not None and cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be zero or positive, got {cfg.data.num_workers}")
     unknown = sorted(set(cfg.trainer) - _trainer_keys())
@@ -293,17 +359,23 @@ def validate(cfg: DictConfig) -> None:
             "all.epochs must be three epoch counts of at least 1 (features, frozen, finetune), "
             f"got {list(cfg.all.epochs)}"
         )
-    if cfg.stage in TRAINING_STAGES:
+    if not 0 < cfg.lr_find.min_lr < cfg.lr_find.max_lr or cfg.lr_find.num_steps < 5:
+        raise ConfigError("lr_find needs 0 < lr_find.min_lr < lr_find.max_lr and lr_find.num_steps >= 5")
+    if cfg.stage in (*TRAINING_STAGES, "lr_find"):
         plan_from_config(cfg)  # refuses a schedule that would not do what it says
     if cfg.log.images_every_n_epochs < 0 or cfg.log.max_images < 1:
         raise ConfigError("log.images_every_n_epochs must be >= 0 and log.max_images >= 1")
+    if cfg.log.mlflow:
+        from pipeline.mlflow_logging import check_available
+
+        check_available()
     if cfg.stage == "test" and not cfg.ckpt_path:
         raise ConfigError("stage=test needs a checkpoint: add ckpt_path=PATH/TO/run/checkpoints/best.ckpt")
 
 
 def plan_from_config(cfg: DictConfig) -> Plan:
     """The plan of a training stage (see ``lightning_modules/schedule.py``); ConfigError if it cannot run."""
-    from lightning_modules.backbones import BACKBONES
+    from lightning_modules.backbones import backbone_spec
 
     ft = cfg.finetune
     milestones = None
@@ -320,7 +392,7 @@ def plan_from_config(cfg: DictConfig) -> Plan:
         return build_plan(
             cfg.stage,
             int(cfg.trainer.max_epochs),
-            BACKBONES[cfg.model.backbone].num_blocks,
+            backbone_spec(cfg.model.backbone).num_blocks,
             cfg.optim.lr,
             milestones=milestones,
             backbone_lr_ratio=ft.backbone_lr_ratio,
@@ -352,12 +424,20 @@ stages (stage=...):
   finetune   seed method 3: head warm-up, then the top blocks unfrozen at a lower learning rate
   test       evaluate ckpt_path=... on the test split
   all        features, frozen, then finetune from the best frozen checkpoint; a comparison table
+  lr_find    learning-rate range test on the head phase (backbone frozen): plot and suggested optim.lr
 
 backbones (model.backbone=...):
   {backbones}
+  timm:<name>  a timm CNN, e.g. timm:resnet50.a1_in1k (families resnet*, convnext*, efficientnet*,
+               mobilenetv3*, regnet*; needs pip install -e '.[timm]')
 
 keys (defaults from the schema in pipeline/config.py; presets in configs/stage/ and configs/backbone/):
 {keys}
+
+repeats and sweeps (around any stage; see README, "Repeats, sweeps and intervals"):
+  seeds=[1,2,3]                      run once per seed; summary.md with mean, sd and 95% interval
+  sweep.<key>=[a,b,...]              run every value of any key (combined with seeds: the full grid);
+                                     the same command again continues an interrupted sweep
 
 example:
   python train.py stage=finetune data.root=path/to/cats_and_dogs_small model.backbone=efficientnet_lite0

@@ -7,29 +7,35 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_modules.calibration import to_probabilities
+from lightning_modules.classifier import TransferClassifier, flip_averaged
+
 EXPORT_FORMATS = ("onnx", "torchscript")
 # float32 on the same inputs: only kernel choice and summation order differ
 PARITY_TOLERANCE = 1e-4
 
 
 class ExportedClassifier(nn.Module):
-    """Backbone + head in eval mode: normalised images ``(B, 3, S, S)`` -> class probabilities."""
+    """The checkpoint's evaluation as one module: normalised images ``(B, 3, S, S)`` -> class
+    probabilities, with the model's test-time flip and temperature, as ``stage=test`` and
+    ``predict.py`` compute them (the same functions: ``flip_averaged``, ``to_probabilities``)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: TransferClassifier):
         super().__init__()
         self.backbone = model.backbone
         self.head = model.head
         self.binary = bool(model.binary)
+        self.tta_flip = bool(model.hparams.tta_flip)
+        self.register_buffer("temperature", model.temperature.detach().clone().float())
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images)).float()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.backbone(images)).float()
-        if self.binary:
-            positive = torch.sigmoid(logits[:, 0])
-            return torch.stack([1 - positive, positive], dim=1)
-        return logits.softmax(dim=1)
+        return to_probabilities(flip_averaged(self._logits, images, self.tta_flip) / self.temperature, self.binary)
 
 
-def export_model(model: nn.Module, image_size: int, fmt: str, path: str | Path) -> tuple[Path, float]:
+def export_model(model: TransferClassifier, image_size: int, fmt: str, path: str | Path) -> tuple[Path, float]:
     """Write the model in ``fmt``; returns the path and the largest difference between the
     exported model's and PyTorch's probabilities on a random batch."""
     if fmt not in EXPORT_FORMATS:

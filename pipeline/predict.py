@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.image_folder import default_num_workers
 from datamodules.image_io import IMAGE_EXTENSIONS, load_rgb
 from datamodules.transforms import eval_transform
+from lightning_modules.cam import cam_available, gradcam, overlay
 from lightning_modules.classifier import TransferClassifier
 from pipeline.config import ConfigError, parse_overrides
 from pipeline.export import EXPORT_FORMATS, export_model
@@ -34,6 +35,7 @@ class PredictConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     export: str | None = None  # onnx | torchscript
     export_path: str | None = None  # default: next to the checkpoint
+    cam_dir: str | None = None  # write a Grad-CAM overlay PNG per image here (pip install -e ".[cam]")
 
 
 def load_predict_config(argv: list[str]) -> PredictConfig:
@@ -45,6 +47,8 @@ def load_predict_config(argv: list[str]) -> PredictConfig:
         raise ConfigError(f"predict.py: bad or missing key '{key}': {str(err).splitlines()[0]}") from None
     if not cfg.inputs and not cfg.export:
         raise ConfigError("predict.py needs inputs=PATH_OR_GLOB (and/or export=onnx|torchscript)")
+    if cfg.cam_dir and not cam_available():
+        raise ConfigError("cam_dir needs the grad-cam package: pip install -e '.[cam]'")
     if cfg.export and cfg.export not in EXPORT_FORMATS:
         raise ConfigError(f"export={cfg.export!r} is not valid; choose one of: {', '.join(EXPORT_FORMATS)}")
     return cfg
@@ -90,13 +94,18 @@ def pick_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def predict_files(model: TransferClassifier, files: list[str], batch_size: int, num_workers: int, device):
-    """Rows ``(file, predicted, probabilities, error)`` in input order."""
+def predict_files(
+    model: TransferClassifier, files: list[str], batch_size: int, num_workers: int, device, cam_dir: str | None = None
+):
+    """Rows ``(file, predicted, probabilities, error)`` in input order; with ``cam_dir``, a
+    Grad-CAM overlay of each readable image at its own size."""
     size = int(model.hparams.image_size)
-    dataset = _Files(files, eval_transform(size, model.backbone.mean, model.backbone.std), size)
+    transform = eval_transform(size, model.backbone.mean, model.backbone.std, model.backbone.interpolation)
+    dataset = _Files(files, transform, size)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     model.to(device)
     rows: list[tuple[str, str, list[float], str]] = [("", "", [], "")] * len(files)
+    written: set[str] = set()
     for images, indices, errors in loader:
         # logits(): the checkpoint's own evaluation, test-time flip included when it was trained with it
         probs = model.probabilities(model.logits(images.to(device))).cpu()
@@ -105,7 +114,26 @@ def predict_files(model: TransferClassifier, files: list[str], batch_size: int, 
                 rows[i] = (files[i], "", [], err)
             else:
                 rows[i] = (files[i], model.class_names[int(p.argmax())], p.tolist(), "")
+        if cam_dir:
+            good = [k for k, err in enumerate(errors) if not err]
+            if good:
+                maps = gradcam(model, images[good].to(device), probs[good].argmax(1).tolist(), model.binary)
+                for k, mask in zip(good, maps):
+                    _write_cam(Path(cam_dir), files[int(indices[k])], mask, written)
     return rows
+
+
+def _write_cam(folder: Path, file: str, mask, written: set[str]) -> None:
+    """``<stem>.gradcam.png`` (numbered if two inputs share a stem): the overlay on the image as read."""
+    import numpy as np
+    from PIL import Image
+
+    name, n = f"{Path(file).stem}.gradcam.png", 1
+    while name in written:
+        name, n = f"{Path(file).stem}.{n}.gradcam.png", n + 1
+    written.add(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(overlay(np.asarray(load_rgb(file)), mask)).save(folder / name)
 
 
 def write_csv(path: str | Path, class_names: list[str], rows) -> None:
@@ -135,7 +163,7 @@ def main(argv: list[str]) -> dict:
         device = pick_device(cfg.device)
         started = time.time()
         workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
-        rows = predict_files(model, files, cfg.batch_size, workers, device)
+        rows = predict_files(model, files, cfg.batch_size, workers, device, cfg.cam_dir)
         write_csv(cfg.output, model.class_names, rows)
         counts = Counter(r[1] for r in rows if not r[3])
         errors = sum(1 for r in rows if r[3])

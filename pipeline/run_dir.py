@@ -17,8 +17,13 @@ RUN_DIR_ENV = "TRANSFER_RUN_DIR"
 ALL_RUN_DIR_ENV = "TRANSFER_ALL_RUN_DIR"
 
 
+def file_safe(name: str) -> str:
+    """A backbone name usable in file names everywhere (``timm:resnet18`` -> ``timm-resnet18``)."""
+    return name.replace(":", "-").replace("/", "-")
+
+
 def group_dir(cfg: DictConfig, stage: str | None = None) -> Path:
-    return Path(cfg.out_dir) / f"{stage or cfg.stage}_{cfg.model.backbone}"
+    return Path(cfg.out_dir) / f"{stage or cfg.stage}_{file_safe(cfg.model.backbone)}"
 
 
 def latest_run_with_checkpoint(cfg: DictConfig) -> Path:

@@ -17,23 +17,36 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.class_balance import class_counts, describe_counts, resolve_class_weights
+from datamodules.download import DOWNLOAD_SPLIT
 from datamodules.feature_cache import FeatureDataModule
-from datamodules.image_folder import DataLayoutError, ImageFolderDataModule, default_num_workers, scan_splits
+from datamodules.flat_folder import parse_split_sizes, record_split, split_spec
+from datamodules.image_folder import (
+    DataLayoutError,
+    ImageFolderDataModule,
+    SplitIndex,
+    data_layout,
+    default_num_workers,
+    scan_splits,
+)
+from datamodules.subsets import train_subset
 from lightning_modules.backbones import build_backbone
 from lightning_modules.classifier import TransferClassifier
 from lightning_modules.early_stopping import PhaseEarlyStopping
+from lightning_modules.ema import PlanEMA
 from lightning_modules.freeze_schedule import ApplyPlan, count_trainable
 from lightning_modules.run_safety import EpochTimer, SaveOnInterrupt
 from lightning_modules.schedule import Plan
-from pipeline.config import MONITORS, ConfigError, plan_from_config, to_yaml
+from pipeline.config import MONITORS, ConfigError, flatten_keys, plan_from_config, to_yaml
+from pipeline.evaluation import INTERVALS, Evaluation, evaluate_best, summarise, write_predictions
+from pipeline.mlflow_logging import log_results
 from pipeline.run_dir import resolve_run, write_json_atomic, write_text_atomic
 from pipeline.trainer_factory import apply_speed_settings, expected_world_size, make_trainer
-
-METRIC_KEYS = ("acc", "loss", "f1", "auroc", "count")
 
 
 class RunInterrupted(RuntimeError):
@@ -76,9 +89,25 @@ def model_from_checkpoint(path: str) -> TransferClassifier:
             f"checkpoint {path} was written by an older version of this project ({err}); "
             "evaluate it with that version, or train again"
         ) from None
+    except RuntimeError as err:
+        raise _state_dict_mismatch(path, err) from None
 
 
-def build_model(cfg: DictConfig, class_names: list[str], plan: Plan | None = None) -> TransferClassifier:
+def _state_dict_mismatch(path: str, err: RuntimeError) -> Exception:
+    """A clear error for weights that do not fit this version's network (e.g. convnext_tiny
+    gained its pretrained final LayerNorm in issue 11); other errors are returned unchanged."""
+    if not str(err).startswith("Error(s) in loading state_dict"):
+        return err
+    detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else ""
+    return ConfigError(
+        f"checkpoint {path} does not fit this version's network ({detail[:160]}); "
+        "it was written by an older version of this project: train again"
+    )
+
+
+def build_model(
+    cfg: DictConfig, class_names: list[str], plan: Plan | None = None, class_weights: list[float] | None = None
+) -> TransferClassifier:
     model = TransferClassifier(
         backbone=cfg.model.backbone,
         class_names=class_names,
@@ -95,13 +124,18 @@ def build_model(cfg: DictConfig, class_names: list[str], plan: Plan | None = Non
         inputs="features" if cfg.stage == "features" else "images",
         channels_last=cfg.speed.channels_last,
         plan=plan,
+        class_weights=class_weights,
     )
     if cfg.model.weights or cfg.model.pretrained:
         pretrained = build_backbone(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights)
         model.backbone.load_state_dict(pretrained.state_dict())
     if cfg.stage == "finetune" and cfg.finetune.init_ckpt:
         ckpt = _check_ckpt_backbone(cfg.finetune.init_ckpt, cfg.model.backbone)
-        model.load_state_dict(ckpt["state_dict"])
+        ckpt["state_dict"].setdefault("temperature", torch.ones(()))  # written before calibration existed
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as err:
+            raise _state_dict_mismatch(cfg.finetune.init_ckpt, err) from None
     return model
 
 
@@ -114,12 +148,30 @@ def _resume_point(ckpt: dict | None) -> tuple[int, int]:
 
 
 def _report_skipped(index, run_dir: Path) -> None:
-    """One warning per split with skipped files; the full list in the run folder (rank zero)."""
+    """One warning per split with skipped files and one for near duplicates across splits; the
+    full lists in the run folder (rank zero)."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
     from lightning.pytorch.utilities import rank_zero_warn
 
+    from datamodules.near_duplicates import HASH_NAME, tsv_text
+
+    if rank_zero_only.rank != 0:
+        return
+    if index.near_duplicates:
+        listing = run_dir / "near_duplicates.tsv"
+        write_text_atomic(listing, tsv_text(index.near_duplicates))
+        dropped = sum(len(files) for files in index.dropped.values())
+        action = (
+            f"{dropped} removed from validation/test (data.drop_near_duplicates=true)"
+            if dropped
+            else "data.drop_near_duplicates=true removes them from validation/test"
+        )
+        rank_zero_warn(
+            f"found {len(index.near_duplicates)} near-duplicate image pair(s) across splits ({HASH_NAME}, "
+            f"distance <= {index.near_duplicate_distance}): listed in {listing}; {action}"
+        )
     rows = [(split, path, reason) for split, items in index.skipped.items() for path, reason in items]
-    if not rows or rank_zero_only.rank != 0:
+    if not rows:
         return
     listing = run_dir / "skipped_files.tsv"
     write_text_atomic(listing, "split\tfile\treason\n" + "".join(f"{s}\t{p}\t{r}\n" for s, p, r in rows))
@@ -127,16 +179,6 @@ def _report_skipped(index, run_dir: Path) -> None:
         if items:
             names = ", ".join(Path(p).name for p, _ in items[:5]) + (" ..." if len(items) > 5 else "")
             rank_zero_warn(f"{split}: skipped {len(items)} unreadable image file(s): {names} (all listed in {listing})")
-
-
-def _summarise(results: list[dict[str, float]], prefix: str) -> dict[str, float] | None:
-    if not results:
-        return None
-    row = results[0]
-    out = {k: float(row[f"{prefix}/{k}"]) for k in METRIC_KEYS if f"{prefix}/{k}" in row}
-    if "count" in out:
-        out["count"] = int(round(out["count"]))
-    return out
 
 
 def _finish(cfg, run_dir, trainer, model, started, val, test, extra=None) -> dict[str, Any]:
@@ -147,6 +189,7 @@ def _finish(cfg, run_dir, trainer, model, started, val, test, extra=None) -> dic
         "wall_time_s": round(time.time() - started, 2),
         "val": val,
         "test": test,
+        "intervals": INTERVALS,
         "trainable_params": count_trainable(model),
         "run_dir": str(run_dir),
         **(extra or {}),
@@ -158,26 +201,21 @@ def _finish(cfg, run_dir, trainer, model, started, val, test, extra=None) -> dic
             for split, d in (("val", val), ("test", test))
             if d
             for k, v in d.items()
-            if k != "count"
+            if k != "count" and isinstance(v, (int, float))
         }
         flat = {
             k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-            for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()
+            for k, v in flatten_keys(OmegaConf.to_container(cfg, resolve=True)).items()
         }
         for logger in trainer.loggers:
-            logger.log_hyperparams(flat, hp_metrics)
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(flat, hp_metrics)
+            else:  # MLflow: params, metrics and the files a reader of the run needs
+                files = [Path(p) for p in (metrics.get("best_ckpt"), metrics.get("ckpt_path")) if p]
+                files += [run_dir / "metrics.json", run_dir / "config.yaml"]
+                log_results(logger, flat, hp_metrics, files)
             logger.finalize("success")
     return metrics
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def ensure_data(cfg: DictConfig) -> None:
@@ -193,7 +231,7 @@ def ensure_data(cfg: DictConfig) -> None:
         cfg.data.source,
         cfg.data.url,
         cfg.data.sha256,
-        list(cfg.data.split_sizes),
+        list(cfg.data.split_sizes or DOWNLOAD_SPLIT),
         cfg.seed,
         is_rank_zero=rank_zero_only.rank == 0,
     )
@@ -226,6 +264,10 @@ def run_stage(cfg: DictConfig, run_name: str | None = None) -> dict[str, Any]:
     if cfg.stage == "test":
         return _run_test(cfg, run_name, started)
     build = build_stage(cfg, run_name)
+    if cfg.stage == "lr_find":
+        from pipeline.lr_find import run_lr_find
+
+        return run_lr_find(cfg, build)
     plan = plan_for_run(cfg, build.resume_ckpt)
     announce(cfg, build.run_dir, plan)
     done = run_phases(cfg, build, plan)
@@ -233,25 +275,36 @@ def run_stage(cfg: DictConfig, run_name: str | None = None) -> dict[str, Any]:
         _write_config(cfg, build.run_dir, done.plan)
     if isinstance(build.datamodule, FeatureDataModule):
         build.extra["feature_cache"] = {"path": str(build.datamodule.path), "built": build.datamodule.computed}
-    val, test, best = evaluate_best(done.trainer, build)
-    extra = build.extra | {"best_ckpt": best, "phases": done.phases} | _speed_report(done.timer)
-    return _finish(cfg, build.run_dir, done.trainer, build.model, started, val, test, extra)
+    result = evaluate_best(done.trainer, build.model, build.datamodule, build.run_dir)
+    _record_predictions(done.trainer, build, result)
+    extra = build.extra | {"best_ckpt": result.best, "calibration": result.calibration, "phases": done.phases}
+    extra |= _speed_report(done.timer)
+    return _finish(cfg, build.run_dir, done.trainer, build.model, started, result.val, result.test, extra)
+
+
+def _record_predictions(trainer: Trainer, build: Build, result: Evaluation) -> None:
+    """``test_predictions.csv`` in the run folder (global rank zero)."""
+    if result.test_predictions is None or not trainer.is_global_zero:
+        return
+    data = build.datamodule
+    images = data.images if isinstance(data, FeatureDataModule) else data
+    files = [path for path, _ in images._index().samples["test"]]
+    path = build.run_dir / "test_predictions.csv"
+    write_predictions(path, files, build.model.class_names, build.model.binary, result.test_predictions)
+    build.extra["test_predictions"] = str(path)
 
 
 def build_stage(cfg: DictConfig, run_name: str | None = None) -> Build:
     """Data (layout errors surface here, before any model), run folder, model and datamodule."""
-    ensure_data(cfg)
-    threads = cfg.data.num_workers or default_num_workers()
-    cache_dir = cfg.data.cache_dir or str(Path(cfg.out_dir) / "cache")
-    index = scan_splits(cfg.data.root, skip_bad_files=cfg.data.skip_bad_files, threads=threads, cache_dir=cache_dir)
+    index, cache_dir = scan_data(cfg)
     _check_shards(index, expected_world_size(cfg))
     run_dir, resume = resolve_run(cfg, run_name)
     resume_ckpt = _check_ckpt_backbone(resume, cfg.model.backbone) if resume else None
     if resume_ckpt is not None and "plan" not in resume_ckpt:
         raise ConfigError(f"checkpoint {resume} has no plan (an older version wrote it): it cannot be resumed")
-    _report_skipped(index, run_dir)
+    extra = report_data(cfg, index, run_dir)
     apply_speed_settings(cfg)
-    model = build_model(cfg, index.classes)
+    model = build_model(cfg, index.classes, class_weights=_class_weights(cfg, index))
     images = ImageFolderDataModule(
         cfg.data.root,
         image_size=cfg.data.image_size,
@@ -264,9 +317,11 @@ def build_stage(cfg: DictConfig, run_name: str | None = None) -> Build:
         index=index,
         seed=cfg.seed,
         decoded_cache_dir=cache_dir if cfg.data.decoded_cache else None,
+        balanced_sampler=cfg.data.balanced_sampler,
+        interpolation=model.backbone.interpolation,
     )
     if cfg.stage != "features":
-        return Build(run_dir, resume, resume_ckpt, model, images)
+        return Build(run_dir, resume, resume_ckpt, model, images, extra)
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator", "auto") != "cpu" else "cpu"
     features = FeatureDataModule(
         images,
@@ -277,7 +332,62 @@ def build_stage(cfg: DictConfig, run_name: str | None = None) -> Build:
         flip_train=cfg.data.augment != "none",
         flip_eval=cfg.model.tta_flip,
     )
-    return Build(run_dir, resume, resume_ckpt, model, features)
+    return Build(run_dir, resume, resume_ckpt, model, features, extra)
+
+
+def scan_data(cfg: DictConfig) -> tuple[SplitIndex, str]:
+    """The checked image lists of the three splits (downloaded, read from folders or split from
+    a folder of class folders; subset for a learning curve) and the cache folder."""
+    layout = data_layout(cfg.data.root)  # a folder of class folders is split here, never downloaded into
+    sizes = cfg.data.split_sizes
+    if layout == "none" and cfg.data.source != "none" and sizes and parse_split_sizes(sizes)[0] == "fractions":
+        raise ConfigError(
+            f"data.split_sizes={list(sizes)}: fractions split your own ROOT/<class>/ folder; "
+            f"a download (data.source={cfg.data.source}) takes counts per class, e.g. [1000,500,500]"
+        )
+    if layout != "flat":
+        ensure_data(cfg)
+    cache_dir = cfg.data.cache_dir or str(Path(cfg.out_dir) / "cache")
+    index = scan_splits(
+        cfg.data.root,
+        skip_bad_files=cfg.data.skip_bad_files,
+        threads=cfg.data.num_workers or default_num_workers(),
+        cache_dir=cache_dir,
+        drop_near_duplicates=cfg.data.drop_near_duplicates,
+        split=split_spec(cfg.data),
+    )
+    if cfg.data.train_per_class is not None:
+        index = train_subset(index, cfg.data.train_per_class, cfg.seed)
+        rank_zero_info(
+            f"training on {len(index.samples['train'])} images: data.train_per_class={cfg.data.train_per_class} "
+            f"(seeded by seed={cfg.seed}); validation and test whole"
+        )
+    return index, cache_dir
+
+
+def report_data(cfg: DictConfig, index: SplitIndex, run_dir: Path) -> dict[str, Any]:
+    """Skipped files, near duplicates, the split and the class counts: printed, written to the run
+    folder, and returned for metrics.json."""
+    _report_skipped(index, run_dir)
+    extra: dict[str, Any] = {"near_duplicates": index.near_duplicate_summary()}
+    if split := record_split(index, run_dir, split_spec(cfg.data)):  # run_dir/manifest.csv: the exact split
+        extra["split"] = split
+    line, warnings_ = describe_counts(index)
+    rank_zero_info(line)
+    for warning in warnings_:
+        rank_zero_warn(warning)
+    return extra
+
+
+def _class_weights(cfg: DictConfig, index: SplitIndex) -> list[float] | None:
+    try:
+        weights = resolve_class_weights(cfg.optim.class_weights, class_counts(index)["train"], index.classes)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if weights is not None:
+        shown = ", ".join(f"{c} {w:.3g}" for c, w in zip(index.classes, weights))
+        rank_zero_info(f"class weights in the training loss: {shown}")
+    return weights
 
 
 def _check_shards(index, world: int) -> None:
@@ -349,6 +459,8 @@ def run_phases(cfg: DictConfig, build: Build, plan: Plan) -> PhasesDone:
         model.set_trainable_top(phase.top_blocks)
         stopper = _early_stopping(cfg, index, run_dir)
         callbacks = [ApplyPlan(plan, index), timer, *([stopper] if stopper else [])]
+        if cfg.optim.ema_decay > 0:
+            callbacks.append(PlanEMA(cfg.optim.ema_decay, last_phase=index == len(plan.phases) - 1))
         # purge_step: TensorBoard hides what a killed run logged after the checkpoint this
         # process resumed from; later phases of this process purge nothing
         purge = step if first_fit and ckpt is not None else None
@@ -392,19 +504,6 @@ def _early_stopping(cfg: DictConfig, index: int, run_dir: Path) -> PhaseEarlySto
     monitor = cfg.early_stop.monitor
     best = run_dir / "checkpoints" / f"phase{index}-best.ckpt"
     return PhaseEarlyStopping(index, best, monitor=monitor, mode=MONITORS[monitor], patience=patience)
-
-
-def evaluate_best(trainer: Trainer, build: Build) -> tuple[dict | None, dict | None, str | None]:
-    """Validation and test metrics of the best checkpoint (by validation accuracy), or of the
-    final weights when checkpointing is off."""
-    callback = trainer.checkpoint_callback
-    best = (callback.best_model_path or None) if callback is not None else None
-    if best is None:
-        rank_zero_info("no best checkpoint (checkpointing off or no validation): evaluating the final weights")
-    model, data = build.model, build.datamodule
-    val = _summarise(trainer.validate(model, datamodule=data, ckpt_path=best, verbose=False), "val")
-    test = _summarise(trainer.test(model, datamodule=data, ckpt_path=best, verbose=True), "test")
-    return val, test, best
 
 
 def _speed_report(timer: EpochTimer) -> dict[str, Any]:
@@ -461,11 +560,20 @@ def _write_config(cfg: DictConfig, run_dir: Path, plan: Plan | None = None) -> N
 def _run_test(cfg: DictConfig, run_name: str | None, started: float) -> dict[str, Any]:
     threads = cfg.data.num_workers or default_num_workers()
     cache_dir = cfg.data.cache_dir or str(Path(cfg.out_dir) / "cache")
+    # A flat folder: the test split the checkpoint's run recorded, if it sits in its run folder.
+    recorded = Path(cfg.ckpt_path).resolve().parent.parent / "manifest.csv"
+    spec = split_spec(cfg.data, recorded if recorded.is_file() else None)
     index = scan_splits(
-        cfg.data.root, ("test",), skip_bad_files=cfg.data.skip_bad_files, threads=threads, cache_dir=cache_dir
+        cfg.data.root,
+        ("test",),
+        skip_bad_files=cfg.data.skip_bad_files,
+        threads=threads,
+        cache_dir=cache_dir,
+        split=spec,
     )
     run_dir, _ = resolve_run(cfg, run_name)
     _report_skipped(index, run_dir)
+    split = record_split(index, run_dir, spec)
     ckpt = _check_ckpt_backbone(cfg.ckpt_path, cfg.model.backbone)
     if ckpt.get("class_names") and ckpt["class_names"] != index.classes:
         raise ConfigError(f"checkpoint classes {ckpt['class_names']} differ from the test folder's {index.classes}")
@@ -480,8 +588,10 @@ def _run_test(cfg: DictConfig, run_name: str | None, started: float) -> dict[str
         std=model.backbone.std,
         pin_memory=torch.cuda.is_available(),
         index=index,
+        interpolation=model.backbone.interpolation,
     )
     _write_config(cfg, run_dir)
     trainer = make_trainer(cfg, run_dir, [])
-    test = _summarise(trainer.test(model, datamodule=images, verbose=True), "test")
-    return _finish(cfg, run_dir, trainer, model, started, None, test, {"ckpt_path": cfg.ckpt_path})
+    test = summarise(trainer.test(model, datamodule=images, verbose=True), "test")
+    extra = {"ckpt_path": cfg.ckpt_path, **({"split": split} if split else {})}
+    return _finish(cfg, run_dir, trainer, model, started, None, test, extra)

@@ -95,7 +95,7 @@ def make_trainer(
         default_hp_metric=False,
         **({"purge_step": purge_step} if purge_step is not None else {}),
     )
-    kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True) | overrides
     checkpoints = []
     if kwargs.get("enable_checkpointing", True):
         checkpoints = _checkpoint_callbacks(run_dir)
@@ -104,7 +104,7 @@ def make_trainer(
     if model is not None:
         kwargs["sync_batchnorm"] = resolve_sync_batchnorm(cfg, model)
     # The datamodules bring their own samplers (datamodules/sampling.py).
-    kwargs |= {"use_distributed_sampler": False} | overrides
+    kwargs["use_distributed_sampler"] = False
     all_callbacks = [
         *checkpoints,
         ReplicaAgreement(),
@@ -113,7 +113,12 @@ def make_trainer(
         TensorBoardViews(cfg.log.images_every_n_epochs, cfg.log.max_images),
         *callbacks,
     ]
-    return Trainer(logger=logger, callbacks=all_callbacks, plugins=[AtomicCheckpointIO()], **kwargs)
+    loggers = [logger]
+    if cfg.log.mlflow:
+        from pipeline.mlflow_logging import mlflow_logger
+
+        loggers.append(mlflow_logger(cfg, run_dir))
+    return Trainer(logger=loggers, callbacks=all_callbacks, plugins=[AtomicCheckpointIO()], **kwargs)
 
 
 def _checkpoint_callbacks(run_dir: Path) -> list[ModelCheckpoint]:

@@ -65,3 +65,21 @@ def image_counts(path: Path) -> dict[str, int]:
     acc = EventAccumulator(str(path), size_guidance={"images": 0})
     acc.Reload()
     return {tag: len(acc.Images(tag)) for tag in acc.Tags()["images"]}
+
+
+def sigterm_at_step(monkeypatch, step: int) -> None:
+    """The next training run in this process gets SIGTERM when it reaches global step ``step``
+    (``monkeypatch.undo()`` or the test's end removes it)."""
+    import os
+    import signal
+
+    from lightning_modules.run_safety import StepSeed
+
+    original = StepSeed.on_train_batch_start
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, trainer, pl_module, batch, batch_idx)
+
+    monkeypatch.setattr(StepSeed, "on_train_batch_start", on_train_batch_start)

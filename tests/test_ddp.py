@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -185,6 +186,10 @@ def test_features_and_test_stages_under_ddp(ddp_root, tmp_path):
     tested = read_metrics(test_run)
     assert tested["test"]["count"] == 15
     assert tested["test"]["acc"] == pytest.approx(metrics["test"]["acc"])
+    # the temperature fitted under DDP is in the checkpoint: the same calibrated figures
+    assert metrics["calibration"]["temperature"] != 1.0
+    for key in ("loss", "ece"):
+        assert tested["test"][key] == pytest.approx(metrics["test"][key], abs=1e-4), key
 
 
 def test_frozen_stage_under_ddp(ddp_root, tmp_path):
@@ -196,7 +201,17 @@ def test_frozen_stage_under_ddp(ddp_root, tmp_path):
         "config.yaml",
         "hparams.yaml",
         "metrics.json",
+        "reliability_test.png",
+        "test_predictions.csv",
     ]
+    # per-image predictions gathered from uneven shards (8 + 7) are put back in dataset order:
+    # every row's target is its file's class folder, and its prediction agrees with the accuracy
+    with open(run / "test_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 15 and [r["file"] for r in rows] == sorted(r["file"] for r in rows)
+    assert all(r["target"] == Path(r["file"]).parent.name for r in rows)
+    correct = sum(r["predicted"] == r["target"] for r in rows)
+    assert correct / 15 == pytest.approx(metrics["test"]["acc"])
 
 
 def test_a_split_smaller_than_the_world_is_refused_before_any_process_starts(capsys, tmp_path):

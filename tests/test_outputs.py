@@ -11,7 +11,9 @@ import torch
 from omegaconf import OmegaConf
 
 import predict
-from pipeline.export import PARITY_TOLERANCE, ExportedClassifier, export_model, run_exported
+from lightning_modules.cam import cam_available
+from pipeline.evaluation import read_correct
+from pipeline.export import PARITY_TOLERANCE, export_model, run_exported
 from pipeline.predict import load_model
 
 from conftest import fast_args
@@ -56,6 +58,13 @@ def test_tensorboard_views_of_a_run(noisy_root, tmp_path):
     assert images["train/augmented_inputs"] == 1
     assert images["val/confusion_matrix"] == 2  # every 2nd of 4 epochs
     assert images["val/most_confident_errors"] == 2  # the mislabelled images are always wrong
+    if cam_available():  # the same grid with Grad-CAM overlays, same size
+        assert images["val/most_confident_errors_gradcam"] == 2
+        plain, cam = (acc.Images(t)[0] for t in ("val/most_confident_errors", "val/most_confident_errors_gradcam"))
+        assert (plain.width, plain.height) == (
+            cam.width,
+            cam.height,
+        ) and plain.encoded_image_string != cam.encoded_image_string
     assert len(acc.Tensors("val/pr_curve")) == 2
     assert any(t.startswith("freeze_schedule") for t in tags["tensors"])
     hparams = {meta.plugin_data.plugin_name for meta in acc.summary_metadata.values()}
@@ -66,10 +75,19 @@ def test_tensorboard_views_of_a_run(noisy_root, tmp_path):
 def test_stage_all_writes_a_three_row_comparison(toy_root, tmp_path):
     result = run_train(fast_args(toy_root, tmp_path, stage="all", **{"all.epochs": "[2,2,3]"}))
     folder = Path(result["run_dir"])
-    table = (folder / "comparison.md").read_text().strip().splitlines()
+    table = (folder / "comparison.md").read_text().split("Paired McNemar")[0].strip().splitlines()
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| method")]
     assert len(rows) == 3
     methods = result["methods"]
+    # the paired tests count, per pair, the test images one method gets right and the other wrong
+    correct = [read_correct(m["test_predictions"]) for m in methods]
+    assert [(t["a"], t["b"]) for t in result["mcnemar"]] == [
+        (methods[i]["method"], methods[j]["method"]) for i, j in ((0, 1), (0, 2), (1, 2))
+    ]
+    for t, (i, j) in zip(result["mcnemar"], ((0, 1), (0, 2), (1, 2))):
+        assert t["n"] == 16 and 0 < t["p_value"] <= 1
+        assert t["a_only"] == sum(correct[i][f] and not correct[j][f] for f in correct[i])
+        assert t["b_only"] == sum(correct[j][f] and not correct[i][f] for f in correct[i])
     assert [m["stage"] for m in methods] == ["features", "frozen", "finetune"]
     assert [m["epochs"] for m in methods] == [2, 2, 3]
     for m in methods:
@@ -130,8 +148,8 @@ def test_export_matches_pytorch(trained_ckpt, tmp_path, fmt):
     assert path.is_file() and diff <= PARITY_TOLERANCE
     # the same normalised batch through both, batch size other than the one traced with
     images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = ExportedClassifier(model).eval()(images)
+    with torch.no_grad():  # the checkpoint's own evaluation, not the export's wrapper
+        expected = model.probabilities(model.logits(images))
     got = run_exported(fmt, path, images)
     assert got.shape == (5, 2)
     assert (got - expected).abs().max() <= PARITY_TOLERANCE

@@ -21,7 +21,7 @@ from lightning_modules.run_safety import AtomicCheckpointIO
 from pipeline.run_dir import write_json_atomic
 
 from conftest import ROOT, fast_args
-from helpers import checkpoint_state, read_metrics, run_dir, run_train, scalar_tags
+from helpers import checkpoint_state, read_metrics, run_dir, run_train, scalar_tags, sigterm_at_step
 from toy_data import make_image_tree
 
 
@@ -271,17 +271,8 @@ def test_resume_after_the_unfreeze_is_exactly_the_uninterrupted_run(toy_root, tm
 def test_sigterm_mid_epoch_saves_and_resumes_exactly(toy_root, tmp_path, monkeypatch, capsys):
     """In-process: SIGTERM arrives at step 9 (mid-epoch 1 of 6-step epochs); the resumed run ends
     with the same weights as an uninterrupted one (stateful loader + per-step/per-sample seeds)."""
-    from lightning_modules.run_safety import StepSeed
-
     whole = run_train(_resume_args(toy_root, tmp_path / "whole", **{"data.num_workers": "0"}))
-    original = StepSeed.on_train_batch_start
-
-    def signal_at_step_9(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == 9:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, trainer, pl_module, batch, batch_idx)
-
-    monkeypatch.setattr(StepSeed, "on_train_batch_start", signal_at_step_9)
+    sigterm_at_step(monkeypatch, 9)
     args = _resume_args(toy_root, tmp_path / "split", **{"data.num_workers": "0"})
     with pytest.raises(SystemExit) as exc:
         train.main(args)

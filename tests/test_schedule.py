@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from lightning_modules.schedule import Phase, Plan, build_plan, milestones_from,
 from pipeline.config import load_config, plan_from_config
 
 from conftest import fast_args
-from helpers import checkpoint_state, read_metrics, run_dir, run_train, scalar_tags
+from helpers import checkpoint_state, read_metrics, run_dir, run_train, scalar_tags, sigterm_at_step
 from toy_data import make_image_tree
 
 STEPS_PER_EPOCH = 6  # toy data: 48 training images, batch 8
@@ -199,18 +197,9 @@ def test_logged_rates_equal_the_plan_at_every_step(toy_root, tmp_path, scheduler
 
 @pytest.mark.parametrize("stop_at", [3, 9])  # inside the head warm-up, and after the unfreeze
 def test_rates_and_weights_are_unchanged_by_an_interrupt(toy_root, tmp_path, monkeypatch, stop_at):
-    from lightning_modules.run_safety import StepSeed
-
     extra = {"optim.lr_warmup_epochs": "0.5"}
     whole = run_train(_rate_args(toy_root, tmp_path / "whole", "cosine", **extra))
-    original = StepSeed.on_train_batch_start
-
-    def sigterm(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == stop_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, trainer, pl_module, batch, batch_idx)
-
-    monkeypatch.setattr(StepSeed, "on_train_batch_start", sigterm)
+    sigterm_at_step(monkeypatch, stop_at)
     args = _rate_args(toy_root, tmp_path / "split", "cosine", **extra)
     with pytest.raises(SystemExit):
         train.main(args)
@@ -385,13 +374,7 @@ def test_early_stopped_phase_resumed_mid_way_still_hands_over_its_best(tmp_path,
     root = _swapped_validation(tmp_path / "swapped")
     epoch_ends = _record_epoch_ends(monkeypatch)
     original = StepSeed.on_train_batch_start
-
-    def sigterm_at_step_9(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == 9:  # inside epoch 1, after epoch 0 (the phase's best) was saved
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, trainer, pl_module, batch, batch_idx)
-
-    monkeypatch.setattr(StepSeed, "on_train_batch_start", sigterm_at_step_9)
+    sigterm_at_step(monkeypatch, 9)  # inside epoch 1, after epoch 0 (the phase's best) was saved
     args = _early_stop_args(root, tmp_path / "out")
     with pytest.raises(SystemExit):
         train.main(args)

@@ -1,0 +1,150 @@
+"""The final evaluation of a run: metrics with intervals, temperature scaling, per-image predictions.
+
+After fitting, the best checkpoint is evaluated on validation and test once, keeping every
+image's logits; a temperature fitted on the validation logits is stored in that checkpoint, and
+the reported loss and ECE are those of the calibrated model, i.e. what ``stage=test`` and
+``predict.py`` give for the checkpoint afterwards (accuracy, F1 and AUROC do not depend on it).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_modules.calibration import ECE_BINS, ece, fit_temperature, nll, to_probabilities
+from lightning_modules.figures import reliability_diagram
+from lightning_modules.tensorboard_views import tensorboard_writer
+from pipeline.statistics import wilson_interval
+
+METRIC_KEYS = ("acc", "loss", "f1", "auroc", "ece", "count")
+INTERVALS = "acc_ci95: 95% Wilson score interval of the accuracy over the split's images"
+
+
+@dataclass
+class Evaluation:
+    val: dict[str, Any] | None
+    test: dict[str, Any] | None
+    best: str | None  # the evaluated checkpoint (None: the final weights, checkpointing off)
+    calibration: dict[str, Any] | None
+    test_predictions: tuple[torch.Tensor, torch.Tensor] | None  # calibrated logits, targets
+
+
+def summarise(results: list[dict[str, float]], prefix: str) -> dict[str, Any] | None:
+    """One split's logged metrics, with the accuracy's 95% interval."""
+    if not results:
+        return None
+    row = results[0]
+    out: dict[str, Any] = {k: float(row[f"{prefix}/{k}"]) for k in METRIC_KEYS if f"{prefix}/{k}" in row}
+    if "count" in out:
+        out["count"] = int(round(out["count"]))
+        if "acc" in out and out["count"] > 0:
+            out["acc_ci95"] = list(wilson_interval(round(out["acc"] * out["count"]), out["count"]))
+    return out
+
+
+def evaluate_best(trainer: Trainer, model, datamodule, run_dir: Path) -> Evaluation:
+    """Validation and test metrics of the best checkpoint (by validation accuracy), or of the
+    final weights when checkpointing is off; then temperature scaling (see module docstring)."""
+    callback = trainer.checkpoint_callback
+    best = (callback.best_model_path or None) if callback is not None else None
+    if best is None:
+        rank_zero_info("no best checkpoint (checkpointing off or no validation): evaluating the final weights")
+    model.collect_predictions = True
+    try:
+        val = summarise(trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False), "val")
+        val_pred = model.predictions.pop("val", None)
+        test = summarise(trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=True), "test")
+        test_pred = model.predictions.pop("test", None)
+    finally:
+        model.collect_predictions = False
+    calibration = calibrate(model, val_pred, test_pred, val, test)
+    if calibration is not None:
+        stored = best or str(run_dir / "checkpoints" / "last.ckpt")
+        if trainer.is_global_zero:
+            store_temperature(stored, calibration["temperature"])
+            _log_reliability(trainer, run_dir, model.binary, test_pred, calibration["temperature"])
+        trainer.strategy.barrier("temperature stored")
+        calibration["stored_in"] = stored
+        if test_pred is not None:
+            test_pred = (test_pred[0] / calibration["temperature"], test_pred[1])
+    return Evaluation(val, test, best, calibration, test_pred)
+
+
+def calibrate(model, val_pred, test_pred, val: dict | None, test: dict | None) -> dict[str, Any] | None:
+    """Fit the temperature on the validation logits, set it on ``model``, and report loss and ECE
+    before (``*_uncalibrated``) and after scaling for both splits."""
+    if val_pred is None or len(val_pred[1]) == 0:
+        rank_zero_info("no validation predictions: temperature scaling skipped (the model stays uncalibrated)")
+        return None
+    temperature = fit_temperature(val_pred[0], val_pred[1], model.binary)
+    model.temperature.fill_(temperature)
+    for pred, metrics in ((val_pred, val), (test_pred, test)):
+        if pred is None or metrics is None:
+            continue
+        logits, targets = pred
+        metrics["loss_uncalibrated"] = nll(logits, targets, model.binary)
+        metrics["ece_uncalibrated"] = ece(logits, targets, model.binary)
+        metrics["loss"] = nll(logits, targets, model.binary, temperature)
+        metrics["ece"] = ece(logits, targets, model.binary, temperature)
+    rank_zero_info(
+        f"temperature scaling: T={temperature:.3f} (fitted on validation); ECE val "
+        f"{val['ece_uncalibrated']:.4f} -> {val['ece']:.4f}"
+        + (f", test {test['ece_uncalibrated']:.4f} -> {test['ece']:.4f}" if test and "ece" in test else "")
+    )
+    return {"temperature": temperature, "fitted_on": "val", "method": "temperature scaling", "ece_bins": ECE_BINS}
+
+
+def store_temperature(path: str | Path, temperature: float) -> None:
+    """Write the fitted temperature into a checkpoint file (atomically)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["state_dict"]["temperature"] = torch.tensor(float(temperature))
+    tmp = Path(f"{path}.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def _log_reliability(trainer: Trainer, run_dir: Path, binary: bool, test_pred, temperature: float) -> None:
+    """Reliability diagram of the test split before and after scaling: PNG and TensorBoard."""
+    if test_pred is None or len(test_pred[1]) == 0:
+        return
+    logits, targets = test_pred
+    before = to_probabilities(logits, binary)
+    after = to_probabilities(logits / temperature, binary)
+    image = reliability_diagram(before, after, targets, binary, ECE_BINS, f"test split, T={temperature:.2f}")
+    image.save(run_dir / "reliability_test.png")
+    writer = tensorboard_writer(trainer)
+    if writer is not None:
+        writer.add_image("test/reliability", torch.from_numpy(np.array(image)).permute(2, 0, 1))
+
+
+def write_predictions(path: Path, files: list[str], class_names: list[str], binary: bool, predictions) -> None:
+    """``test_predictions.csv``: one row per test image (file, target, prediction, probabilities),
+    the per-image record that paired comparisons (McNemar) and error analysis need."""
+    logits, targets = predictions
+    if len(files) != len(targets):
+        raise RuntimeError(f"{len(targets)} test predictions for {len(files)} test files")
+    probs = to_probabilities(logits, binary)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["file", "target", "predicted", *[f"prob_{c}" for c in class_names]])
+    for file, target, p in zip(files, targets.tolist(), probs.tolist()):
+        predicted = max(range(len(p)), key=p.__getitem__)
+        writer.writerow([file, class_names[target], class_names[predicted], *[f"{x:.6f}" for x in p]])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(out.getvalue())
+    os.replace(tmp, path)
+
+
+def read_correct(path: str | Path) -> dict[str, bool]:
+    """``{file: predicted == target}`` from a ``test_predictions.csv``."""
+    with open(path, newline="") as f:
+        return {row["file"]: row["predicted"] == row["target"] for row in csv.DictReader(f)}

@@ -1,0 +1,82 @@
+"""``stage=lr_find``: Lightning's learning-rate range test on the head phase.
+
+The backbone is frozen, as in a fine-tune's head warm-up, and the rate of every optimizer group
+moves together from ``lr_find.min_lr`` to ``lr_find.max_lr`` over at most one epoch of training
+steps; the suggestion (Lightning's steepest descent of the smoothed loss) is for ``optim.lr``, the
+head's rate, which the plan's ``finetune.backbone_lr_ratio`` then scales for the backbone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from lightning.pytorch.tuner import Tuner
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig
+
+from lightning_modules.figures import line_plot
+from pipeline.config import ConfigError, plan_from_config
+from pipeline.run_dir import write_json_atomic
+from pipeline.trainer_factory import make_trainer
+
+
+def run_lr_find(cfg: DictConfig, build) -> dict[str, Any]:
+    started = time.time()
+    model, data, run_dir = build.model, build.datamodule, build.run_dir
+    plan = plan_from_config(cfg)
+    model.set_plan(plan)
+    model.set_trainable_top(0)
+    data.setup("fit")
+    per_epoch = math.ceil(len(data.datasets["train"]) / data.batch_size)
+    steps = min(cfg.lr_find.num_steps, per_epoch)
+    if steps < 5:
+        raise ConfigError(f"stage=lr_find needs at least 5 training batches, the training split gives {per_epoch}")
+    trainer = make_trainer(cfg, run_dir, [], model=model, max_epochs=1, enable_checkpointing=False)
+    finder = Tuner(trainer).lr_find(
+        model,
+        datamodule=data,
+        min_lr=cfg.lr_find.min_lr,
+        max_lr=cfg.lr_find.max_lr,
+        num_training=steps,
+        early_stop_threshold=4.0,
+        update_attr=False,
+    )
+    lrs, losses = list(finder.results["lr"]), list(finder.results["loss"])
+    # Lightning needs more points than it skips at the start; with few steps use fewer
+    suggestion = finder.suggestion(skip_begin=min(10, max(1, len(lrs) // 5)), skip_end=1)
+    result = {
+        "stage": "lr_find",
+        "backbone": cfg.model.backbone,
+        "run_dir": str(run_dir),
+        "steps": len(lrs),
+        "min_lr": cfg.lr_find.min_lr,
+        "max_lr": cfg.lr_find.max_lr,
+        "suggested_lr": suggestion,
+        "lr": lrs,
+        "loss": losses,
+        "wall_time_s": round(time.time() - started, 2),
+    }
+    if trainer.is_global_zero:
+        title = f"lr_find: {cfg.model.backbone}, head phase, {len(lrs)} steps"
+        image = line_plot(lrs, losses, title, "learning rate (log scale)", "smoothed training loss", suggestion)
+        image.save(run_dir / "lr_find.png")
+        write_json_atomic(run_dir / "lr_find.json", result)
+        from lightning_modules.tensorboard_views import tensorboard_writer
+
+        writer = tensorboard_writer(trainer)
+        if writer is not None:
+            import numpy as np
+            import torch
+
+            writer.add_image("lr_find/plot", torch.from_numpy(np.array(image)).permute(2, 0, 1), 0)
+            for i, (lr, loss) in enumerate(zip(lrs, losses)):
+                writer.add_scalar("lr_find/loss", loss, i)
+                writer.add_scalar("lr_find/lr", lr, i)
+            writer.flush()
+    if suggestion is None:
+        rank_zero_info("lr_find: no suggestion (the loss did not fall over the range); see lr_find.png")
+    else:
+        print(f"suggested optim.lr={suggestion:.3g}  (plot: {run_dir / 'lr_find.png'})")
+    return result

@@ -1,0 +1,35 @@
+"""stage=lr_find: the range test on the head phase, at most one epoch, a plot and a suggestion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from conftest import fast_args
+from helpers import image_counts, run_train, scalar_tags
+
+
+def test_lr_find_writes_a_plot_and_a_suggestion_inside_its_range(toy_root, tmp_path, capsys):
+    args = fast_args(
+        toy_root,
+        tmp_path,
+        stage="lr_find",
+        **{"data.batch_size": "4", "lr_find.min_lr": "1e-5", "lr_find.max_lr": "1.0", "lr_find.num_steps": "500"},
+    )
+    result = run_train(args)
+    folder = Path(result["run_dir"])
+    assert folder.parent.name == "lr_find_resnet18"
+    assert result["steps"] <= 12  # 48 training images / 4: one epoch, although 500 were asked for
+    lrs = result["lr"]
+    assert lrs == sorted(lrs) and 1e-5 <= lrs[0] < lrs[-1] <= 1.0
+    assert result["suggested_lr"] is not None and 1e-5 <= result["suggested_lr"] <= 1.0
+    assert f"suggested optim.lr={result['suggested_lr']:.3g}" in capsys.readouterr().out
+    assert json.loads((folder / "lr_find.json").read_text())["suggested_lr"] == result["suggested_lr"]
+    with Image.open(folder / "lr_find.png") as plot:
+        assert plot.size == (560, 360)
+    assert image_counts(folder)["lr_find/plot"] == 1
+    assert len(scalar_tags(folder)["lr_find/loss"]) == result["steps"]
+    # nothing was trained for real: no checkpoints
+    assert not (folder / "checkpoints").exists() or not any((folder / "checkpoints").iterdir())
