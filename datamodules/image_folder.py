@@ -354,13 +354,17 @@ class ImageFolderDataModule(LightningDataModule):
         return eval_transform(self.image_size, self.mean, self.std, self.interpolation)
 
     def prepare_data(self) -> None:
-        """With a decoded-image cache: decode every split once (global rank zero)."""
+        """With a decoded-image cache: decode the training split once (global rank zero)."""
         if self.decoded_cache_dir is not None:
-            for samples in self._index().samples.values():
-                decoded_cache(samples, self.image_size, self.decoded_cache_dir, max(1, self.num_workers))
+            decoded_cache(
+                self._index().samples["train"], self.image_size, self.decoded_cache_dir, self.num_workers or 1
+            )
 
     def _decoded(self, split: str) -> Path | None:
-        if self.decoded_cache_dir is None:
+        """The training split's decoded cache. Validation and test are always read from the files,
+        so a run's own evaluation sees the pixels stage=test, predict.py and an export's user see
+        (the cache holds a larger resize that the crops need: resizing it again would differ)."""
+        if self.decoded_cache_dir is None or split != "train":
             return None
         samples = self._index().samples[split]
         return decoded_cache(samples, self.image_size, self.decoded_cache_dir, max(1, self.num_workers))
