@@ -295,3 +295,21 @@ def weights_fingerprint(module: nn.Module) -> str:
         digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def randomise_norms(net: nn.Module, seed: int) -> None:
+    """Random norm weights, biases, running statistics and layer scales: fresh ones are near
+    identities, which would hide a dropped or misplaced norm from a comparison."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, param in net.named_parameters():
+            if param.ndim == 1 or key.endswith(("gamma", "layer_scale")):
+                if key.endswith("bias"):
+                    param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+                else:
+                    param.copy_(0.5 + torch.rand(param.shape, generator=generator))
+        for key, buffer in net.named_buffers():
+            if key.endswith("running_mean"):
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
+            elif key.endswith("running_var"):
+                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_modules.backbones import BackboneError, BackboneSpec, WeightsError
+from lightning_modules.backbones import BackboneError, BackboneSpec, WeightsError, randomise_norms
 
 TIMM_PREFIX = "timm:"
 # Bump when the cut of any family changes what the blocks compute (feature cache key).
@@ -184,24 +184,6 @@ def cut(net: nn.Module, name: str) -> list[nn.Module]:
     if left:
         raise BackboneError(f"model.backbone={name}: the blocks leave {len(left)} tensors out (e.g. {left[:3]})")
     return [modules[0] if len(modules) == 1 else nn.Sequential(*modules) for _, modules in blocks]
-
-
-def randomise_norms(net: nn.Module, seed: int) -> None:
-    """Random norm weights, biases, running statistics and layer scales: fresh ones are near
-    identities, which would hide a dropped or misplaced norm from a comparison."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, param in net.named_parameters():
-            if param.ndim == 1 or key.endswith(("gamma", "layer_scale")):
-                if key.endswith("bias"):
-                    param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-                else:
-                    param.copy_(0.5 + torch.rand(param.shape, generator=generator))
-        for key, buffer in net.named_buffers():
-            if key.endswith("running_mean"):
-                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
-            elif key.endswith("running_var"):
-                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
 
 
 def pre_logits(net: nn.Module, images: torch.Tensor) -> torch.Tensor:

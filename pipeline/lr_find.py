@@ -33,7 +33,10 @@ def run_lr_find(cfg: DictConfig, build) -> dict[str, Any]:
     steps = min(cfg.lr_find.num_steps, per_epoch)
     if steps < 5:
         raise ConfigError(f"stage=lr_find needs at least 5 training batches, the training split gives {per_epoch}")
-    trainer = make_trainer(cfg, run_dir, [], model=model, max_epochs=1, enable_checkpointing=False)
+    # default_root_dir: where Lightning keeps its temporary checkpoint of the untouched model
+    trainer = make_trainer(
+        cfg, run_dir, [], model=model, max_epochs=1, enable_checkpointing=False, default_root_dir=str(run_dir)
+    )
     finder = Tuner(trainer).lr_find(
         model,
         datamodule=data,
@@ -44,8 +47,10 @@ def run_lr_find(cfg: DictConfig, build) -> dict[str, Any]:
         update_attr=False,
     )
     lrs, losses = list(finder.results["lr"]), list(finder.results["loss"])
-    # Lightning needs more points than it skips at the start; with few steps use fewer
-    suggestion = finder.suggestion(skip_begin=min(10, max(1, len(lrs) // 5)), skip_end=1)
+    # Lightning skips the first 10 points (its smoothed loss starts from the first batches' values)
+    # and the last; with few steps, fewer. The plot shows what the suggestion was chosen from.
+    skip = min(10, max(1, len(lrs) // 5))
+    suggestion = finder.suggestion(skip_begin=skip, skip_end=1)
     result = {
         "stage": "lr_find",
         "backbone": cfg.model.backbone,
@@ -60,7 +65,8 @@ def run_lr_find(cfg: DictConfig, build) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         title = f"lr_find: {cfg.model.backbone}, head phase, {len(lrs)} steps"
-        image = line_plot(lrs, losses, title, "learning rate (log scale)", "smoothed training loss", suggestion)
+        shown = slice(skip, len(lrs) - 1)
+        image = line_plot(lrs[shown], losses[shown], title, "learning rate (log scale)", "smoothed loss", suggestion)
         image.save(run_dir / "lr_find.png")
         write_json_atomic(run_dir / "lr_find.json", result)
         from lightning_modules.tensorboard_views import tensorboard_writer

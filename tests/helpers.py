@@ -83,3 +83,32 @@ def sigterm_at_step(monkeypatch, step: int) -> None:
         return original(self, trainer, pl_module, batch, batch_idx)
 
     monkeypatch.setattr(StepSeed, "on_train_batch_start", on_train_batch_start)
+
+
+def initial_state(args: list[str]) -> dict[str, torch.Tensor]:
+    """The model exactly as a run with ``args`` starts it (same seed, same construction path)."""
+    from lightning.pytorch import seed_everything
+
+    from pipeline.config import load_config
+    from pipeline.stages import build_model
+
+    cfg = load_config(args)
+    seed_everything(cfg.seed)
+    return {k: v.clone() for k, v in build_model(cfg, ["cats", "dogs"]).state_dict().items()}
+
+
+def block_of(key: str) -> int:
+    """The block index of a ``backbone.blocks.<i>....`` state-dict key."""
+    return int(key.split(".")[2])
+
+
+def assert_only_the_head_trains(args: list[str]) -> None:
+    """Run ``args`` (a frozen-backbone stage): every backbone tensor ends as it started, every
+    weight of the head changed."""
+    before = initial_state(args)
+    after = checkpoint_state(run_dir(run_train(args)) / "checkpoints" / "last.ckpt")
+    backbone = [k for k in before if k.startswith("backbone.")]
+    head = [k for k in before if k.startswith("head.") and k.endswith("weight")]
+    assert backbone and head
+    assert all(torch.equal(before[k], after[k]) for k in backbone), "a frozen backbone tensor changed"
+    assert all(not torch.equal(before[k], after[k]) for k in head), "the head did not train"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_modules.backbones import BACKBONES, WeightsError, build_backbone
+from lightning_modules.backbones import BACKBONES, WeightsError, build_backbone, randomise_norms
 from lightning_modules.freeze_schedule import set_trainable
 from lightning_modules.heads import ClassifierHead, make_pool
 
@@ -26,24 +26,6 @@ def test_every_backbone_builds_with_ordered_blocks(name):
 # is their conv base, so their reference is the global average of their own ``features``. Every
 # other backbone must reproduce exactly what its source network feeds its final Linear.
 CONV_BASE_ONLY = {"vgg16", "mobilenet_v3_large"}
-
-
-def _randomise_norms_and_scales(net: nn.Module, seed: int) -> None:
-    # Fresh norm layers are near-identities (weight 1, bias 0, running stats 0 / 1) and ConvNeXt's
-    # layer scales are 1e-6: random values make a dropped, duplicated or misplaced one visible.
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if param.ndim == 1 or name.endswith("layer_scale"):
-                if name.endswith("bias"):
-                    param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-                else:
-                    param.copy_(0.5 + torch.rand(param.shape, generator=generator))
-        for name, buffer in net.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
-            elif name.endswith("running_var"):
-                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
 
 
 def _source_features(name: str, net: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -69,7 +51,7 @@ def test_blocks_compute_the_source_networks_features(name, tmp_path, monkeypatch
     spec = BACKBONES[name]
     torch.manual_seed(0)
     source = spec.build().eval()
-    _randomise_norms_and_scales(source, seed=1)
+    randomise_norms(source, seed=1)
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     expected = _source_features(name, source, images)
 

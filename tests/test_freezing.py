@@ -5,13 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from lightning.pytorch import seed_everything
-
-from pipeline.config import load_config
-from pipeline.stages import build_model
 
 from conftest import fast_args
-from helpers import checkpoint_state, run_dir, run_train, scalar_tags
+from helpers import (
+    assert_only_the_head_trains,
+    block_of,
+    checkpoint_state,
+    initial_state,
+    run_dir,
+    run_train,
+    scalar_tags,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,26 +26,9 @@ def weights_file(tmp_path_factory):
     return path
 
 
-def _initial_state(args: list[str]) -> dict[str, torch.Tensor]:
-    """The model exactly as the run starts it (same seed, same construction path)."""
-    cfg = load_config(args)
-    seed_everything(cfg.seed)
-    return {k: v.clone() for k, v in build_model(cfg, ["cats", "dogs"]).state_dict().items()}
-
-
-def _block(key: str) -> int:
-    return int(key.split(".")[2])  # backbone.blocks.<i>....
-
-
 def test_frozen_stage_changes_only_the_head(toy_root, tmp_path, weights_file):
     args = fast_args(toy_root, tmp_path, stage="frozen", **{"model.weights": str(weights_file)})
-    before = _initial_state(args)
-    after = checkpoint_state(run_dir(run_train(args)) / "checkpoints" / "last.ckpt")
-    backbone = [k for k in before if k.startswith("backbone.")]
-    head = [k for k in before if k.startswith("head.") and k.endswith("weight")]
-    assert backbone and head
-    assert all(torch.equal(before[k], after[k]) for k in backbone), "a frozen backbone tensor changed"
-    assert all(not torch.equal(before[k], after[k]) for k in head), "the head did not train"
+    assert_only_the_head_trains(args)
 
 
 def _finetune_args(toy_root, tmp_path, weights_file, **extra: str) -> list[str]:
@@ -54,7 +41,7 @@ def _finetune(toy_root, tmp_path, weights_file, **extra):
     args = _finetune_args(
         toy_root, tmp_path, weights_file, **{"finetune.unfreeze_blocks": "2", "optim.lr": "1e-3"} | extra
     )
-    before = _initial_state(args)
+    before = initial_state(args)
     metrics = run_train(args)
     return before, checkpoint_state(run_dir(metrics) / "checkpoints" / "last.ckpt"), metrics
 
@@ -68,11 +55,11 @@ def _bn_keys(model_state) -> set[str]:
 def test_finetune_changes_only_the_unfrozen_blocks_and_head(toy_root, tmp_path, weights_file):
     before, after, metrics = _finetune(toy_root, tmp_path, weights_file)
     bn = _bn_keys(before)
-    lower = [k for k in before if k.startswith("backbone.") and _block(k) < 3]
+    lower = [k for k in before if k.startswith("backbone.") and block_of(k) < 3]
     top_conv = [
-        k for k in before if k.startswith("backbone.") and _block(k) >= 3 and k not in bn and k.endswith("weight")
+        k for k in before if k.startswith("backbone.") and block_of(k) >= 3 and k not in bn and k.endswith("weight")
     ]
-    top_bn = [k for k in before if k.startswith("backbone.") and _block(k) >= 3 and k in bn]
+    top_bn = [k for k in before if k.startswith("backbone.") and block_of(k) >= 3 and k in bn]
     assert lower and top_conv and top_bn
     assert all(torch.equal(before[k], after[k]) for k in lower), "a lower block changed"
     assert all(not torch.equal(before[k], after[k]) for k in top_conv), "an unfrozen conv did not train"
@@ -86,8 +73,8 @@ def test_finetune_changes_only_the_unfrozen_blocks_and_head(toy_root, tmp_path, 
 def test_finetune_with_train_bn_updates_only_unfrozen_batchnorm(toy_root, tmp_path, weights_file):
     before, after, _ = _finetune(toy_root, tmp_path, weights_file, **{"finetune.train_bn": "true"})
     stats = [k for k in before if k.endswith("running_mean")]
-    lower = [k for k in stats if _block(k) < 3]
-    top = [k for k in stats if _block(k) >= 3]
+    lower = [k for k in stats if block_of(k) < 3]
+    top = [k for k in stats if block_of(k) >= 3]
     assert all(torch.equal(before[k], after[k]) for k in lower), "frozen BatchNorm statistics moved"
     assert any(not torch.equal(before[k], after[k]) for k in top), "unfrozen BatchNorm did not update"
 

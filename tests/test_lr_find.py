@@ -31,5 +31,7 @@ def test_lr_find_writes_a_plot_and_a_suggestion_inside_its_range(toy_root, tmp_p
         assert plot.size == (560, 360)
     assert image_counts(folder)["lr_find/plot"] == 1
     assert len(scalar_tags(folder)["lr_find/loss"]) == result["steps"]
+    # Lightning's temporary checkpoint went to the run folder and is gone: nothing left behind
+    assert not list(Path.cwd().glob(".lr_find_*.ckpt")) and not list(folder.glob(".lr_find_*.ckpt"))
     # nothing was trained for real: no checkpoints
     assert not (folder / "checkpoints").exists() or not any((folder / "checkpoints").iterdir())

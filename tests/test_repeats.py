@@ -124,3 +124,16 @@ def test_folds_are_summarised_like_seeds():
     assert [g["params"] for g in groups] == [{"model.backbone": "a"}, {"model.backbone": "b"}]
     assert groups[0]["runs"] == 3 and groups[0]["test"]["acc"]["mean"] == pytest.approx(0.81)
     assert groups[1]["test"]["acc"]["sd"] == pytest.approx(0.01)
+
+
+def test_seeds_around_stage_all_summarise_each_method(toy_root, tmp_path):
+    result = run_train(fast_args(toy_root, tmp_path, stage="all", seeds="[1,2]", **{"all.epochs": "[1,1,1]"}))
+    rows = result["rows"]
+    assert [(r["seed"], r["method"].split(".")[0]) for r in rows] == [
+        (seed, m) for seed in (1, 2) for m in ("1", "2", "3")
+    ]
+    assert all(r["status"] == "ok" and r["test"]["count"] == 16 for r in rows)
+    groups = result["groups"]
+    assert len(groups) == 3 and all(g["runs"] == 2 for g in groups)
+    frozen = [r["test"]["acc"] for r in rows if r["method"].startswith("2.")]
+    assert groups[1]["test"]["acc"]["mean"] == pytest.approx(statistics.mean(frozen))
