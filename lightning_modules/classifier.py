@@ -33,24 +33,21 @@ from lightning_modules.tensorboard_views import gather_cat
 SPLITS = ("train", "val", "test")
 
 
-def _metrics(num_classes: int) -> MetricCollection:
+def _metrics(num_classes: int, calibration: bool) -> MetricCollection:
+    """Accuracy, F1, AUROC and, for evaluation splits, the expected calibration error (on training
+    batches, with augmentation and dropout, it would describe no model anyone uses, at a cost per
+    step: it keeps every confidence of the epoch)."""
     if num_classes == 2:
-        return MetricCollection(
-            {
-                "acc": BinaryAccuracy(),
-                "f1": BinaryF1Score(),
-                "auroc": BinaryAUROC(),
-                "ece": BinaryCalibrationError(n_bins=ECE_BINS),
-            }
-        )
-    return MetricCollection(
-        {
+        metrics = {"acc": BinaryAccuracy(), "f1": BinaryF1Score(), "auroc": BinaryAUROC()}
+        ece = BinaryCalibrationError(n_bins=ECE_BINS)
+    else:
+        metrics = {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
             "f1": MulticlassF1Score(num_classes, average="macro"),
             "auroc": MulticlassAUROC(num_classes),
-            "ece": MulticlassCalibrationError(num_classes, n_bins=ECE_BINS),
         }
-    )
+        ece = MulticlassCalibrationError(num_classes, n_bins=ECE_BINS)
+    return MetricCollection(metrics | ({"ece": ece} if calibration else {}))
 
 
 def flip_averaged(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, flip: bool) -> torch.Tensor:
@@ -126,7 +123,7 @@ class TransferClassifier(LightningModule):
         self.trainable_top = 0
         set_trainable(self.backbone.blocks, 0, train_bn)
         # ModuleDict keys may not shadow nn.Module attributes such as ``train``, hence the suffix.
-        self.metrics = nn.ModuleDict({f"{s}_m": _metrics(len(self.class_names)) for s in SPLITS})
+        self.metrics = nn.ModuleDict({f"{s}_m": _metrics(len(self.class_names), s != "train") for s in SPLITS})
         self.losses = nn.ModuleDict({f"{s}_m": MeanMetric() for s in SPLITS})
         self.counts = nn.ModuleDict({f"{s}_m": SumMetric() for s in SPLITS})
         # Temperature scaling, fitted on the validation set after training (pipeline.stages):
