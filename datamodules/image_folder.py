@@ -140,15 +140,16 @@ def _folder_listing(root: Path, splits: Sequence[str]) -> Listing:
         items = []
         for label, name in enumerate(classes):
             class_dir = root / SPLIT_DIRS[split] / name
+            prefix = str(class_dir) + os.sep  # string joins: a Path per file costs more than the stat
             names = sorted(e.name for e in os.scandir(class_dir) if e.is_file())
             for f in names:
                 if reason := _not_an_image(f):
-                    bad[str(class_dir / f)] = reason
-                    split_of[str(class_dir / f)] = split
+                    bad[prefix + f] = reason
+                    split_of[prefix + f] = split
             files = [f for f in names if not _not_an_image(f)]
             if not files:
                 raise DataLayoutError(f"class folder {class_dir} has no image files; {LAYOUT}")
-            items += [(str(class_dir / f), label) for f in files]
+            items += [(prefix + f, label) for f in files]
         samples[split] = items
     return Listing(classes, samples, bad, split_of)
 
