@@ -55,7 +55,15 @@ def _parameters_frozen(model: nn.Module) -> Iterator[None]:
 def cam_layer(backbone: nn.Module, image_size: int) -> nn.Module:
     """The last module of the backbone whose output is still a spatial map (H * W > 1): usually
     inside the top block, but a top block that ends by pooling (ConvNeXt's final LayerNorm on a
-    1x1 map) or small inputs (a 1x1 map at 32 px) would otherwise give a CAM of one pixel."""
+    1x1 map) or small inputs (a 1x1 map at 32 px) would otherwise give a CAM of one pixel. Found
+    by one probing forward pass, remembered on the backbone per input size."""
+    found = backbone.__dict__.setdefault("_cam_layers", {})
+    if image_size not in found:
+        found[image_size] = _probe_cam_layer(backbone, image_size)
+    return found[image_size]
+
+
+def _probe_cam_layer(backbone: nn.Module, image_size: int) -> nn.Module:
     seen: list[tuple[nn.Module, tuple[int, ...]]] = []
     hooks = [
         m.register_forward_hook(lambda m, i, o: seen.append((m, tuple(o.shape))))

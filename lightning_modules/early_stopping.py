@@ -9,6 +9,8 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 
+from lightning_modules.ema import PlanEMA
+
 
 class PhaseEarlyStopping(EarlyStopping):
     """Lightning's ``EarlyStopping`` for phase ``index`` of the plan.
@@ -43,7 +45,7 @@ class PhaseEarlyStopping(EarlyStopping):
         if self.best_epoch is None or not self.best_path.is_file():
             return None
         best = torch.load(self.best_path, map_location="cpu", weights_only=True)
-        averaging = [c for c in trainer.callbacks if hasattr(c, "restore")] if "current_model_state" in best else []
+        averaging = [c for c in trainer.callbacks if isinstance(c, PlanEMA)] if "current_model_state" in best else []
         if averaging:  # weight EMA: the best epoch's raw weights and its average (lightning_modules.ema)
             averaging[0].restore(pl_module, best)
         else:

@@ -205,6 +205,11 @@ def _read_yaml(path: Path) -> DictConfig:
     return OmegaConf.load(path) if path.is_file() else OmegaConf.create({})
 
 
+def cache_dir(cfg: DictConfig) -> str:
+    """``data.cache_dir``, or ``<out_dir>/cache``: feature, decoded-image, scan and split caches."""
+    return cfg.data.cache_dir or str(Path(cfg.out_dir) / "cache")
+
+
 def flatten_keys(node: dict, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: nested config values under their dotted keys."""
     out: dict[str, Any] = {}

@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from pipeline.config import ConfigError, flatten_keys, load_config, parse_overrides
+from pipeline.config import ConfigError, cache_dir, flatten_keys, load_config, parse_overrides
 from pipeline.run_dir import group_dir, write_json_atomic, write_text_atomic
 from pipeline.statistics import mean_sd_interval
 
@@ -97,7 +97,7 @@ def run_grid(argv: list[str]) -> dict[str, Any]:
     first = load_config(todo[0]["argv"])
     parent = parent_dir(argv, first.out_dir, first.stage)
     # the feature cache is shared by every cell (it does not depend on the seed or the head)
-    cache = first.data.cache_dir or str(Path(first.out_dir) / "cache")
+    cache = cache_dir(first)
     for cell in todo:  # every cell's configuration is checked before the first one starts
         cell["argv"] += [f"out_dir={parent / cell['name']}", f"data.cache_dir={cache}"]
         cfg = load_config(cell["argv"])

@@ -43,6 +43,7 @@ from lightning_modules.freeze_schedule import ApplyPlan, count_trainable
 from lightning_modules.run_safety import EpochTimer, SaveOnInterrupt
 from lightning_modules.schedule import Plan
 from pipeline.config import MONITORS, ConfigError, flatten_keys, plan_from_config, to_yaml
+from pipeline.config import cache_dir as cache_folder
 from pipeline.evaluation import INTERVALS, Evaluation, evaluate_best, summarise, write_predictions
 from pipeline.mlflow_logging import log_results
 from pipeline.run_dir import resolve_run, write_json_atomic, write_text_atomic
@@ -131,7 +132,7 @@ def build_model(
         model.backbone.load_state_dict(pretrained.state_dict())
     if cfg.stage == "finetune" and cfg.finetune.init_ckpt:
         ckpt = _check_ckpt_backbone(cfg.finetune.init_ckpt, cfg.model.backbone)
-        ckpt["state_dict"].setdefault("temperature", torch.ones(()))  # written before calibration existed
+        model.on_load_checkpoint(ckpt)  # what Lightning's loading does first (older checkpoints: T=1)
         try:
             model.load_state_dict(ckpt["state_dict"])
         except RuntimeError as err:
@@ -347,7 +348,7 @@ def scan_data(cfg: DictConfig) -> tuple[SplitIndex, str]:
         )
     if layout != "flat":
         ensure_data(cfg)
-    cache_dir = cfg.data.cache_dir or str(Path(cfg.out_dir) / "cache")
+    cache_dir = cache_folder(cfg)
     index = scan_splits(
         cfg.data.root,
         skip_bad_files=cfg.data.skip_bad_files,
@@ -559,7 +560,7 @@ def _write_config(cfg: DictConfig, run_dir: Path, plan: Plan | None = None) -> N
 
 def _run_test(cfg: DictConfig, run_name: str | None, started: float) -> dict[str, Any]:
     threads = cfg.data.num_workers or default_num_workers()
-    cache_dir = cfg.data.cache_dir or str(Path(cfg.out_dir) / "cache")
+    cache_dir = cache_folder(cfg)
     # A flat folder: the test split the checkpoint's run recorded, if it sits in its run folder.
     recorded = Path(cfg.ckpt_path).resolve().parent.parent / "manifest.csv"
     spec = split_spec(cfg.data, recorded if recorded.is_file() else None)

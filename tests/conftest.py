@@ -52,3 +52,9 @@ def fast_args(root: Path, out_dir: Path, **extra: str) -> list[str]:
         args["finetune.warmup_epochs"] = "1"  # the preset's 30 warm-up epochs would never end in 3
     args |= extra
     return [f"{k}={v}" for k, v in args.items()]
+
+
+def finetune_args(root: Path, out_dir: Path, **extra: str) -> list[str]:
+    """``fast_args`` for a two-phase fine-tune: one head epoch, then the top block trains."""
+    schedule = {"finetune.warmup_epochs": "1", "finetune.unfreeze_blocks": "1"}
+    return fast_args(root, out_dir, stage="finetune", **(schedule | extra))

@@ -11,23 +11,12 @@ from datamodules.image_io import load_rgb
 from datamodules.transforms import eval_transform
 from pipeline.predict import load_model
 
-from conftest import fast_args
+from conftest import finetune_args
 from helpers import read_metrics, run_dir, run_train, sigterm_at_step
 
 
 def _args(root: Path, out: Path, **extra: str) -> list[str]:
-    return fast_args(
-        root,
-        out,
-        stage="finetune",
-        **{
-            "finetune.warmup_epochs": "1",
-            "finetune.unfreeze_blocks": "1",
-            "optim.ema_decay": "0.9",
-            "trainer.max_epochs": "3",
-        }
-        | extra,
-    )
+    return finetune_args(root, out, **({"optim.ema_decay": "0.9", "trainer.max_epochs": "3"} | extra))
 
 
 def test_ema_weights_are_checkpointed_and_evaluated(toy_root, tmp_path):

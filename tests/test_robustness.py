@@ -20,7 +20,7 @@ from datamodules.image_folder import DataLayoutError, ImageFolderDataModule, sca
 from lightning_modules.run_safety import AtomicCheckpointIO
 from pipeline.run_dir import write_json_atomic
 
-from conftest import ROOT, fast_args
+from conftest import ROOT, fast_args, finetune_args
 from helpers import checkpoint_state, read_metrics, run_dir, run_train, scalar_tags, sigterm_at_step
 from toy_data import make_image_tree
 
@@ -241,13 +241,10 @@ def test_checkpoint_and_metrics_writes_are_atomic(tmp_path, monkeypatch):
 
 
 def _resume_args(root: Path, out: Path, **extra: str) -> list[str]:
-    return fast_args(
+    return finetune_args(
         root,
         out,
-        stage="finetune",
         **{
-            "finetune.warmup_epochs": "1",
-            "finetune.unfreeze_blocks": "1",
             "data.augment": "standard",
             "trainer.deterministic": "true",
             "data.num_workers": "2",
