@@ -4,6 +4,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -24,6 +26,15 @@ def _isolated_run_env(monkeypatch):
 def toy_root(tmp_path_factory) -> Path:
     """Two learnable classes, 24/8/8 images per class, 40 px."""
     return make_image_tree(tmp_path_factory.mktemp("toy"))
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory) -> Path:
+    """Random torchvision resnet18 weights as a local file: a stand-in for ImageNet weights offline."""
+    torch.manual_seed(7)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
 
 
 def fast_args(root: Path, out_dir: Path, **extra: str) -> list[str]:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 from lightning_modules.backbones import build_backbone
 
@@ -28,13 +27,6 @@ def ddp_root(tmp_path_factory) -> Path:
     (root / "test" / "dogs" / "dogs.0.png").unlink()  # 15 test images
     return root
 
-
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory) -> Path:
-    torch.manual_seed(11)
-    path = tmp_path_factory.mktemp("w") / "resnet18.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    return path
 
 
 # The broken approach, built only here: every phase in one fit, blocks unfrozen inside it after DDP

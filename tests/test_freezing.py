@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
-import torchvision
 
 from conftest import fast_args
 from helpers import (
@@ -16,14 +14,6 @@ from helpers import (
     run_train,
     scalar_tags,
 )
-
-
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    torch.manual_seed(7)
-    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    return path
 
 
 def test_frozen_stage_changes_only_the_head(toy_root, tmp_path, weights_file):

@@ -211,13 +211,6 @@ def test_rates_and_weights_are_unchanged_by_an_interrupt(toy_root, tmp_path, mon
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run's weights differ"
 
 
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory) -> Path:
-    torch.manual_seed(3)
-    path = tmp_path_factory.mktemp("w") / "resnet18.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    return path
-
 
 def _record_phases(monkeypatch) -> dict[str, dict]:
     """The model's state at the start and end of every phase's fit, and at each start the global
