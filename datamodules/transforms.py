@@ -7,9 +7,15 @@ Every pipeline squashes the image to ``image_size x image_size`` as the seed's K
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+# torchvision's private helpers, used so that the matrix and sampling grid are exactly RandomAffine's
+# (tests/test_transforms.py compares the two wherever torchvision's output is not fill).
+from torchvision.transforms.v2.functional._geometry import _affine_grid, _get_inverse_affine_matrix
 
 AUGMENT_PRESETS = ("none", "seed", "standard")
 
@@ -18,19 +24,42 @@ def _to_normalised(mean: Sequence[float], std: Sequence[float]) -> list[v2.Trans
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
-def _seed_augmentation(size: int) -> list[v2.Transform]:
-    """Keras ImageDataGenerator(rotation_range=20, width/height_shift_range=0.1, shear_range=0.1,
-    zoom_range=0.1, horizontal_flip=True, fill_mode='nearest').
+class EdgeFillAffine(v2.RandomAffine):
+    """``v2.RandomAffine`` (its parameter draws, its nearest-neighbour sampling) with the outside
+    filled by the nearest edge pixel, Keras' ``fill_mode='nearest'``.
 
-    torchvision's affine transforms only fill with a constant, so 'nearest' fill is emulated by
-    padding with edge replication first and cropping the centre back afterwards.
-    """
-    pad = size // 4
+    torchvision fills only with a constant; emulating the edge fill by padding with edge copies,
+    warping the padded canvas and cropping the centre back warps 2.25x the pixels (the seed pipeline's
+    main cost on cached images) and is still constant beyond the pad. One ``grid_sample`` with
+    ``padding_mode='border'`` over the output does it exactly, with torchvision's own matrix and grid."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        plain_tensor = isinstance(inpt, torch.Tensor) and not isinstance(inpt, tv_tensors.TVTensor)
+        if not (plain_tensor or isinstance(inpt, tv_tensors.Image)):
+            return super().transform(inpt, params)  # PIL images, boxes, masks: torchvision's own affine
+        height, width = inpt.shape[-2:]
+        translate = [float(t) for t in params["translate"]]
+        matrix = _get_inverse_affine_matrix([0.0, 0.0], params["angle"], translate, params["scale"], params["shear"])
+        theta = torch.tensor(matrix, dtype=torch.float32).reshape(1, 2, 3)
+        grid = _affine_grid(theta, w=width, h=height, ow=width, oh=height)
+        image = inpt.reshape(-1, *inpt.shape[-3:])
+        warped = torch.nn.functional.grid_sample(
+            image.float(),
+            grid.expand(image.shape[0], -1, -1, -1),
+            mode="nearest",
+            padding_mode="border",
+            align_corners=False,
+        )
+        out = warped.to(inpt.dtype).reshape(inpt.shape)  # nearest: the values are the input's, exactly
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.Image) else out
+
+
+def _seed_augmentation() -> list[v2.Transform]:
+    """Keras ImageDataGenerator(rotation_range=20, width/height_shift_range=0.1, shear_range=0.1,
+    zoom_range=0.1, horizontal_flip=True, fill_mode='nearest')."""
     return [
-        v2.Pad(pad, padding_mode="edge"),
         # Keras' shear_range is in degrees; its zoom draws x and y scales apart, v2 one scale.
-        v2.RandomAffine(degrees=20, translate=(0.1 * size / (size + 2 * pad),) * 2, scale=(0.9, 1.1), shear=0.1),
-        v2.CenterCrop(size),
+        EdgeFillAffine(degrees=20, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=0.1),
         v2.RandomHorizontalFlip(),
     ]
 
@@ -79,13 +108,13 @@ def train_transform(
         raise ValueError(f"unknown data.augment {preset!r}; choose one of: {', '.join(AUGMENT_PRESETS)}")
     if cached:
         crop = [v2.RandomCrop(size), v2.RandomHorizontalFlip()]
-        extra = {"none": [], "seed": _seed_augmentation(size), "standard": [v2.TrivialAugmentWide()]}[preset]
+        extra = {"none": [], "seed": _seed_augmentation(), "standard": [v2.TrivialAugmentWide()]}[preset]
         return v2.Compose([v2.ToImage(), *crop, *extra, *_to_normalised(mean, std)])
     if preset == "none":
         return eval_transform(size, mean, std, interpolation)
     if preset == "seed":
         augment = [v2.Resize((size, size), interpolation=_resample(interpolation), antialias=True)]
-        augment += _seed_augmentation(size)
+        augment += _seed_augmentation()
     else:
         augment = _standard_augmentation(size, interpolation)
     return v2.Compose([v2.ToImage(), *augment, *_to_normalised(mean, std)])

@@ -5,9 +5,10 @@ import shutil
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from datamodules.image_folder import DataLayoutError, ImageFolderDataModule, scan_splits
-from datamodules.transforms import eval_transform, train_transform
+from datamodules.transforms import EdgeFillAffine, eval_transform, train_transform
 
 from toy_data import make_image_tree
 
@@ -66,6 +67,40 @@ def test_train_transform_augments_and_eval_is_deterministic(preset):
     assert not torch.equal(a, b)  # augmented: two draws differ
     assert torch.equal(eval_tf(image), eval_tf(image))
     assert train_transform("none", 32, mean, std)(image).equal(eval_tf(image))
+
+
+@pytest.mark.parametrize(
+    "angle, translate, scale, shear", [(17.0, (5, -3), 1.08, (0.1, 0.0)), (-20.0, (-4, 4), 0.9, (0.0, 0.0))]
+)
+def test_seed_affine_is_torchvisions_with_the_edge_as_fill(angle, translate, scale, shear):
+    """Inside the image, exactly torchvision's RandomAffine; outside it, the nearest edge pixel
+    (Keras' fill_mode='nearest') where torchvision can only fill a constant."""
+    torch.manual_seed(0)
+    image = torch.randint(0, 255, (3, 40, 48), dtype=torch.uint8)
+    params = {"angle": angle, "translate": translate, "scale": scale, "shear": shear}
+    ours = EdgeFillAffine(degrees=0).transform(image, params)
+    # torchvision's, with a marker (one coordinate plane each) to see where it samples from
+    rows = torch.arange(40, dtype=torch.float32).view(1, 40, 1).expand(1, 40, 48)
+    cols = torch.arange(48, dtype=torch.float32).view(1, 1, 48).expand(1, 40, 48)
+    marked = torch.cat([image.float(), rows, cols])
+    theirs = v2.functional.affine(marked, **params, interpolation=v2.InterpolationMode.NEAREST, fill=-1.0)
+    inside = theirs[3] >= 0
+    assert 0.3 < inside.float().mean() < 1.0  # the case has both: sampled pixels and fill
+    assert torch.equal(ours[:, inside], theirs[:3, inside].to(torch.uint8))
+    # outside: a pixel of the image's border, the one nearest to where the warp points
+    edge = torch.zeros(40, 48, dtype=torch.bool)
+    edge[[0, -1], :] = True
+    edge[:, [0, -1]] = True
+    border_values = {tuple(v) for v in image[:, edge].T.tolist()}
+    assert all(tuple(v) in border_values for v in ours[:, ~inside].T.tolist())
+
+
+def test_seed_augmentation_keeps_uint8_images_and_their_values():
+    torch.manual_seed(2)
+    image = torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)
+    out = EdgeFillAffine(degrees=20, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=0.1)(image)
+    assert out.dtype == torch.uint8 and out.shape == image.shape
+    assert set(out.unique().tolist()) <= set(image.unique().tolist())  # nearest: no new values, no fill
 
 
 def test_normalisation_comes_from_the_backbone():
