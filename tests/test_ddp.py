@@ -28,7 +28,6 @@ def ddp_root(tmp_path_factory) -> Path:
     return root
 
 
-
 # The broken approach, built only here: every phase in one fit, blocks unfrozen inside it after DDP
 # wrapped the model (what Lightning's BaseFinetuning does; Lightning #20340).
 UNSAFE_SINGLE_FIT = """

@@ -211,7 +211,6 @@ def test_rates_and_weights_are_unchanged_by_an_interrupt(toy_root, tmp_path, mon
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run's weights differ"
 
 
-
 def _record_phases(monkeypatch) -> dict[str, dict]:
     """The model's state at the start and end of every phase's fit, and at each start the global
     step and the optimizer's step count of the head's first tensor (0 if the fit started afresh)."""
