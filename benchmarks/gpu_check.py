@@ -48,24 +48,31 @@ def speed_rows(device: torch.device, seconds: float, variants=VARIANTS) -> list[
         for precision, channels_last, compiled in variants:
             model, plan, cfg = steps.build(backbone, size, channels_last=channels_last)
             for method in steps.METHODS:
-                torch.cuda.reset_peak_memory_stats(device)
-                step = steps.make_step(model, plan, cfg, method, 32, device, precision)
-                if compiled:
-                    model.forward_features = torch.compile(model.forward_features)
+                row = {
+                    "backbone": f"{backbone} {size}px",
+                    "method": method,
+                    "precision": precision,
+                    "channels_last": channels_last,
+                    "compile": compiled,
+                }
                 started = time.perf_counter()
-                rate = steps.images_per_second(step, device, warmup=3 if compiled else 2, seconds=seconds)
-                rows.append(
-                    {
-                        "backbone": f"{backbone} {size}px",
-                        "method": method,
-                        "precision": precision,
-                        "channels_last": channels_last,
-                        "compile": compiled,
-                        "images_per_s": rate,
-                        "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-                        "wall_s": time.perf_counter() - started,
-                    }
-                )
+                # One failing configuration (a compile error, out of memory) must not cost the rest of
+                # a check that a session may get to run only once: it is reported in its row.
+                try:
+                    torch.cuda.reset_peak_memory_stats(device)
+                    step = steps.make_step(model, plan, cfg, method, 32, device, precision)
+                    if compiled:
+                        model.forward_features = torch.compile(model.forward_features)
+                    row["images_per_s"] = steps.images_per_second(
+                        step, device, warmup=3 if compiled else 2, seconds=seconds
+                    )
+                    row["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                except Exception as error:  # noqa: BLE001 - reported, not hidden
+                    first_line = (str(error).splitlines() or [""])[0][:120]
+                    row["error"] = f"{type(error).__name__}: {first_line}"
+                    torch.cuda.empty_cache()
+                row["wall_s"] = time.perf_counter() - started
+                rows.append(row)
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -133,9 +140,10 @@ def main() -> None:
     print("| backbone | method | precision | channels_last | compile | images/s | peak memory (MB) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
+        rate, memory = (f"{r['images_per_s']:.0f}", f"{r['peak_mb']:.0f}") if "error" not in r else (r["error"], "")
         print(
             f"| {r['backbone']} | {r['method']} | {r['precision']} | {'on' if r['channels_last'] else 'off'} "
-            f"| {'on' if r['compile'] else 'off'} | {r['images_per_s']:.0f} | {r['peak_mb']:.0f} |"
+            f"| {'on' if r['compile'] else 'off'} | {rate} | {memory} |"
         )
     print()
     print("\n".join(checks))

@@ -43,3 +43,31 @@ def test_seed_protocol_divides_n_batches_by_their_own_time():
     assert seed.median([3.0, 1.0, 2.0]) == 2.0
     with pytest.raises(ValueError):
         seed.images_per_second([1.0, 2.0], [4, 4])
+
+
+def test_gpu_check_reports_a_failing_configuration_and_goes_on(monkeypatch):
+    """A compile error or out-of-memory in one configuration is a row, not the end of the check."""
+    import torch
+
+    gpu = _load("gpu_check")
+    import steps  # gpu_check put benchmarks/ on the path
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 2**21)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(steps, "build", lambda backbone, size, channels_last: (None, None, None))
+
+    def make_step(model, plan, cfg, method, batch, device, precision):
+        if method == steps.METHODS[1] and precision == "bf16":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return method
+
+    monkeypatch.setattr(steps, "make_step", make_step)
+    monkeypatch.setattr(steps, "images_per_second", lambda step, device, warmup, seconds: 100.0)
+    variants = (("fp32", False, False), ("bf16", True, False))
+    rows = gpu.speed_rows(torch.device("cpu"), 0.1, variants)
+    assert len(rows) == len(gpu.MODELS) * len(variants) * len(steps.METHODS)  # every configuration ran
+    failed = [r for r in rows if "error" in r]
+    assert [(r["method"], r["precision"]) for r in failed] == [(steps.METHODS[1], "bf16")] * len(gpu.MODELS)
+    assert failed[0]["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert all(r["images_per_s"] == 100.0 and r["peak_mb"] == 2.0 for r in rows if "error" not in r)
