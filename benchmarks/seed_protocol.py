@@ -195,11 +195,18 @@ def overhead_and_loader(
         return images_per_second(clock.stamps, clock.sizes[1:])
 
     def interleaved(batches: list | None) -> tuple[list[float], list[float]]:
-        """Three runs of each loop, alternated so that drifts (thermal, page cache) hit both alike."""
+        """Three runs of each loop after an untimed short run of both (allocator, caches), alternated
+        and in turn order (plain first, then the framework first, ...) so that drifts and whatever
+        favours the second of a pair hit both alike."""
+        plain_loop(4, batches), lightning_loop(4, batches)
         plain, framework = [], []
-        for _ in range(3):
-            plain.append(plain_loop(n_batches, batches))
-            framework.append(lightning_loop(n_batches, batches))
+        for i in range(3):
+            if i % 2 == 0:
+                plain.append(plain_loop(n_batches, batches))
+                framework.append(lightning_loop(n_batches, batches))
+            else:
+                framework.append(lightning_loop(n_batches, batches))
+                plain.append(plain_loop(n_batches, batches))
             where = "pre-loaded batches" if batches is not None else "with the loader"
             print(f"{where}: plain {plain[-1]:.1f} img/s, framework {framework[-1]:.1f} img/s", file=sys.stderr)
         return plain, framework
