@@ -198,7 +198,8 @@ def overhead_and_loader(
         """Three runs of each loop after an untimed short run of both (allocator, caches), alternated
         and in turn order (plain first, then the framework first, ...) so that drifts and whatever
         favours the second of a pair hit both alike."""
-        plain_loop(4, batches), lightning_loop(4, batches)
+        plain_loop(4, batches)
+        lightning_loop(4, batches)
         plain, framework = [], []
         for i in range(3):
             if i % 2 == 0:

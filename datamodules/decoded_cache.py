@@ -27,7 +27,7 @@ def cached_size(image_size: int) -> int:
 
 
 def _key(samples: list[tuple[str, int]], side: int) -> str:
-    stats = [(p, label, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p, label in samples]
+    stats = [(p, label, st.st_size, st.st_mtime_ns) for p, label in samples for st in [os.stat(p)]]
     # DECODE_VERSION: a cache decoded by an older load_rgb (e.g. without EXIF orientation) is not reused
     return hashlib.sha256(json.dumps([side, DECODE_VERSION, stats]).encode()).hexdigest()[:20]
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from datamodules.image_io import IMAGE_EXTENSIONS, scan_files
+from datamodules.image_io import IMAGE_EXTENSIONS, bad_reasons, scan_files
 from datamodules.near_duplicates import HASH_NAME, MAX_DISTANCE, NearDuplicate, cross_split_pairs, tsv_text
 
 SPLITS = ("train", "validation", "test")
@@ -203,7 +203,7 @@ def carve_split(
     all_paths = [str(p) for paths in files.values() for p in paths]
     named_bad = {p: "not an image file name" for p in all_paths if not p.lower().endswith(IMAGE_EXTENSIONS)}
     checks = scan_files([p for p in all_paths if p not in named_bad], threads)
-    bad = named_bad | {p: check.reason for p, check in checks.items() if check.reason is not None}
+    bad = named_bad | bad_reasons(checks)
     hashes: dict[str, list[tuple[str, int]]] = {split: [] for split in SPLITS}
     staging = root / ".staging"
     shutil.rmtree(staging, ignore_errors=True)

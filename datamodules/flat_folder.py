@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.image_folder import DataLayoutError, _not_an_image, root_dirs
+from datamodules.image_io import bad_reasons
 
 MANIFEST = "manifest.csv"
 COLUMNS = ("file", "class", "split", "fold")  # the download writes file, class, split, sha256
@@ -290,26 +291,28 @@ def flat_listing(
     """The samples of ``splits`` for a root without train/validation/test folders: from
     ``spec.manifest``, else ``ROOT/manifest.csv``, else the automatic split (see the module
     docstring). ``scan`` decodes files (``{path: Check}``; empty without the decode check)."""
-    recorded = root / MANIFEST
+    recorded, rows = root / MANIFEST, None
     if spec.manifest is not None and spec.manifest.is_file():
-        gone = [r.file for r in read_manifest(spec.manifest) if not (root / r.file).is_file()]
+        candidate = read_manifest(spec.manifest)
+        gone = [r.file for r in candidate if not (root / r.file).is_file()]
         if not gone:
-            recorded = spec.manifest
+            recorded, rows = spec.manifest, candidate  # read and checked: not again below
         else:  # the checkpoint was trained on other data: it cannot say which of these images are test
             rank_zero_warn(
                 f"{spec.manifest} lists {len(gone)} file(s) missing under {root} (e.g. {gone[0]}): "
                 f"the split of {root} is made from data.split_sizes and data.split_seed instead"
             )
     checks, bad = None, {}
-    if recorded.is_file():
+    if rows is not None or recorded.is_file():
         manifest, source = recorded, "manifest"
-        rows = read_manifest(manifest)
-        missing = [r.file for r in rows if not (root / r.file).is_file()]
-        if missing:
-            raise DataLayoutError(
-                f"{manifest} lists {len(missing)} file(s) missing under {root}, e.g. {missing[0]}; "
-                "fix or remove the manifest"
-            )
+        if rows is None:
+            rows = read_manifest(manifest)
+            missing = [r.file for r in rows if not (root / r.file).is_file()]
+            if missing:
+                raise DataLayoutError(
+                    f"{manifest} lists {len(missing)} file(s) missing under {root}, e.g. {missing[0]}; "
+                    "fix or remove the manifest"
+                )
         in_folders = {f"{name}/{e.name}" for name in root_dirs(root) for e in os.scandir(root / name) if e.is_file()}
         unused = {f for f in in_folders if not _not_an_image(f.rsplit("/", 1)[1])} - {r.file for r in rows}
         if unused:
@@ -318,7 +321,7 @@ def flat_listing(
     else:
         classes, files, bad = list_flat(root)
         checks = scan([str(root / f) for names in files.values() for f in names])
-        bad |= {p: c.reason for p, c in checks.items() if c.reason is not None}
+        bad |= bad_reasons(checks)
         clean = {name: [f for f in names if str(root / f) not in bad] for name, names in files.items()}
         rows, manifest = _split_rows(root, files, clean, spec, cache_dir, checked)
         source = "flat"

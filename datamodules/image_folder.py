@@ -16,7 +16,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.decoded_cache import decoded_cache, open_decoded
-from datamodules.image_io import IMAGE_EXTENSIONS, load_rgb, scan_files
+from datamodules.image_io import IMAGE_EXTENSIONS, bad_reasons, load_rgb, scan_files
 from datamodules.near_duplicates import HASH_NAME, MAX_DISTANCE, NearDuplicate, cross_split_pairs, evaluation_drops
 from datamodules.sampling import ResumableLoader, eval_sampler, sample_seed, train_sampler
 from datamodules.transforms import eval_transform, train_transform
@@ -198,7 +198,7 @@ def scan_splits(
     hashes: dict[str, int] = {}
     if check_files:  # one scan per call: the scan memory keeps the files of its last call only
         checks = listing.checks if listing.checks is not None else scan([p for s in samples.values() for p, _ in s])
-        bad |= {path: check.reason for path, check in checks.items() if check.reason is not None}
+        bad |= bad_reasons(checks)
         hashes = {path: check.dhash for path, check in checks.items() if check.dhash is not None}
     strict_bad = {p: r for p, r in bad.items() if r != "hidden file"}  # OS litter is never an error
     if strict_bad and not skip_bad_files:
@@ -240,7 +240,7 @@ def scan_splits(
 
 
 def scan_memory_path(cache_dir: str | Path, root: Path) -> Path:
-    """The remembered decode checks of one data root (see ``image_io.find_bad_files``)."""
+    """The remembered decode checks of one data root (see ``image_io.scan_files``)."""
     digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
     return Path(cache_dir) / f"scan-{digest}.json"
 

@@ -148,9 +148,8 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def find_bad_files(paths: list[str], threads: int = 4, memory: str | Path | None = None) -> dict[str, str]:
-    """``{path: reason}`` for every file in ``paths`` that does not decode (see ``scan_files``)."""
-    checks = scan_files(paths, threads, memory)
+def bad_reasons(checks: dict[str, Check]) -> dict[str, str]:
+    """``{path: reason}`` for every checked file that does not decode (see ``scan_files``)."""
     return {path: check.reason for path, check in checks.items() if check.reason is not None}
 
 

@@ -107,9 +107,9 @@ def train_transform(
     if preset not in AUGMENT_PRESETS:
         raise ValueError(f"unknown data.augment {preset!r}; choose one of: {', '.join(AUGMENT_PRESETS)}")
     if cached:
-        crop = [v2.RandomCrop(size), v2.RandomHorizontalFlip()]
-        extra = {"none": [], "seed": _seed_augmentation(), "standard": [v2.TrivialAugmentWide()]}[preset]
-        return v2.Compose([v2.ToImage(), *crop, *extra, *_to_normalised(mean, std)])
+        flip = [v2.RandomHorizontalFlip()]  # the seed augmentation flips already: not twice
+        extra = {"none": flip, "seed": _seed_augmentation(), "standard": [*flip, v2.TrivialAugmentWide()]}[preset]
+        return v2.Compose([v2.ToImage(), v2.RandomCrop(size), *extra, *_to_normalised(mean, std)])
     if preset == "none":
         return eval_transform(size, mean, std, interpolation)
     if preset == "seed":
