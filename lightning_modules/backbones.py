@@ -193,14 +193,14 @@ BACKBONES: dict[str, BackboneSpec] = {
 def backbone_spec(name: str) -> BackboneSpec:
     """The spec of ``model.backbone=name``: a built-in entry of :data:`BACKBONES`, or for
     ``timm:<model>`` one made (and cached) by building that timm model once with random weights."""
-    from lightning_modules.timm_backbones import TIMM_PREFIX, timm_spec
+    from lightning_modules.timm_backbones import SUPPORTED, TIMM_PREFIX, timm_spec
 
     if name.startswith(TIMM_PREFIX):
         return timm_spec(name)
     if name not in BACKBONES:
         raise BackboneError(
             f"model.backbone={name!r} is not valid; choose one of: {', '.join(sorted(BACKBONES))}, "
-            "or timm:<name> for a timm CNN (resnet*, convnext*, efficientnet*, mobilenetv3*, regnet*)"
+            f"or timm:<name> for a timm CNN ({SUPPORTED})"
         )
     return BACKBONES[name]
 

@@ -25,12 +25,15 @@ def to_probabilities(logits: torch.Tensor, binary: bool) -> torch.Tensor:
     return logits.float().softmax(dim=1)
 
 
+def _nll(scaled: torch.Tensor, targets: torch.Tensor, binary: bool) -> torch.Tensor:
+    if binary:
+        return F.binary_cross_entropy_with_logits(scaled.reshape(-1), targets.float())
+    return F.cross_entropy(scaled, targets)
+
+
 def nll(logits: torch.Tensor, targets: torch.Tensor, binary: bool, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood at ``temperature`` (the evaluation loss the model reports)."""
-    scaled = logits.float() / temperature
-    if binary:
-        return float(F.binary_cross_entropy_with_logits(scaled.reshape(-1), targets.float()))
-    return float(F.cross_entropy(scaled, targets))
+    return float(_nll(logits.float() / temperature, targets, binary))
 
 
 def ece(logits: torch.Tensor, targets: torch.Tensor, binary: bool, temperature: float = 1.0) -> float:
@@ -49,11 +52,7 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, binary: bool) -
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        scaled = logits / log_t.exp()
-        if binary:
-            loss = F.binary_cross_entropy_with_logits(scaled.reshape(-1), targets.float())
-        else:
-            loss = F.cross_entropy(scaled, targets)
+        loss = _nll(logits / log_t.exp(), targets, binary)
         loss.backward()
         return loss
 

@@ -9,10 +9,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, load_config, parse_overrides, plan_from_config, to_yaml
-from pipeline.evaluation import read_correct
+from pipeline.evaluation import paired_mcnemar, read_correct
 from pipeline.run_dir import resolve_all_run, write_json_atomic, write_text_atomic
 from pipeline.stages import run_stage
-from pipeline.statistics import mcnemar
 
 METHODS = [
     ("features", "1. feature extraction (cached features, head only)"),
@@ -83,11 +82,7 @@ def paired_tests(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     correct = {row["method"]: read_correct(row["test_predictions"]) for row in rows if row.get("test_predictions")}
     tests = []
     for a, b in itertools.combinations(correct, 2):
-        files = sorted(correct[a])
-        if set(files) != set(correct[b]):
-            raise RuntimeError(f"{a} and {b} were tested on different images: no paired test")
-        result = mcnemar([correct[a][f] for f in files], [correct[b][f] for f in files])
-        tests.append({"a": a, "b": b, **result})
+        tests.append({"a": a, "b": b, **paired_mcnemar(correct[a], correct[b], f"{a} and {b}")})
     return tests
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.evaluation import read_correct
-from pipeline.statistics import mcnemar, wilson_interval
+from pipeline.evaluation import paired_mcnemar, read_correct
+from pipeline.statistics import wilson_interval
 
 
 def _predictions(path: str) -> Path:
@@ -20,14 +20,11 @@ def _predictions(path: str) -> Path:
 
 def compare(a: str, b: str) -> dict:
     correct_a, correct_b = (read_correct(_predictions(p)) for p in (a, b))
-    if set(correct_a) != set(correct_b):
-        raise ValueError(f"the two runs were tested on different images ({len(correct_a)} vs {len(correct_b)} files)")
-    files = sorted(correct_a)
-    result = mcnemar([correct_a[f] for f in files], [correct_b[f] for f in files])
+    result = paired_mcnemar(correct_a, correct_b)
     for name, correct in (("a", correct_a), ("b", correct_b)):
         right = sum(correct.values())
-        result[f"{name}_acc"] = right / len(files)
-        result[f"{name}_acc_ci95"] = list(wilson_interval(right, len(files)))
+        result[f"{name}_acc"] = right / len(correct)
+        result[f"{name}_acc_ci95"] = list(wilson_interval(right, len(correct)))
     return result
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,10 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules.calibration import ECE_BINS, ece, fit_temperature, nll, to_probabilities
 from lightning_modules.figures import reliability_diagram
+from lightning_modules.run_safety import AtomicCheckpointIO
 from lightning_modules.tensorboard_views import tensorboard_writer
-from pipeline.statistics import wilson_interval
+from pipeline.run_dir import write_text_atomic
+from pipeline.statistics import mcnemar, wilson_interval
 
 METRIC_KEYS = ("acc", "loss", "f1", "auroc", "ece", "count")
 INTERVALS = "acc_ci95: 95% Wilson score interval of the accuracy over the split's images"
@@ -107,9 +108,7 @@ def store_temperature(path: str | Path, temperature: float) -> None:
     """Write the fitted temperature into a checkpoint file (atomically)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ckpt["state_dict"]["temperature"] = torch.tensor(float(temperature))
-    tmp = Path(f"{path}.tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    AtomicCheckpointIO().save_checkpoint(ckpt, path)
 
 
 def _log_reliability(trainer: Trainer, run_dir: Path, binary: bool, test_pred, temperature: float) -> None:
@@ -139,12 +138,18 @@ def write_predictions(path: Path, files: list[str], class_names: list[str], bina
     for file, target, p in zip(files, targets.tolist(), probs.tolist()):
         predicted = max(range(len(p)), key=p.__getitem__)
         writer.writerow([file, class_names[target], class_names[predicted], *[f"{x:.6f}" for x in p]])
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(out.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(path, out.getvalue())
 
 
 def read_correct(path: str | Path) -> dict[str, bool]:
     """``{file: predicted == target}`` from a ``test_predictions.csv``."""
     with open(path, newline="") as f:
         return {row["file"]: row["predicted"] == row["target"] for row in csv.DictReader(f)}
+
+
+def paired_mcnemar(correct_a: dict[str, bool], correct_b: dict[str, bool], what: str = "the two runs") -> dict:
+    """The exact McNemar test of two ``read_correct`` results, paired by file."""
+    if set(correct_a) != set(correct_b):
+        raise ValueError(f"{what} were tested on different images ({len(correct_a)} vs {len(correct_b)} files)")
+    files = sorted(correct_a)
+    return mcnemar([correct_a[f] for f in files], [correct_b[f] for f in files])
