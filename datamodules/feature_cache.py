@@ -22,12 +22,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from datamodules import image_io, transforms
 from datamodules.image_folder import CPU_EVAL_BATCH, ImageFolderDataModule
 from datamodules.sampling import eval_sampler, train_sampler
-from lightning_modules.backbones import weights_fingerprint
+from lightning_modules.backbones import file_safe, weights_fingerprint
+from lightning_modules.timm_backbones import TIMM_PREFIX
 
 
 def _timm_version(backbone: str) -> str | None:
     """timm's version for a timm backbone: a new release may compute other features."""
-    if not backbone.startswith("timm:"):
+    if not backbone.startswith(TIMM_PREFIX):
         return None
     import timm
 
@@ -127,8 +128,7 @@ class FeatureDataModule(LightningDataModule):
     def path(self) -> Path:
         if self._path is None:
             key = cache_key(self.images, self.model, self.pool, self.views)
-            name = self.model.backbone.name.replace(":", "-")  # timm:<name>: no colon in file names
-            self._path = self.cache_dir / f"{name}-{self.images.image_size}px-{key}.pt"
+            self._path = self.cache_dir / f"{file_safe(self.model.backbone.name)}-{self.images.image_size}px-{key}.pt"
         return self._path
 
     def prepare_data(self) -> None:

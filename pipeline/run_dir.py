@@ -10,16 +10,12 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from lightning_modules.backbones import file_safe
 from pipeline.config import ConfigError
 
 # Set by the launching process so that DDP workers (which re-run train.py) use the same folder.
 RUN_DIR_ENV = "TRANSFER_RUN_DIR"
 ALL_RUN_DIR_ENV = "TRANSFER_ALL_RUN_DIR"
-
-
-def file_safe(name: str) -> str:
-    """A backbone name usable in file names everywhere (``timm:resnet18`` -> ``timm-resnet18``)."""
-    return name.replace(":", "-").replace("/", "-")
 
 
 def group_dir(cfg: DictConfig, stage: str | None = None) -> Path:
