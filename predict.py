@@ -16,15 +16,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(__doc__)
         return None
-    from lightning_modules.backbones import BackboneError
-    from pipeline.config import ConfigError
+    from lightning_modules.errors import UserError
     from pipeline.predict import main as predict_main
 
     try:
         return predict_main(argv)
-    except (ConfigError, BackboneError) as err:  # e.g. a timm checkpoint without timm installed
+    except UserError as err:  # e.g. a timm checkpoint without timm installed
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(err.exit_code) from None
 
 
 if __name__ == "__main__":

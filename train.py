@@ -8,16 +8,12 @@ import sys
 
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
-    from pipeline.config import ConfigError, help_text, load_config
+    from pipeline.config import help_text, load_config
 
     if any(a in ("-h", "--help", "help") for a in argv):
         print(help_text())
         return None
-    from datamodules.download import DownloadError
-    from datamodules.image_folder import DataLayoutError
-    from lightning_modules.backbones import BackboneError, WeightsError
-    from lightning_modules.run_safety import NonFiniteLossError
-    from lightning_modules.schedule import PlanError
+    from lightning_modules.errors import UserError
     from pipeline.all_stages import run_all
     from pipeline.repeats import grid_requested, run_grid
     from pipeline.stages import RunInterrupted, run_stage
@@ -27,14 +23,11 @@ def main(argv: list[str] | None = None) -> dict | None:
             return run_grid(argv)
         cfg = load_config(argv)
         return run_all(argv) if cfg.stage == "all" else run_stage(cfg)
-    except (ConfigError, DataLayoutError, WeightsError, BackboneError, DownloadError, PlanError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(3) from None
-    except RunInterrupted as err:
+    except RunInterrupted as err:  # not an error: the state is saved and the same command continues
         print(str(err), file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
 
 

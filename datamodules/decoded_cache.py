@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
 from datamodules.image_io import DECODE_VERSION, load_rgb
+from lightning_modules.atomic_io import atomic_target, file_lock, preallocate
 
 # Cached side length relative to data.image_size: room for random crops of image_size.
 MARGIN = 1.15
@@ -37,22 +38,37 @@ def _decode(path: str, side: int) -> np.ndarray:
 
 
 def decoded_cache(samples: list[tuple[str, int]], image_size: int, cache_dir: str | Path, threads: int = 4) -> Path:
-    """The path of a ``(N, S, S, 3)`` uint8 file for ``samples`` (S = cached_size), built if missing."""
+    """The path of a ``(N, S, S, 3)`` uint8 file for ``samples`` (S = cached_size), built if missing.
+
+    Any number of processes may share ``cache_dir``: one builds the file, the others wait for it."""
     side = cached_size(image_size)
     path = Path(cache_dir) / f"decoded-{side}px-{_key(samples, side)}.u8"
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(samples), side, side, 3))
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for i, image in enumerate(pool.map(lambda s: _decode(s[0], side), samples, chunksize=16)):
-            array[i] = image
-    array.flush()
-    del array
-    os.replace(tmp, path)
+    with file_lock(path):
+        if path.is_file():  # built while this process waited for the lock
+            rank_zero_info(f"decoded-image cache hit: {path} (built by another process)")
+            return path
+        _build(samples, side, path, threads)
     rank_zero_info(f"decoded-image cache: {len(samples)} images at {side}px in {path}")
     return path
+
+
+def _build(samples: list[tuple[str, int]], side: int, path: Path, threads: int) -> None:
+    shape = (len(samples), side, side, 3)
+    # the temporary name is this process's own: a second builder never truncates a file mapped here
+    with atomic_target(path, needed=int(np.prod(shape))) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        try:
+            # the file is sparse: reserve its blocks now, or a full disk is a SIGBUS in the middle of the copy
+            with open(tmp, "r+b") as f:
+                preallocate(f.fileno(), os.fstat(f.fileno()).st_size, path)
+            with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+                for i, image in enumerate(pool.map(lambda s: _decode(s[0], side), samples, chunksize=16)):
+                    array[i] = image
+            array.flush()
+        finally:
+            del array
 
 
 def open_decoded(path: str | Path) -> np.ndarray:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from datamodules import image_io, transforms
 from datamodules.image_folder import CPU_EVAL_BATCH, ImageFolderDataModule
 from datamodules.sampling import eval_sampler, train_sampler
+from lightning_modules.atomic_io import file_lock, torch_save_atomic
 from lightning_modules.backbones import file_safe, weights_fingerprint
 from lightning_modules.timm_backbones import TIMM_PREFIX
 
@@ -135,6 +136,15 @@ class FeatureDataModule(LightningDataModule):
         if self.path.is_file():
             rank_zero_info(f"feature cache hit: {self.path}")
             return
+        # another run on the same cache_dir may be building this file: wait for it, then read it
+        with file_lock(self.path):
+            if self.path.is_file():
+                rank_zero_info(f"feature cache hit: {self.path} (built by another process)")
+                return
+            self._build()
+        self.computed = True
+
+    def _build(self) -> None:
         rank_zero_info(f"building feature cache {self.path}")
         splits = {}
         for split in self.images._index().samples:
@@ -144,11 +154,8 @@ class FeatureDataModule(LightningDataModule):
             started = time.time()
             splits[split] = extract_features(self.model, loader, self.device, self.views)
             rank_zero_info(f"feature cache: {split} ({len(splits[split][1])} images) in {time.time() - started:.1f}s")
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({split: {"x": x, "y": y} for split, (x, y) in splits.items()}, tmp)
-        os.replace(tmp, self.path)  # atomic: a crash never leaves a truncated cache behind
-        self.computed = True
+        # atomic: a crash never leaves a truncated cache behind, a full disk is one DiskFullError line
+        torch_save_atomic({split: {"x": x, "y": y} for split, (x, y) in splits.items()}, self.path)
 
     def setup(self, stage: str | None = None) -> None:
         data = torch.load(self.path, map_location="cpu", weights_only=True)

@@ -4,10 +4,13 @@ The split is a pure function of the sorted list of image files, ``data.split_siz
 ``data.split_seed``: each class's files are sorted, shuffled with the split seed and the class name,
 and cut into test, validation and train (in that order, so a larger training count leaves the test
 and validation images unchanged). Unreadable files are left out before the cut, so counts are exact.
+Near duplicates (``near_duplicates.near_duplicate_groups`` over the hashes the decode check makes)
+are cut as whole groups, so no picture is in two splits or folds (the rule: ``carve``); the groups
+are listed in ``near_duplicate_groups.json`` beside the manifest and counted in the run's report.
 The result is written once to ``<cache>/splits/<digest>/manifest.csv`` (the data root may be
-read-only) and read from there on later runs; the digest covers the root, the file list, the sizes,
-the seed and ``data.folds``, so a changed folder gets a new split instead of a stale one. A
-``ROOT/manifest.csv`` (e.g. the download's) is used as the split as it is.
+read-only) and read from there on later runs; the digest covers the root, the file list (and whether
+it has near duplicates), the sizes, the seed and ``data.folds``, so a changed folder gets a new
+split instead of a stale one. A ``ROOT/manifest.csv`` (e.g. the download's) is used as it is.
 
 ``data.folds=K`` divides the non-test images into K stratified folds (a manifest's ``fold`` column);
 ``data.fold=i`` validates on fold i and trains on the others, the test split stays the same.
@@ -21,17 +24,20 @@ import io
 import json
 import math
 import os
+import posixpath
 import random
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, NamedTuple
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.image_folder import DataLayoutError, _not_an_image, root_dirs
 from datamodules.image_io import bad_reasons
+from datamodules.near_duplicates import MAX_DISTANCE, near_duplicate_groups
+from lightning_modules.atomic_io import write_json_atomic, write_text_atomic
 
 MANIFEST = "manifest.csv"
 COLUMNS = ("file", "class", "split", "fold")  # the download writes file, class, split, sha256
@@ -40,6 +46,7 @@ TO_MANIFEST = {"train": "train", "val": "validation", "test": "test"}
 FROM_MANIFEST = {"train": "train", "validation": "val", "val": "val", "test": "test"}
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 UNSPLIT = "unsplit"  # SplitIndex.skipped key of files left out before the split
+GROUPS = "near_duplicate_groups.json"  # beside a split's manifest: the near-duplicate groups it kept whole
 
 
 @dataclass(frozen=True)
@@ -118,10 +125,50 @@ def class_counts(n: int, sizes: Sequence[float]) -> tuple[int, int, int]:
     return train, val, test
 
 
-def carve(files_by_class: dict[str, list[str]], sizes: Sequence[float], seed: int) -> dict[str, str]:
-    """``{file: split}`` for a stratified, seeded split (see the module docstring)."""
+OUT = ""  # carve's place for the images the sizes leave out (counts, or fractions summing to less than 1)
+
+
+def _units(
+    order: list[str], group_of: dict[str, int], groups: Sequence[Sequence[str]], done: Mapping[str, object]
+) -> list[list[str]]:
+    """``order`` (one class, shuffled) as the units a cut places whole: a group at the place of its
+    first member, with its members of this class; files already in ``done`` (their group was placed
+    with another class) are left out."""
+    units, seen, here = [], set(), set(order)
+    for file in order:
+        if file in done:
+            continue
+        group = group_of.get(file)
+        if group is None:
+            units.append([file])
+        elif group not in seen:
+            seen.add(group)
+            units.append([f for f in groups[group] if f in here])
+    return units
+
+
+def carve(
+    files_by_class: dict[str, list[str]],
+    sizes: Sequence[float],
+    seed: int,
+    groups: Sequence[Sequence[str]] = (),
+) -> dict[str, str]:
+    """``{file: split}`` for a stratified, seeded split (see the module docstring) that keeps each of
+    ``groups`` (near duplicates, ``near_duplicates.near_duplicate_groups``) in one split.
+
+    The rule: each class's shuffled files are walked as units, a group at the place of its first
+    member and counted as its size, and each unit goes to the first of test, validation, train and
+    "left out" (the cut order) that has room for all of it. A unit that fits nowhere goes to train,
+    or is left out where the sizes leave images out. Without groups every unit is one file and this
+    is exactly the plain cut. With them a split ends short only when every unit after its last free
+    place is a group larger than the places left (train or "left out" takes it); a group's members
+    in other classes (one picture filed twice) go with it and count against their own class's room,
+    which they may exceed. Every split keeps an image of each class, or the cut is a DataLayoutError."""
     kind, _ = parse_split_sizes(sizes)
-    out = {}
+    known = {file for files in files_by_class.values() for file in files}
+    groups = [[f for f in group if f in known] for group in groups]
+    group_of = {file: i for i, group in enumerate(groups) for file in group}
+    placed: dict[str, str] = {}
     for name, files in sorted(files_by_class.items()):
         order = sorted(files)
         random.Random(f"{seed}:{name}").shuffle(order)
@@ -132,20 +179,42 @@ def carve(files_by_class: dict[str, list[str]], sizes: Sequence[float], seed: in
                 f"class {name!r} has {len(order)} readable image(s), too few for data.split_sizes={list(sizes)} "
                 f"(needs {need}); use smaller counts or fractions such as data.split_sizes=[0.8,0.1,0.1]"
             )
-        for split, chunk in (("test", order[:test]), ("val", order[test : test + val])):
-            out |= dict.fromkeys(chunk, split)
-        out |= dict.fromkeys(order[test + val : test + val + train], "train")
-    return out
+        room = {"test": test, "val": val, "train": train, OUT: len(order) - train - val - test}
+        for file in order:
+            if file in placed:  # placed with its group from an earlier class
+                room[placed[file]] -= 1
+        overflow = OUT if train + val + test < len(order) else "train"
+        for unit in _units(order, group_of, groups, placed):
+            split = next((s for s in ("test", "val", "train", OUT) if room[s] >= len(unit)), overflow)
+            room[split] -= len(unit)
+            members = groups[group_of[unit[0]]] if unit[0] in group_of else unit
+            placed |= dict.fromkeys(members, split)
+        empty = [s for s in ("train", "val", "test") if not any(placed[f] == s for f in order)]
+        if empty:
+            raise DataLayoutError(
+                f"class {name!r}: its near-duplicate groups leave no image of it for {TO_MANIFEST[empty[0]]} "
+                f"with data.split_sizes={list(sizes)}; use larger sizes or remove duplicate photos"
+            )
+    return {file: split for file, split in placed.items() if split != OUT}
 
 
-def assign_folds(pool: Iterable[tuple[str, str]], folds: int, seed: int) -> dict[str, int]:
+def assign_folds(
+    pool: Iterable[tuple[str, str]], folds: int, seed: int, groups: Sequence[Sequence[str]] = ()
+) -> dict[str, int]:
     """``{file: fold}`` for ``(file, class)`` pairs: each class shuffled (seeded) and dealt round
     robin, continuing where the previous class stopped, so folds differ by at most one image
-    overall and per class."""
+    overall and per class. Each of ``groups`` (near duplicates) is dealt whole, counted as its size,
+    at the place of its first member: every unit goes to the fold with the fewest images of its
+    class, then the fewest overall, then the next in the round (without groups: plain round robin),
+    which leaves folds apart by about a group's size."""
     by_class: dict[str, list[str]] = defaultdict(list)
     for file, name in pool:
         by_class[name].append(file)
-    out, offset = {}, 0
+    in_pool = {file for files in by_class.values() for file in files}
+    groups = [[f for f in group if f in in_pool] for group in groups]
+    group_of = {file: i for i, group in enumerate(groups) for file in group}
+    out: dict[str, int] = {}
+    total, turn = [0] * folds, 0
     for name, files in sorted(by_class.items()):
         if len(files) < folds:
             raise DataLayoutError(
@@ -154,8 +223,22 @@ def assign_folds(pool: Iterable[tuple[str, str]], folds: int, seed: int) -> dict
             )
         order = sorted(files)
         random.Random(f"{seed}:{name}:folds").shuffle(order)
-        out |= {file: (offset + i) % folds for i, file in enumerate(order)}
-        offset += len(order)
+        mine = [0] * folds
+        for file in order:
+            if file in out:  # dealt with its group from an earlier class
+                mine[out[file]] += 1
+        for unit in _units(order, group_of, groups, out):
+            fold = min(range(folds), key=lambda k: (mine[k], total[k], (k - turn) % folds))
+            members = groups[group_of[unit[0]]] if unit[0] in group_of else unit
+            out |= dict.fromkeys(members, fold)
+            mine[fold] += len(unit)
+            total[fold] += len(members)
+            turn = (fold + 1) % folds
+        if min(mine) == 0:
+            raise DataLayoutError(
+                f"class {name!r}: its near-duplicate groups leave fold {mine.index(0)} of data.folds={folds} "
+                "without an image of it; use fewer folds or remove duplicate photos"
+            )
     return out
 
 
@@ -173,21 +256,20 @@ def manifest_text(rows: Iterable[Row]) -> str:
 
 def write_manifest(path: Path, rows: Iterable[Row]) -> None:
     """Atomic, and safe when several processes write the same (deterministic) manifest at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(manifest_text(rows))
-    os.replace(tmp, path)
+    write_text_atomic(path, manifest_text(rows))
 
 
 def read_manifest(path: Path) -> list[Row]:
-    """The rows of a manifest (columns file, class, split; fold optional; others ignored)."""
+    """The rows of a manifest (columns file, class, split; fold optional; others ignored). A file
+    outside the root (absolute, or escaping with ``..``) or listed twice (in one split or two) is a
+    one-line DataLayoutError naming its line, before any file is read."""
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             missing = {"file", "class", "split"} - set(reader.fieldnames or [])
             if missing:
                 raise DataLayoutError(f"{path} lacks the column(s) {sorted(missing)}; expected {', '.join(COLUMNS)}")
-            rows = []
+            rows, first_line = [], {}
             for number, record in enumerate(reader, start=2):
                 split = FROM_MANIFEST.get(record["split"].strip())
                 fold = (record.get("fold") or "").strip()
@@ -196,7 +278,22 @@ def read_manifest(path: Path) -> list[Row]:
                         f"{path} line {number}: needs a file, a class, split train/validation/test and an empty "
                         f"or whole-number fold; got {dict(record)}"
                     )
-                rows.append(Row(record["file"], record["class"], split, int(fold) if fold else None))
+                file = record["file"]
+                if PurePosixPath(file).is_absolute() or PureWindowsPath(file).is_absolute():
+                    raise DataLayoutError(
+                        f"{path} line {number}: {file!r} is an absolute path; files are listed relative to data.root"
+                    )
+                # One spelling per file (a/./b.jpg is a/b.jpg), so a file cannot hide in two rows.
+                key = posixpath.normpath(file.replace("\\", "/"))
+                if key == ".." or key.startswith("../"):
+                    raise DataLayoutError(f"{path} line {number}: {file!r} points outside data.root")
+                if key in first_line:
+                    raise DataLayoutError(
+                        f"{path} line {number}: {file!r} is listed again (first on line {first_line[key]}); "
+                        "each file may have one row, in one split"
+                    )
+                first_line[key] = number
+                rows.append(Row(file, record["class"], split, int(fold) if fold else None))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DataLayoutError(f"cannot read {path}: {err}") from None
     if not rows:
@@ -232,14 +329,38 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
-def _new_rows(clean: dict[str, list[str]], spec: SplitSpec) -> list[Row]:
-    split_of = carve(clean, spec.sizes, spec.seed)
+def _new_rows(clean: dict[str, list[str]], spec: SplitSpec, groups: Sequence[Sequence[str]] = ()) -> list[Row]:
+    split_of = carve(clean, spec.sizes, spec.seed, groups)
     fold_of: dict[str, int] = {}
     if spec.folds:
         fold_of = assign_folds(
-            ((f, f.split("/")[0]) for f, s in split_of.items() if s != "test"), spec.folds, spec.seed
+            ((f, f.split("/")[0]) for f, s in split_of.items() if s != "test"), spec.folds, spec.seed, groups
         )
     return [Row(f, f.split("/")[0], s, fold_of.get(f)) for f, s in split_of.items()]
+
+
+def kept_together(groups: Sequence[Sequence[str]]) -> dict[str, int]:
+    """The near-duplicate groups a split kept whole, in numbers (for metrics.json)."""
+    return {"near_duplicate_groups_kept_together": len(groups), "images_in_groups": sum(map(len, groups))}
+
+
+def _groups_note(counts: dict[str, Any]) -> str:
+    n, m = counts.get("near_duplicate_groups_kept_together"), counts.get("images_in_groups")
+    return f"; {n} near-duplicate group(s) of {m} images kept in one split each" if n else ""
+
+
+def read_groups(manifest: Path | None) -> dict[str, Any]:
+    """``kept_together`` of the split in ``manifest`` (from its GROUPS file; None where it has
+    none: the files were not checked, or the split was made in memory)."""
+    try:
+        recorded = json.loads((manifest.parent / GROUPS).read_text()) if manifest is not None else {}
+        return {key: recorded[key] for key in kept_together(())}
+    except (OSError, ValueError, KeyError, TypeError):
+        return dict.fromkeys(kept_together(()))
+
+
+def _write_groups(folder: Path, groups: Sequence[Sequence[str]]) -> None:
+    write_json_atomic(folder / GROUPS, kept_together(groups) | {"groups": [list(g) for g in groups]})
 
 
 def _split_rows(
@@ -249,34 +370,49 @@ def _split_rows(
     spec: SplitSpec,
     cache_dir: str | Path | None,
     checked: bool,
+    groups: Sequence[Sequence[str]] = (),
 ) -> tuple[list[Row], Path | None]:
     """``spec``'s split of the folder and its manifest: read if this exact folder was split with
     these settings before, else written; a changed folder gets a new one, with a warning. Without
-    ``cache_dir`` the split is made in memory only (the data root may be read-only)."""
+    ``cache_dir`` the split is made in memory only (the data root may be read-only). ``groups``:
+    near duplicates kept in one split and fold, listed in GROUPS beside the manifest."""
     if cache_dir is None:
-        return _new_rows(clean, spec), None
+        return _new_rows(clean, spec, groups), None
     settings = _digest([str(root.resolve()), list(spec.sizes), spec.seed, spec.folds, checked])
     listing = sorted(f for names in files.values() for f in names)
-    folder = Path(cache_dir) / "splits" / f"{settings}-{_digest(listing)}"
+    # A folder without near duplicates keeps the digest, and the manifest, it had before groups were
+    # kept together; one with them gets a new split instead of a cached one that may cut them apart.
+    ungrouped = Path(cache_dir) / "splits" / f"{settings}-{_digest(listing)}"
+    grouped = Path(cache_dir) / "splits" / f"{settings}-{_digest([listing, 'near-duplicate groups', MAX_DISTANCE])}"
+    folder = grouped if groups else ungrouped
     path = folder / MANIFEST
     if path.is_file():
-        rank_zero_info(f"split of {root}: read from {path}")
+        if checked and not (folder / GROUPS).is_file():  # written before GROUPS existed: it had no groups
+            _write_groups(folder, groups)
+        rank_zero_info(f"split of {root}: read from {path}{_groups_note(read_groups(path))}")
         return read_manifest(path), path
     earlier = sorted(folder.parent.glob(f"{settings}-*/files.json"), key=lambda p: p.stat().st_mtime)
-    if earlier:
+    if groups and (ungrouped / MANIFEST).is_file():  # this folder's split from before groups were kept whole
+        rank_zero_warn(
+            f"{root} has {len(groups)} near-duplicate group(s): a new split that keeps each in one split is "
+            f"written to {path}; results are not comparable with runs on the old one ({ungrouped})"
+        )
+    elif earlier:
         before = set(json.loads(earlier[-1].read_text()))
         added, removed = len(set(listing) - before), len(before - set(listing))
         rank_zero_warn(
             f"{root} changed since its last split ({added} file(s) added, {removed} removed): a new split is "
             f"written to {path}; results are not comparable with runs on the old one ({earlier[-1].parent})"
         )
-    rows = _new_rows(clean, spec)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text = folder / f"files.json.{os.getpid()}.tmp"
-    write_text.write_text(json.dumps(listing))
-    os.replace(write_text, folder / "files.json")
+    rows = _new_rows(clean, spec, groups)
+    write_json_atomic(folder / "files.json", listing)
+    if checked:  # unchecked files have no hashes: their groups are unknown, not none
+        _write_groups(folder, groups)
     write_manifest(path, rows)
-    rank_zero_info(f"split of {root}: {len(rows)} images written to {path} (data.split_sizes={list(spec.sizes)})")
+    rank_zero_info(
+        f"split of {root}: {len(rows)} images written to {path} (data.split_sizes={list(spec.sizes)})"
+        f"{_groups_note(kept_together(groups))}"
+    )
     return rows, path
 
 
@@ -323,7 +459,10 @@ def flat_listing(
         checks = scan([str(root / f) for names in files.values() for f in names])
         bad |= bad_reasons(checks)
         clean = {name: [f for f in names if str(root / f) not in bad] for name, names in files.items()}
-        rows, manifest = _split_rows(root, files, clean, spec, cache_dir, checked)
+        # The scan's hashes (decoded once, remembered in the scan memory): nothing is hashed again.
+        hashes = {f: checks[str(root / f)].dhash for names in clean.values() for f in names if str(root / f) in checks}
+        groups = near_duplicate_groups({f: h for f, h in hashes.items() if h is not None})
+        rows, manifest = _split_rows(root, files, clean, spec, cache_dir, checked, groups)
         source = "flat"
     label = {name: i for i, name in enumerate(classes)}
     samples = {
@@ -376,13 +515,10 @@ def record_split(index: Any, run_dir: Path, spec: SplitSpec) -> dict[str, Any] |
         return None
     path = run_dir / MANIFEST
     if rank_zero_only.rank == 0:
-        write_text = path.with_name(f"{MANIFEST}.tmp")
-        write_text.parent.mkdir(parents=True, exist_ok=True)
-        write_text.write_text(run_manifest(index))
-        os.replace(write_text, path)
+        write_text_atomic(path, run_manifest(index))
     summary: dict[str, Any] = {"source": index.source, "from": str(index.manifest) if index.manifest else None}
     if index.source == "flat":
-        summary |= {"split_sizes": list(spec.sizes), "split_seed": spec.seed}
+        summary |= {"split_sizes": list(spec.sizes), "split_seed": spec.seed} | read_groups(index.manifest)
     if index.folds:
         summary |= {"folds": spec.folds, "fold": spec.fold}
     return summary | {"manifest": str(path)}

@@ -20,6 +20,7 @@ from datamodules.image_io import IMAGE_EXTENSIONS, bad_reasons, load_rgb, scan_f
 from datamodules.near_duplicates import HASH_NAME, MAX_DISTANCE, NearDuplicate, cross_split_pairs, evaluation_drops
 from datamodules.sampling import ResumableLoader, eval_sampler, sample_seed, train_sampler
 from datamodules.transforms import eval_transform, train_transform
+from lightning_modules.errors import UserError
 
 if TYPE_CHECKING:  # flat_folder imports this module
     from datamodules.flat_folder import Listing, SplitSpec
@@ -32,7 +33,7 @@ LAYOUT = (
 )
 
 
-class DataLayoutError(ValueError):
+class DataLayoutError(UserError, ValueError):
     """The data folder does not have the expected layout; the message is one line."""
 
 

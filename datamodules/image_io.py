@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from datamodules.near_duplicates import dhash
+from lightning_modules.atomic_io import write_text_atomic
 
 # Up to ~180 megapixels is decoded (PIL warns above 89 MP); beyond that the file is skipped.
 MAX_PIXELS = 180_000_000
@@ -190,8 +191,5 @@ def _valid(entry: object) -> bool:
 
 
 def _write_memory(memory: str | Path, files: dict[str, list]) -> None:
-    path = Path(memory)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # several DDP ranks may write at once
-    tmp.write_text(json.dumps({"version": SCAN_MEMORY_VERSION, "files": files}))
-    os.replace(tmp, path)
+    # several DDP ranks may write at once: atomic_io's temporary names are per process
+    write_text_atomic(memory, json.dumps({"version": SCAN_MEMORY_VERSION, "files": files}))

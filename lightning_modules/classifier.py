@@ -103,10 +103,14 @@ class TransferClassifier(LightningModule):
         plan: Plan | None = None,
         # trained-model settings added later: defaults keep older checkpoints loadable
         class_weights: list[float] | None = None,
+        l2sp: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["inputs", "channels_last", "plan"])
         self.class_names = list(class_names)
+        # what the run's numbers mean (data, classes, preprocessing: pipeline/identity.py), set by the
+        # runner and saved in every checkpoint so that resuming or reusing it can be checked
+        self.identity: dict[str, Any] | None = None
         if len(self.class_names) < 2:
             raise ValueError(f"need at least two classes, got {self.class_names}")
         if inputs not in ("images", "features"):
@@ -241,8 +245,32 @@ class TransferClassifier(LightningModule):
             self._outputs.append((logits.detach().float(), target.detach()))
         return {"loss": loss.detach(), "probs": probs, "target": target}
 
+    # --- L2-SP (Li et al., ICML 2018): pull the trained backbone towards its starting weights ---
+    def set_l2sp_reference(self) -> None:
+        """Remember the backbone's current (pretrained) weights as the L2-SP anchor: non-persistent
+        buffers, so they follow the model's device and stay out of checkpoints (a resumed run builds
+        the same anchor again from the same pretrained weights)."""
+        self.l2sp_reference = nn.Module()
+        for name, param in self.backbone.named_parameters():
+            self.l2sp_reference.register_buffer(name.replace(".", "__"), param.detach().clone(), persistent=False)
+
+    def l2sp_penalty(self) -> torch.Tensor:
+        """``l2sp / 2 * ||w - w_0||^2`` over the backbone parameters being trained."""
+        reference = self.l2sp_reference
+        terms = [
+            (param - getattr(reference, name.replace(".", "__"))).pow(2).sum()
+            for name, param in self.backbone.named_parameters()
+            if param.requires_grad
+        ]
+        total = torch.stack(terms).sum() if terms else torch.zeros((), device=self.device)
+        return 0.5 * self.hparams.l2sp * total
+
     def training_step(self, batch, batch_idx):
         loss = self._step(batch, "train")
+        if self.hparams.l2sp > 0:
+            penalty = self.l2sp_penalty()
+            self.log("train/l2sp", penalty.detach(), on_step=True, on_epoch=False, batch_size=batch[1].numel())
+            loss = loss + penalty
         bad = not bool(torch.isfinite(loss))
         if self.trainer.world_size > 1:  # all ranks stop together, or the others would hang
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
@@ -296,7 +324,10 @@ class TransferClassifier(LightningModule):
         if self.plan is None:
             raise RuntimeError("this model has no plan to train with (see lightning_modules.schedule)")
         plan, hp = self.plan, self.hparams
-        groups = param_groups(self.head, self.backbone.blocks, plan, hp.weight_decay, hp.decay_norm_and_bias)
+        # with L2-SP the backbone is pulled towards its pretrained weights instead of towards zero
+        groups = param_groups(
+            self.head, self.backbone.blocks, plan, hp.weight_decay, hp.decay_norm_and_bias, backbone_decay=hp.l2sp <= 0
+        )
         optimizer = make_optimizer(hp.optim_name, groups, hp.weight_decay)
         # The rate is the plan's at the global step: a LambdaLR over the step has no horizon of its
         # own, and is restored with the step on resume. Steps per epoch are known once the train
@@ -337,6 +368,7 @@ class TransferClassifier(LightningModule):
         self.temperature.fill_(1.0)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.identity = checkpoint.get("identity")
         # checkpoints written before temperature scaling existed: uncalibrated
         checkpoint["state_dict"].setdefault("temperature", torch.ones(()))
         if self.collect_predictions:
@@ -347,5 +379,6 @@ class TransferClassifier(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["class_names"] = self.class_names
         checkpoint["backbone"] = self.hparams.backbone
+        checkpoint["identity"] = self.identity
         if self.plan is not None:
             checkpoint["plan"] = self.plan.to_dict()

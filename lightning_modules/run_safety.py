@@ -3,48 +3,78 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_modules.atomic_io import torch_save_atomic
+from lightning_modules.errors import UserError
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(UserError, RuntimeError):
     """The training loss became NaN or infinite; the message is one line."""
+
+    exit_code = 3
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file in the same folder, then renames it over the old
-    one: a crash while writing never leaves a truncated file where a good one was. (Lightning's
+    """Writes a checkpoint through ``atomic_io``: a per-process temporary file in the same folder,
+    fsync'ed and renamed over the old one, so a crash never leaves a truncated file where a good
+    one was, and a full disk is one ``DiskFullError`` line with no temporary file left. (Lightning's
     own ``_atomic_save`` only buffers in memory before writing the target file in place.)"""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        torch_save_atomic(checkpoint, path)
 
 
 class SaveOnInterrupt(Callback):
-    """On Ctrl+C (SIGINT) or SIGTERM, writes ``last.ckpt`` with the current state (mid-epoch
-    included), so ``ckpt_path=last`` continues from the step where the run stopped."""
+    """On Ctrl+C (SIGINT) or SIGTERM, stops at the next step boundary and writes ``last.ckpt`` with
+    the current state (mid-epoch included), so ``ckpt_path=last`` continues from that step.
+
+    SIGINT is handled like SIGTERM: it only sets Lightning's flag, which the training loop checks
+    after each step and rank zero broadcasts, so every DDP rank stops at the same step and none is
+    inside an all-reduce while the checkpoint is written (a raw KeyboardInterrupt can arrive in
+    one). A second Ctrl+C interrupts at once."""
 
     def __init__(self, checkpoint_dir: Path):
         self.path = Path(checkpoint_dir) / "last.ckpt"
         self.saved = False
+        self.signal_name = "SIGTERM"
+        self._previous: Any = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.signal_name = "SIGINT"
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl+C: KeyboardInterrupt
+        handler = signal.getsignal(signal.SIGTERM)  # Lightning's, registered for the fit
+        if not callable(handler):
+            raise KeyboardInterrupt
+        handler(signal.SIGTERM, frame)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and trainer.state.fn == "fit":
+        if trainer.state.fn != "fit":
+            return
+        # a raw KeyboardInterrupt (second Ctrl+C) under DDP may have stopped a rank inside a
+        # collective: saving then could hang, so only a single process saves on it
+        if isinstance(exception, SIGTERMException) or (
+            isinstance(exception, KeyboardInterrupt) and trainer.world_size == 1
+        ):
             trainer.save_checkpoint(self.path)
             self.saved = True
             rank_zero_info(

@@ -26,12 +26,14 @@ from typing import Any
 
 from torch import nn
 
+from lightning_modules.errors import UserError
+
 SCHEDULERS = ("none", "cosine", "onecycle")
 # One-cycle constants as in fastai's fit_one_cycle: start at lr/25, end at lr/1e5, 25% warm-up.
 ONECYCLE_DIV, ONECYCLE_FINAL_DIV, ONECYCLE_PCT = 25.0, 1e5, 0.25
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A schedule that cannot run as asked (e.g. blocks that would never unfreeze); one line."""
 
 
@@ -254,19 +256,26 @@ def _check_rates(scheduler, warmup, phases, epochs, layer_decay, ratio, top_max)
 
 
 def param_groups(
-    head: nn.Module, blocks: nn.ModuleList, plan: Plan, weight_decay: float, decay_norm_and_bias: bool = False
+    head: nn.Module,
+    blocks: nn.ModuleList,
+    plan: Plan,
+    weight_decay: float,
+    decay_norm_and_bias: bool = False,
+    backbone_decay: bool = True,
 ) -> list[dict[str, Any]]:
     """Optimizer groups: the head, then every block the plan ever trains (all present from the
     start, so an unfreeze never adds a group), each at its peak rate. Norm weights and biases
     (every tensor of one dimension) get no weight decay unless ``decay_norm_and_bias``, as
-    timm's ``param_groups_weight_decay``; such twins share the group's name and rate."""
+    timm's ``param_groups_weight_decay``; such twins share the group's name and rate. Without
+    ``backbone_decay`` (L2-SP) the blocks get none at all."""
     modules = [("head", head)] + [(plan.block_group(i), b) for i, b in enumerate(blocks) if plan.block_group(i)]
     groups = []
     for name, module in modules:
         decay, no_decay = [], []
         for param in module.parameters():
             (no_decay if param.ndim <= 1 and not decay_norm_and_bias else decay).append(param)
-        for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
+        decay_here = weight_decay if name == "head" or backbone_decay else 0.0
+        for params, wd in ((decay, decay_here), (no_decay, 0.0)):
             if params:
                 groups.append({"name": name, "params": params, "lr": plan.peak_lr(name), "weight_decay": wd})
     return groups

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, load_config, parse_overrides, plan_from_config, to_yaml
 from pipeline.evaluation import paired_mcnemar, read_correct
-from pipeline.run_dir import resolve_all_run, write_json_atomic, write_text_atomic
+from pipeline.run_dir import is_rank_zero, resolve_all_run, write_json_atomic, write_text_atomic
 from pipeline.stages import run_stage
 
 METHODS = [
@@ -60,16 +60,22 @@ def _acc(split: dict) -> str:
     return f"{split['acc']:.4f} [{low:.3f}, {high:.3f}]"
 
 
+def _shift(row: dict[str, Any]) -> str:
+    """The mean accuracy of the shift report (eval.shifts), or n/a where it was off."""
+    value = (row.get("shift") or {}).get("shift_acc")
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| method | val acc [95% CI] | test acc [95% CI] | val loss | test loss | test ECE | epochs "
+        "| method | val acc [95% CI] | test acc [95% CI] | shift acc | val loss | test loss | test ECE | epochs "
         "| wall time (s) | trainable params |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         val, test = row["val"] or {}, row["test"] or {}
         lines.append(
-            f"| {row['method']} | {_acc(val)} | {_acc(test)} "
+            f"| {row['method']} | {_acc(val)} | {_acc(test)} | {_shift(row)} "
             f"| {val.get('loss', float('nan')):.4f} | {test.get('loss', float('nan')):.4f} "
             f"| {test.get('ece', float('nan')):.4f} | {row['epochs']} "
             f"| {row['wall_time_s']:.1f} | {row['trainable_params']:,} |"
@@ -131,9 +137,7 @@ def run_all(argv: list[str]) -> dict[str, Any]:
         "methods": rows,
         "mcnemar": tests,
     }
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    if rank_zero_only.rank == 0:
+    if is_rank_zero():
         write_text_atomic(all_dir / "config.yaml", to_yaml(cfg))
         write_text_atomic(all_dir / "comparison.md", f"# {cfg.model.backbone} on {cfg.data.root}\n\n{table}")
         write_json_atomic(all_dir / "comparison.json", result)

@@ -21,19 +21,22 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from datamodules.transforms import AUGMENT_PRESETS
+from lightning_modules.errors import UserError
 from lightning_modules.schedule import SCHEDULERS, Plan, PlanError, build_plan, milestones_from
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 STAGES = ("features", "frozen", "finetune", "test", "all", "lr_find")
 TRAINING_STAGES = ("features", "frozen", "finetune")
-AUGMENTS = ("none", "seed", "standard")
+AUGMENTS = AUGMENT_PRESETS  # the one list of presets, in datamodules.transforms
 OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")
 POOLS = ("avg", "flatten")
+TEMPERATURE_MODES = ("auto", "fit", "off")
 MONITORS = {"val/acc": "max", "val/f1": "max", "val/auroc": "max", "val/loss": "min"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A problem with the run's configuration; its message is one line meant for the user."""
 
 
@@ -52,7 +55,11 @@ class DataConfig:
     image_size: int = opt(150, "square input size in pixels")
     batch_size: int = opt(20, "images per step per device (N devices: N * batch_size per optimizer step)")
     num_workers: int | None = opt(None, "loader processes (null: one per CPU core, at most 8)")
-    augment: str = opt("seed", "none | seed (the seed's Keras augmentation) | standard (crop, flip, TrivialAugment)")
+    augment: str = opt(
+        "seed",
+        "none | seed (the seed's Keras augmentation) | standard (crop, flip, TrivialAugment) | "
+        "robust (seed + downscale, colour jitter, blur, JPEG)",
+    )
     cache_dir: str | None = opt(None, "feature and decoded-image caches (null: <out_dir>/cache)")
     skip_bad_files: bool = opt(True, "unreadable images are skipped and listed; false: stop with an error")
     decoded_cache: bool = opt(False, "decode + resize each image once into a memory-mapped file")
@@ -113,6 +120,12 @@ class FinetuneConfig:
     layer_decay: float = opt(1.0, "block k from the top trains at lr * backbone_lr_ratio * layer_decay**k")
     train_bn: bool = opt(False, "BatchNorm of unfrozen blocks trains (false: frozen statistics)")
     init_ckpt: str | None = opt(None, "start from this checkpoint's weights (e.g. a frozen run's)")
+    l2sp: float = opt(0.0, "L2-SP: lambda/2 * ||w - w_pretrained||^2 on the trained backbone, no decay there (0: off)")
+    wise: Any = opt(
+        None,
+        "WiSE-FT after the last phase: [a, ...] in 0..1 between the head-only model (a=0) and the fine-tuned one "
+        "(a=1), chosen by validation; true = [0,0.25,0.5,0.75,1]",
+    )
 
 
 @dataclass
@@ -133,6 +146,24 @@ class LogConfig:
     max_images: int = opt(16, "images per TensorBoard grid")
     mlflow: bool = opt(False, "also log params, metrics and the best checkpoint to MLflow (pip install -e '.[mlflow]')")
     mlflow_uri: str | None = opt(None, "MLflow tracking URI (null: the local folder <out_dir>/mlruns)")
+
+
+@dataclass
+class EvalConfig:
+    temperature: str = opt(
+        "auto",
+        "auto: keep a fitted temperature only when validation supports it and it lowers NLL without raising "
+        "ECE | fit: keep any finite fit (clamped to 0.05..20) | off: T=1",
+    )
+    # auto: the 16 shifted copies of the test set cost ~16 evaluations, seconds on a GPU but many
+    # minutes on a CPU, so a CPU run asks for them explicitly (pipeline/shift_report.py)
+    shifts: Any = opt(
+        "auto",
+        "shift report on the test split: auto (all shifts on a GPU, none on CPU) | all | none | "
+        "[lowres,jpeg,blur,noise,brightness,contrast,grayscale,rotation] (each at 2 severities)",
+    )
+    shift_seed: int = opt(0, "seed of the shifts' per-image randomness (not `seed`: repeats see the same shifts)")
+    extra_tests: list[str] = opt([], "more test folders, [name=path,...], each <path>/<class>/<images>: clean metrics")
 
 
 @dataclass
@@ -164,6 +195,9 @@ class RunConfig:
     seed: int = opt(42, "global seed")
     out_dir: str = opt("runs", "where runs go")
     ckpt_path: str | None = opt(None, "resume (a path, or 'last'); stage=test: the checkpoint to evaluate")
+    slurm_requeue: bool = opt(
+        False, "under SLURM: Lightning's auto-requeue (hpc_ckpt_N.ckpt); off: a requeued job resumes its last.ckpt"
+    )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -172,6 +206,7 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     all: AllConfig = field(default_factory=AllConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)
     # Free-form on purpose: every key is passed to lightning.Trainer and checked against its signature.
     trainer: dict[str, Any] = opt(TRAINER_DEFAULTS, "any lightning.Trainer argument")
@@ -251,10 +286,32 @@ def load_config(argv: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
         raise ConfigError(
             f"give either finetune.milestones or finetune.{'/'.join(shorthand)}, not both (milestones replace them)"
         )
+    cfg.finetune.wise = wise_alphas(cfg.finetune.wise)
     if shorthand:  # the command line's one-step schedule replaces a preset's milestones
         cfg.finetune.milestones = None
     validate(cfg)
     return cfg
+
+
+WISE_DEFAULT = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def wise_alphas(value: Any) -> list[float] | None:
+    """``finetune.wise``: null/false = off, true = ``WISE_DEFAULT``, or a list of mixing weights in 0..1."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return list(WISE_DEFAULT)
+    values = list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else None
+    if (
+        not values
+        or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and 0.0 <= a <= 1.0 for a in values)
+        or len(set(values)) != len(values)
+    ):
+        raise ConfigError(
+            f"finetune.wise must be true, null or distinct mixing weights in 0..1 (e.g. [0,0.5,1]), got {value}"
+        )
+    return sorted(float(a) for a in values)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -271,6 +328,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg.optim.scheduler, SCHEDULERS, "optim.scheduler")
     _choice(cfg.early_stop.monitor, list(MONITORS), "early_stop.monitor")
     _choice(cfg.model.pool, POOLS, "model.pool")
+    _choice(cfg.eval.temperature, TEMPERATURE_MODES, "eval.temperature")
     from datamodules.download import SOURCE_NAMES
 
     _choice(cfg.data.source, SOURCE_NAMES, "data.source")
@@ -324,6 +382,8 @@ def validate(cfg: DictConfig) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be zero or positive, got {value}")
+    if not (math.isfinite(cfg.finetune.l2sp) and cfg.finetune.l2sp >= 0):
+        raise ConfigError(f"finetune.l2sp must be a finite number >= 0 (0: off), got {cfg.finetune.l2sp}")
     if not 0.0 <= cfg.optim.label_smoothing < 1.0:
         raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {cfg.optim.label_smoothing}")
     weights = cfg.optim.class_weights
@@ -351,6 +411,12 @@ def validate(cfg: DictConfig) -> None:
     for key in ("max_steps", "max_time", "min_steps", "min_epochs", "fast_dev_run"):
         if cfg.trainer.get(key) not in (None, -1, False):
             raise ConfigError(f"trainer.{key} is not supported: a stage's plan counts epochs (use trainer.max_epochs)")
+    for key in ("limit_val_batches", "limit_test_batches"):
+        if cfg.trainer.get(key, 1.0) not in (1.0, 0):
+            raise ConfigError(
+                f"trainer.{key}={cfg.trainer.get(key)} is not supported: the reported figures, the per-image "
+                "predictions and the temperature cover the whole split (1.0) or none of it (0)"
+            )
     if cfg.trainer.get("limit_train_batches") in (0, 0.0):
         raise ConfigError("trainer.limit_train_batches=0 would train nothing")
     if cfg.early_stop.patience > 0:
@@ -367,7 +433,21 @@ def validate(cfg: DictConfig) -> None:
     if not 0 < cfg.lr_find.min_lr < cfg.lr_find.max_lr or cfg.lr_find.num_steps < 5:
         raise ConfigError("lr_find needs 0 < lr_find.min_lr < lr_find.max_lr and lr_find.num_steps >= 5")
     if cfg.stage in (*TRAINING_STAGES, "lr_find"):
-        plan_from_config(cfg)  # refuses a schedule that would not do what it says
+        plan = plan_from_config(cfg)  # refuses a schedule that would not do what it says
+        head_only = any(phase.top_blocks == 0 for phase in plan.phases)
+        if (
+            cfg.stage == "finetune"
+            and cfg.finetune.wise
+            and not head_only
+            and not (cfg.model.pretrained or cfg.model.weights)
+        ):
+            raise ConfigError(
+                "finetune.wise needs a theta_0: a head-only phase (finetune.warmup_epochs >= 1) or pretrained "
+                "weights (model.pretrained=true or model.weights=...)"
+            )
+    from pipeline.shift_report import validate_shift_config
+
+    validate_shift_config(cfg.eval)
     if cfg.log.images_every_n_epochs < 0 or cfg.log.max_images < 1:
         raise ConfigError("log.images_every_n_epochs must be >= 0 and log.max_images >= 1")
     if cfg.log.mlflow:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,19 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_modules.calibration import ECE_BINS, ece, fit_temperature, nll, to_probabilities
+from lightning_modules.atomic_io import write_text_atomic
+from lightning_modules.calibration import (
+    ECE_BINS,
+    T_RANGE,
+    ece,
+    fit_temperature,
+    judge_temperature,
+    nll,
+    to_probabilities,
+)
 from lightning_modules.figures import reliability_diagram
 from lightning_modules.run_safety import AtomicCheckpointIO
 from lightning_modules.tensorboard_views import tensorboard_writer
-from pipeline.run_dir import write_text_atomic
 from pipeline.statistics import mcnemar, wilson_interval
 
 METRIC_KEYS = ("acc", "loss", "f1", "auroc", "ece", "count")
@@ -52,11 +61,13 @@ def summarise(results: list[dict[str, float]], prefix: str) -> dict[str, Any] | 
     return out
 
 
-def evaluate_best(trainer: Trainer, model, datamodule, run_dir: Path) -> Evaluation:
+def evaluate_best(
+    trainer: Trainer, model, datamodule, run_dir: Path, temperature: str = "auto", best: str | None = None
+) -> Evaluation:
     """Validation and test metrics of the best checkpoint (by validation accuracy), or of the
     final weights when checkpointing is off; then temperature scaling (see module docstring)."""
-    callback = trainer.checkpoint_callback
-    best = (callback.best_model_path or None) if callback is not None else None
+    if best is None:  # the checkpoint callback's best, unless the caller chose one (WiSE-FT)
+        best = best_checkpoint(trainer)
     if best is None:
         rank_zero_info("no best checkpoint (checkpointing off or no validation): evaluating the final weights")
     model.collect_predictions = True
@@ -67,7 +78,7 @@ def evaluate_best(trainer: Trainer, model, datamodule, run_dir: Path) -> Evaluat
         test_pred = model.predictions.pop("test", None)
     finally:
         model.collect_predictions = False
-    calibration = calibrate(model, val_pred, test_pred, val, test)
+    calibration = calibrate(model, val_pred, test_pred, val, test, temperature)
     if calibration is not None:
         stored = best or str(run_dir / "checkpoints" / "last.ckpt")
         if trainer.is_global_zero:
@@ -80,13 +91,30 @@ def evaluate_best(trainer: Trainer, model, datamodule, run_dir: Path) -> Evaluat
     return Evaluation(val, test, best, calibration, test_pred)
 
 
-def calibrate(model, val_pred, test_pred, val: dict | None, test: dict | None) -> dict[str, Any] | None:
-    """Fit the temperature on the validation logits, set it on ``model``, and report loss and ECE
-    before (``*_uncalibrated``) and after scaling for both splits."""
+def best_checkpoint(trainer: Trainer) -> str | None:
+    callback = trainer.checkpoint_callback
+    return (callback.best_model_path or None) if callback is not None else None
+
+
+def calibrate(
+    model, val_pred, test_pred, val: dict | None, test: dict | None, mode: str = "auto"
+) -> dict[str, Any] | None:
+    """Fit the temperature on the validation logits and decide whether to keep it (``mode``: auto =
+    ``judge_temperature``'s rule, fit = any finite fit, clamped to ``T_RANGE``, off = T=1); set it on
+    ``model`` and report loss and ECE before (``*_uncalibrated``) and after for both splits."""
     if val_pred is None or len(val_pred[1]) == 0:
         rank_zero_info("no validation predictions: temperature scaling skipped (the model stays uncalibrated)")
         return None
-    temperature = fit_temperature(val_pred[0], val_pred[1], model.binary)
+    fitted = fit_temperature(val_pred[0], val_pred[1], model.binary) if mode != "off" else 1.0
+    reason = judge_temperature(val_pred[0], val_pred[1], model.binary, fitted) if mode == "auto" else None
+    if mode == "fit":  # the user's choice: any fit, clamped to the range; only a failed fit is refused
+        if math.isfinite(fitted):
+            fitted = min(T_RANGE[1], max(T_RANGE[0], fitted))
+        else:
+            reason = "the fit failed (T is not a finite number)"
+    if mode == "off":
+        reason = "eval.temperature=off"
+    temperature = 1.0 if reason else fitted
     model.temperature.fill_(temperature)
     for pred, metrics in ((val_pred, val), (test_pred, test)):
         if pred is None or metrics is None:
@@ -96,12 +124,24 @@ def calibrate(model, val_pred, test_pred, val: dict | None, test: dict | None) -
         metrics["ece_uncalibrated"] = ece(logits, targets, model.binary)
         metrics["loss"] = nll(logits, targets, model.binary, temperature)
         metrics["ece"] = ece(logits, targets, model.binary, temperature)
-    rank_zero_info(
-        f"temperature scaling: T={temperature:.3f} (fitted on validation); ECE val "
-        f"{val['ece_uncalibrated']:.4f} -> {val['ece']:.4f}"
-        + (f", test {test['ece_uncalibrated']:.4f} -> {test['ece']:.4f}" if test and "ece" in test else "")
-    )
-    return {"temperature": temperature, "fitted_on": "val", "method": "temperature scaling", "ece_bins": ECE_BINS}
+    if reason:
+        rank_zero_info(f"temperature scaling: T=1 kept (fitted T={fitted:.3g} not used: {reason})")
+    else:
+        rank_zero_info(
+            f"temperature scaling: T={temperature:.3f} (fitted on validation); ECE val "
+            f"{val['ece_uncalibrated']:.4f} -> {val['ece']:.4f}"
+            + (f", test {test['ece_uncalibrated']:.4f} -> {test['ece']:.4f}" if test and "ece" in test else "")
+        )
+    return {
+        "temperature": temperature,
+        "fitted_temperature": fitted if math.isfinite(fitted) else None,
+        "kept": reason is None,
+        "reason": reason,
+        "mode": mode,
+        "fitted_on": "val",
+        "method": "temperature scaling",
+        "ece_bins": ECE_BINS,
+    }
 
 
 def store_temperature(path: str | Path, temperature: float) -> None:
@@ -138,12 +178,14 @@ def write_predictions(path: Path, files: list[str], class_names: list[str], bina
     for file, target, p in zip(files, targets.tolist(), probs.tolist()):
         predicted = max(range(len(p)), key=p.__getitem__)
         writer.writerow([file, class_names[target], class_names[predicted], *[f"{x:.6f}" for x in p]])
+    # atomic_io's writer, not run_dir's: a file name that is not UTF-8 keeps its original bytes
+
     write_text_atomic(path, out.getvalue())
 
 
 def read_correct(path: str | Path) -> dict[str, bool]:
     """``{file: predicted == target}`` from a ``test_predictions.csv``."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:  # names as written
         return {row["file"]: row["predicted"] == row["target"] for row in csv.DictReader(f)}
 
 

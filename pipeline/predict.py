@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
+import json
 import os
 import time
 from collections import Counter
@@ -18,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.image_folder import default_num_workers
 from datamodules.image_io import IMAGE_EXTENSIONS, load_rgb
 from datamodules.transforms import eval_transform
+from lightning_modules.atomic_io import write_text_atomic
 from lightning_modules.cam import cam_available, gradcam, overlay
 from lightning_modules.classifier import TransferClassifier
 from pipeline.config import ConfigError, parse_overrides
@@ -136,16 +139,14 @@ def _write_cam(folder: Path, file: str, mask, written: set[str]) -> None:
     Image.fromarray(overlay(np.asarray(load_rgb(file)), mask)).save(folder / name)
 
 
-def write_csv(path: str | Path, class_names: list[str], rows) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "predicted", *[f"prob_{c}" for c in class_names], "error"])
-        for file, predicted, probs, error in rows:
-            writer.writerow([file, predicted, *([f"{p:.6f}" for p in probs] or [""] * len(class_names)), error])
-    os.replace(tmp, path)
+def write_csv(path: str | Path, class_names: list[str], rows: list[tuple[str, str, list[float], str]]) -> None:
+    """The predictions CSV, written whole or not at all; a file name that is not UTF-8 keeps its bytes."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["file", "predicted", *[f"prob_{c}" for c in class_names], "error"])
+    for file, predicted, probs, error in rows:
+        writer.writerow([file, predicted, *([f"{p:.6f}" for p in probs] or [""] * len(class_names)), error])
+    write_text_atomic(path, out.getvalue())
 
 
 def main(argv: list[str]) -> dict:
@@ -157,7 +158,9 @@ def main(argv: list[str]) -> dict:
         target = cfg.export_path or str(Path(cfg.ckpt_path).with_suffix(suffix))
         path, diff = export_model(model, int(model.hparams.image_size), cfg.export, target)
         print(f"exported {cfg.export} to {path}; largest probability difference vs PyTorch: {diff:.2e}")
-        result["export"] = {"path": str(path), "max_abs_diff": diff}
+        # as JSON, as stored in the export: escaped, so any class folder name prints on any terminal
+        print(f"class names, in output order: {json.dumps(list(model.class_names))}")
+        result["export"] = {"path": str(path), "max_abs_diff": diff, "class_names": list(model.class_names)}
     if cfg.inputs:
         files = collect_files(cfg.inputs)
         device = pick_device(cfg.device)

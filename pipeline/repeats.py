@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, cache_dir, flatten_keys, load_config, parse_overrides
-from pipeline.run_dir import group_dir, write_json_atomic, write_text_atomic
+from pipeline.run_dir import group_dir, is_rank_zero, write_json_atomic, write_text_atomic
 from pipeline.statistics import mean_sd_interval
 
 SUMMARY_METRICS = ("acc", "loss", "f1", "auroc", "ece")
@@ -106,12 +106,17 @@ def run_grid(argv: list[str]) -> dict[str, Any]:
 
             check_all(cell["argv"])
         cell["stage"] = cfg.stage
-    print(f"sweep: {len(todo)} run(s) in {parent} (the same command continues it)")
-    write_text_atomic(parent / "command.txt", "python train.py " + " ".join(argv) + "\n")
+    # Lightning's DDP workers re-run this command: only global rank zero manages the sweep's files
+    # (it deletes a half-started cell, writes results and summaries); the others only train
+    manager = is_rank_zero()
+    if manager:
+        print(f"sweep: {len(todo)} run(s) in {parent} (the same command continues it)")
+        write_text_atomic(parent / "command.txt", "python train.py " + " ".join(argv) + "\n")
     rows = []
     for number, cell in enumerate(todo, 1):
-        print(f"sweep: run {number}/{len(todo)}: {cell['name']}")
-        rows += _run_cell(cell, parent / cell["name"])
+        if manager:
+            print(f"sweep: run {number}/{len(todo)}: {cell['name']}")
+        rows += _run_cell(cell, parent / cell["name"], manager)
     summary = summarise_rows(rows)
     result = {
         "command": argv,
@@ -122,15 +127,17 @@ def run_grid(argv: list[str]) -> dict[str, Any]:
         "rows": rows,
         "groups": summary,
     }
-    write_json_atomic(parent / "summary.json", result)
-    write_text_atomic(parent / "summary.md", summary_markdown(argv, rows, summary))
-    _log_hparams(parent, rows)
-    print(f"sweep: summary in {parent / 'summary.md'}")
+    if manager:
+        write_json_atomic(parent / "summary.json", result)
+        write_text_atomic(parent / "summary.md", summary_markdown(argv, rows, summary))
+        _log_hparams(parent, rows)
+        print(f"sweep: summary in {parent / 'summary.md'}")
     return result
 
 
-def _run_cell(cell: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
-    """The cell's result rows (one per method for stage=all); read back if it finished before."""
+def _run_cell(cell: dict[str, Any], folder: Path, manager: bool = True) -> list[dict[str, Any]]:
+    """The cell's result rows (one per method for stage=all); read back if it finished before.
+    Only the ``manager`` (global rank zero) deletes or writes the cell's files."""
     from pipeline.stages import RunInterrupted
 
     done = folder / "result.json"
@@ -143,7 +150,8 @@ def _run_cell(cell: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
         if cell["stage"] == "all":
             from pipeline.all_stages import run_all
 
-            shutil.rmtree(folder, ignore_errors=True)  # stage=all cannot resume: start it again
+            if manager:
+                shutil.rmtree(folder, ignore_errors=True)  # stage=all cannot resume: start it again
             outcome = run_all(argv)
             rows = [_row(cell, m, m["method"]) for m in outcome["methods"]]
         else:
@@ -154,7 +162,7 @@ def _run_cell(cell: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
             if last.is_file():
                 print(f"sweep: {cell['name']} was interrupted; resuming from {last}")
                 cfg = load_config([*argv, f"ckpt_path={last}"])
-            else:
+            elif manager:
                 shutil.rmtree(last.parent.parent, ignore_errors=True)
             rows = [_row(cell, run_stage(cfg, run_name="run"), None)]
     except RunInterrupted:
@@ -165,7 +173,8 @@ def _run_cell(cell: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
         failed = {**_row(cell, {}, None), "status": "failed", "error": f"{type(err).__name__}: {message}"}
         failed["wall_time_s"] = round(time.time() - started, 1)
         return [failed]
-    write_json_atomic(done, rows)
+    if manager:
+        write_json_atomic(done, rows)
     return rows
 
 
@@ -178,6 +187,7 @@ def _row(cell: dict[str, Any], metrics: dict[str, Any], method: str | None) -> d
         "status": "ok",
         "val": metrics.get("val"),
         "test": metrics.get("test"),
+        "shift": {"acc": shift} if (shift := (metrics.get("shift") or {}).get("shift_acc")) is not None else None,
         "epochs": metrics.get("epochs"),
         "wall_time_s": metrics.get("wall_time_s"),
         "run_dir": metrics.get("run_dir"),
@@ -200,10 +210,10 @@ def summarise_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         group["failed"] = group.get("failed", 0) + (row["status"] != "ok")
     for key, group in groups.items():
         ok = [r for r in rows if r["status"] == "ok" and key_of(r) == key]
-        for split in ("val", "test"):
+        for split in ("val", "test", "shift"):
             stats = {}
             for metric in SUMMARY_METRICS:
-                values = [r[split][metric] for r in ok if r[split] and metric in r[split]]
+                values = [r[split][metric] for r in ok if r.get(split) and metric in r[split]]
                 if values:
                     stats[metric] = mean_sd_interval(values)
             group[split] = stats
@@ -231,30 +241,34 @@ def summary_markdown(argv: list[str], rows: list[dict[str, Any]], groups: list[d
         "",
         "## Runs",
         "",
-        "| cell | seed | status | val acc | test acc | test loss | test ECE | wall time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| cell | seed | status | val acc | test acc | shift acc | test loss | test ECE | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         val, test = r["val"] or {}, r["test"] or {}
         if r["status"] != "ok":
-            lines.append(f"| {label(r['params'], r['method'])} | {r['seed']} | {r.get('error', 'failed')} | | | | | |")
+            lines.append(
+                f"| {label(r['params'], r['method'])} | {r['seed']} | {r.get('error', 'failed')} | | | | | | |"
+            )
             continue
         lines.append(
             f"| {label(r['params'], r['method'])} | {r['seed']} | ok | {val.get('acc', float('nan')):.4f} "
-            f"| {test.get('acc', float('nan')):.4f} | {test.get('loss', float('nan')):.4f} "
+            f"| {test.get('acc', float('nan')):.4f} | {(r.get('shift') or {}).get('acc', float('nan')):.4f} "
+            f"| {test.get('loss', float('nan')):.4f} "
             f"| {test.get('ece', float('nan')):.4f} | {r['wall_time_s']} |"
         )
     lines += [
         "",
         "## Over seeds: mean ± sd [95% interval of the mean]",
         "",
-        "| cell | runs (failed) | val acc | test acc | test loss | test ECE |",
-        "|---|---|---|---|---|---|",
+        "| cell | runs (failed) | val acc | test acc | shift acc | test loss | test ECE |",
+        "|---|---|---|---|---|---|---|",
     ]
     for g in groups:
         lines.append(
             f"| {label(g['params'], g['method'])} | {g['runs']} ({g['failed']}) | {_fmt(g['val'].get('acc'))} "
-            f"| {_fmt(g['test'].get('acc'))} | {_fmt(g['test'].get('loss'))} | {_fmt(g['test'].get('ece'))} |"
+            f"| {_fmt(g['test'].get('acc'))} | {_fmt(g['shift'].get('acc'))} | {_fmt(g['test'].get('loss'))} "
+            f"| {_fmt(g['test'].get('ece'))} |"
         )
     lines += [
         "",

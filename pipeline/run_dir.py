@@ -1,34 +1,100 @@
-"""Run folders: ``<out_dir>/<stage>_<backbone>/<YYYYmmdd-HHMMSS>/`` and what goes in them."""
+"""Run folders: ``<out_dir>/<stage>_<backbone>/<YYYYmmdd-HHMMSS>/`` and what goes in them.
+
+A folder is created with an exclusive ``mkdir`` the moment it is chosen, so runs launched at the same
+instant get distinct folders; ``run.json`` records when it started, the run's identity
+(``pipeline/identity.py``) and its SLURM job, which is how ``ckpt_path=last`` and a requeued job
+find their own run. While a process trains in a folder it holds an ``flock`` on it: a second
+process resuming the same run is refused instead of writing over it.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import itertools
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
+from lightning_modules.atomic_io import write_json_atomic, write_text_atomic  # noqa: F401 - re-exported
 from lightning_modules.backbones import file_safe
 from pipeline.config import ConfigError
+from pipeline.identity import differences
 
 # Set by the launching process so that DDP workers (which re-run train.py) use the same folder.
 RUN_DIR_ENV = "TRANSFER_RUN_DIR"
 ALL_RUN_DIR_ENV = "TRANSFER_ALL_RUN_DIR"
+RUN_RECORD = "run.json"
+_claimed: dict[Path, int] = {}  # run folder -> the open descriptor holding its flock
+
+
+def is_rank_zero() -> bool:
+    """Global rank zero (Lightning reads the rank from the launcher's environment at import)."""
+    return rank_zero_only.rank == 0
 
 
 def group_dir(cfg: DictConfig, stage: str | None = None) -> Path:
     return Path(cfg.out_dir) / f"{stage or cfg.stage}_{file_safe(cfg.model.backbone)}"
 
 
-def latest_run_with_checkpoint(cfg: DictConfig) -> Path:
-    runs = sorted(p.parent.parent for p in group_dir(cfg).glob("*/checkpoints/last.ckpt"))
+def read_record(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def slurm_job() -> str | None:
+    """The SLURM job (array jobs: job_task) this process belongs to, if any."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def _recorded_runs(cfg: DictConfig) -> list[tuple[Path, dict[str, Any]]]:
+    """Runs of this stage and backbone that have a record, newest start first."""
+    found = [(p.parent, record) for p in group_dir(cfg).glob(f"*/{RUN_RECORD}") if (record := read_record(p.parent))]
+    return sorted(found, key=lambda item: item[1].get("started", 0), reverse=True)
+
+
+def latest_run(cfg: DictConfig, identity: dict[str, Any]) -> Path:
+    """``ckpt_path=last``: the newest run (by its recorded start) whose identity equals this run's."""
+    runs = _recorded_runs(cfg)
+    for run_dir, record in runs:
+        if record.get("identity") == identity:
+            return run_dir
     if not runs:
-        raise ConfigError(
-            f"ckpt_path=last: no run of {cfg.stage}_{cfg.model.backbone} with a last.ckpt under {cfg.out_dir}"
-        )
-    return runs[-1]
+        raise ConfigError(f"ckpt_path=last: no run of {cfg.stage}_{cfg.model.backbone} under {cfg.out_dir}")
+    newest, record = runs[0]
+    found = differences(record.get("identity") or {}, identity)
+    raise ConfigError(
+        f"ckpt_path=last: none of the {len(runs)} run(s) of {cfg.stage}_{cfg.model.backbone} under {cfg.out_dir} "
+        f"used this data and preprocessing; the newest ({newest}) differs in: {'; '.join(found)}"
+    )
+
+
+def _restart_in_place(run_dir: Path) -> None:
+    """A run killed before its first checkpoint has nothing to resume: it starts again in its own
+    folder, emptied of what the killed process wrote (its record stays)."""
+    print(f"ckpt_path=last: {run_dir} was stopped before its first checkpoint; starting it again there")
+    if is_rank_zero():
+        for path in run_dir.iterdir():
+            if path.name != RUN_RECORD:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _requeued_run(cfg: DictConfig) -> Path | None:
+    """A requeued SLURM job's own run (same job id), which it resumes (or restarts, if it had no checkpoint)."""
+    job = slurm_job()
+    if not job or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < 1:
+        return None
+    return next((run_dir for run_dir, record in _recorded_runs(cfg) if record.get("slurm_job") == job), None)
 
 
 def _external_launch_id() -> str | None:
@@ -43,16 +109,55 @@ def _external_launch_id() -> str | None:
     raise ConfigError("several processes were launched externally: set TRANSFER_RUN_NAME=<name> for all of them")
 
 
-def new_run_dir(cfg: DictConfig) -> Path:
+def new_run_dir(cfg: DictConfig, identity: dict[str, Any] | None = None) -> Path:
+    """A new run folder, created exclusively (a concurrent launch takes the next name), with its record."""
     base = group_dir(cfg)
+    base.mkdir(parents=True, exist_ok=True)
     launch_id = _external_launch_id()
-    if launch_id:
-        return base / f"job-{launch_id}"
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    candidate, n = base / stamp, 1
-    while candidate.exists():
-        candidate, n = base / f"{stamp}-{n}", n + 1
-    return candidate
+    if launch_id:  # every rank names the same folder
+        run_dir = base / f"job-{launch_id}"
+        run_dir.mkdir(exist_ok=True)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for n in itertools.count():
+            run_dir = base / (stamp if n == 0 else f"{stamp}-{n}")
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                continue
+    _write_record(run_dir, identity)
+    return run_dir
+
+
+def _write_record(run_dir: Path, identity: dict[str, Any] | None) -> None:
+    """``run.json`` of a new run (rank zero; kept as it is when the run resumes)."""
+    if is_rank_zero() and not (run_dir / RUN_RECORD).is_file():
+        record = {"started": time.time(), "pid": os.getpid(), "identity": identity, "slurm_job": slurm_job()}
+        write_json_atomic(run_dir / RUN_RECORD, record)
+
+
+def claim(run_dir: Path) -> None:
+    """Hold an exclusive ``flock`` on ``run_dir`` until ``release``; another process holding it is an
+    error (rank zero only: DDP workers share their launcher's folder)."""
+    run_dir = run_dir.resolve()
+    if not is_rank_zero() or run_dir in _claimed:
+        return
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"run folder {run_dir} is in use by another process; wait for it to finish, or start a new run"
+        ) from None
+    _claimed[run_dir] = fd
+
+
+def release_all() -> None:
+    for fd in _claimed.values():
+        os.close(fd)  # closing the descriptor releases its flock
+    _claimed.clear()
 
 
 def _inherited_run_dir() -> Path | None:
@@ -64,23 +169,39 @@ def _inherited_run_dir() -> Path | None:
     return Path(inherited) if inherited and os.environ.get("LOCAL_RANK", "0") != "0" else None
 
 
-def resolve_run(cfg: DictConfig, run_name: str | None = None) -> tuple[Path, str | None]:
+def resolve_run(
+    cfg: DictConfig, run_name: str | None = None, identity: dict[str, Any] | None = None
+) -> tuple[Path, str | None]:
     """The run folder and the checkpoint to resume (None for a fresh run). ``run_name`` fixes the
-    folder name (stage=all names its three runs after its own folder, identically on every rank)."""
+    folder name (stage=all and sweeps name their runs, identically on every rank)."""
     run_dir = group_dir(cfg) / run_name if run_name else _inherited_run_dir()
     ckpt = cfg.ckpt_path
-    if cfg.stage != "test" and ckpt == "last":
-        run_dir = run_dir or latest_run_with_checkpoint(cfg)
+    training = cfg.stage != "test"
+    if training and ckpt is None and run_dir is None and (requeued := _requeued_run(cfg)) is not None:
+        print(f"SLURM requeue of job {slurm_job()}: resuming its own run {requeued}")
+        run_dir, ckpt = requeued, "last"
+    restart = False
+    if training and ckpt == "last":
+        run_dir = run_dir or latest_run(cfg, identity or {})
         ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+        if not Path(ckpt).is_file():
+            ckpt, restart = None, True
     elif ckpt is not None:
         if not Path(ckpt).is_file():
             raise ConfigError(f"ckpt_path={ckpt} does not exist")
         parent = Path(ckpt).resolve().parent
-        if run_dir is None and cfg.stage != "test" and parent.name == "checkpoints":
+        if run_dir is None and training and parent.name == "checkpoints":
             run_dir = parent.parent
-    run_dir = run_dir or new_run_dir(cfg)
-    os.environ[RUN_DIR_ENV] = str(run_dir)
-    return run_dir, (ckpt if cfg.stage != "test" else None)
+    if run_dir is None:
+        run_dir = new_run_dir(cfg, identity)
+    elif not run_dir.is_dir():  # a named run (stage=all, sweeps) starting afresh
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_record(run_dir, identity)
+    claim(run_dir)
+    if restart:
+        _restart_in_place(run_dir)
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # the launcher hand-off: Lightning's DDP workers inherit it
+    return run_dir, (ckpt if training else None)
 
 
 def resolve_all_run(cfg: DictConfig) -> Path:
@@ -91,17 +212,3 @@ def resolve_all_run(cfg: DictConfig) -> Path:
     run_dir = new_run_dir(cfg)
     os.environ[ALL_RUN_DIR_ENV] = str(run_dir)
     return run_dir
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

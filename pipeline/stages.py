@@ -12,6 +12,7 @@ import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.class_balance import class_counts, describe_counts, resolve_class_weights
-from datamodules.download import DOWNLOAD_SPLIT
+from datamodules.download import DOWNLOAD_SPLIT, carve_interrupted
 from datamodules.feature_cache import FeatureDataModule
 from datamodules.flat_folder import parse_split_sizes, record_split, split_spec
 from datamodules.image_folder import (
@@ -35,19 +36,23 @@ from datamodules.image_folder import (
     scan_splits,
 )
 from datamodules.subsets import train_subset
-from lightning_modules.backbones import build_backbone
+from lightning_modules.backbones import backbone_spec, build_backbone
 from lightning_modules.classifier import TransferClassifier
 from lightning_modules.early_stopping import PhaseEarlyStopping
 from lightning_modules.ema import PlanEMA
+from lightning_modules.errors import IdentityError
 from lightning_modules.freeze_schedule import ApplyPlan, count_trainable
 from lightning_modules.run_safety import EpochTimer, SaveOnInterrupt
 from lightning_modules.schedule import Plan
 from pipeline.config import MONITORS, ConfigError, flatten_keys, plan_from_config, to_yaml
 from pipeline.config import cache_dir as cache_folder
-from pipeline.evaluation import INTERVALS, Evaluation, evaluate_best, summarise, write_predictions
+from pipeline.evaluation import INTERVALS, Evaluation, best_checkpoint, evaluate_best, summarise, write_predictions
+from pipeline.identity import TRAINING_CHOICES, check_identity, run_identity, split_digest
 from pipeline.mlflow_logging import log_results
-from pipeline.run_dir import resolve_run, write_json_atomic, write_text_atomic
+from pipeline.run_dir import release_all, resolve_run, write_json_atomic, write_text_atomic
+from pipeline.shift_report import check_extra_tests, report_robustness, shift_accuracy
 from pipeline.trainer_factory import apply_speed_settings, expected_world_size, make_trainer
+from pipeline.wise import run_wise, save_theta0
 
 
 class RunInterrupted(RuntimeError):
@@ -106,8 +111,27 @@ def _state_dict_mismatch(path: str, err: RuntimeError) -> Exception:
     )
 
 
+def _identity(cfg: DictConfig, index: SplitIndex, class_weights: list[float] | None) -> dict[str, Any]:
+    spec = backbone_spec(cfg.model.backbone)
+    identity = run_identity(
+        cfg.data.root,
+        index.classes,
+        index.samples,
+        cfg.data.image_size,
+        spec.mean,
+        spec.std,
+        cfg.data.augment,
+        class_weights,
+    )
+    return identity | {"layout": index.source}
+
+
 def build_model(
-    cfg: DictConfig, class_names: list[str], plan: Plan | None = None, class_weights: list[float] | None = None
+    cfg: DictConfig,
+    class_names: list[str],
+    plan: Plan | None = None,
+    class_weights: list[float] | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> TransferClassifier:
     model = TransferClassifier(
         backbone=cfg.model.backbone,
@@ -126,6 +150,7 @@ def build_model(
         channels_last=cfg.speed.channels_last,
         plan=plan,
         class_weights=class_weights,
+        l2sp=cfg.finetune.l2sp if cfg.stage == "finetune" else 0.0,
     )
     if cfg.model.weights or cfg.model.pretrained:
         pretrained = build_backbone(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights)
@@ -137,6 +162,9 @@ def build_model(
             model.load_state_dict(ckpt["state_dict"])
         except RuntimeError as err:
             raise _state_dict_mismatch(cfg.finetune.init_ckpt, err) from None
+    model.identity = identity  # after the init checkpoint's hook, which sets the identity it recorded
+    if model.hparams.l2sp > 0:
+        model.set_l2sp_reference()  # the weights the fine-tune starts from (pretrained, or init_ckpt's)
     return model
 
 
@@ -260,6 +288,13 @@ class PhasesDone:
 
 def run_stage(cfg: DictConfig, run_name: str | None = None) -> dict[str, Any]:
     """Run ``cfg.stage``; returns (and writes to the run folder) the metrics."""
+    try:
+        return _run_stage(cfg, run_name)
+    finally:
+        release_all()  # the run folder's lock (pipeline/run_dir.py)
+
+
+def _run_stage(cfg: DictConfig, run_name: str | None) -> dict[str, Any]:
     started = time.time()
     seed_everything(cfg.seed, workers=True)
     if cfg.stage == "test":
@@ -276,8 +311,18 @@ def run_stage(cfg: DictConfig, run_name: str | None = None) -> dict[str, Any]:
         _write_config(cfg, build.run_dir, done.plan)
     if isinstance(build.datamodule, FeatureDataModule):
         build.extra["feature_cache"] = {"path": str(build.datamodule.path), "built": build.datamodule.computed}
-    result = evaluate_best(done.trainer, build.model, build.datamodule, build.run_dir)
+    best = best_checkpoint(done.trainer)
+    if cfg.stage == "finetune" and cfg.finetune.wise:
+        test_samples = _images(build.datamodule)._index().samples["test"]
+        shift_acc = partial(shift_accuracy, cfg, done.trainer, samples=test_samples)
+        best, build.extra["wise"] = run_wise(
+            cfg, done.trainer, build.model, build.datamodule, build.run_dir, best, summarise, shift_acc
+        )
+    result = evaluate_best(done.trainer, build.model, build.datamodule, build.run_dir, cfg.eval.temperature, best)
     _record_predictions(done.trainer, build, result)
+    test_samples = _images(build.datamodule)._index().samples["test"]
+    clean = (result.test or {}).get("acc")
+    build.extra |= report_robustness(cfg, done.trainer, build.model, test_samples, build.run_dir, clean)
     extra = build.extra | {"best_ckpt": result.best, "calibration": result.calibration, "phases": done.phases}
     extra |= _speed_report(done.timer)
     return _finish(cfg, build.run_dir, done.trainer, build.model, started, result.val, result.test, extra)
@@ -287,25 +332,36 @@ def _record_predictions(trainer: Trainer, build: Build, result: Evaluation) -> N
     """``test_predictions.csv`` in the run folder (global rank zero)."""
     if result.test_predictions is None or not trainer.is_global_zero:
         return
-    data = build.datamodule
-    images = data.images if isinstance(data, FeatureDataModule) else data
-    files = [path for path, _ in images._index().samples["test"]]
+    files = [path for path, _ in _images(build.datamodule)._index().samples["test"]]
     path = build.run_dir / "test_predictions.csv"
     write_predictions(path, files, build.model.class_names, build.model.binary, result.test_predictions)
     build.extra["test_predictions"] = str(path)
+
+
+def _images(datamodule) -> ImageFolderDataModule:
+    """The image datamodule (of a features stage: the one its cache was extracted from)."""
+    return datamodule.images if isinstance(datamodule, FeatureDataModule) else datamodule
 
 
 def build_stage(cfg: DictConfig, run_name: str | None = None) -> Build:
     """Data (layout errors surface here, before any model), run folder, model and datamodule."""
     index, cache_dir = scan_data(cfg)
     _check_shards(index, expected_world_size(cfg))
-    run_dir, resume = resolve_run(cfg, run_name)
+    class_weights = _class_weights(cfg, index)
+    identity = _identity(cfg, index, class_weights)
+    if cfg.stage == "finetune" and cfg.finetune.init_ckpt:  # checked before the run folder exists
+        init = _check_ckpt_backbone(cfg.finetune.init_ckpt, cfg.model.backbone)
+        check_identity("finetune.init_ckpt", cfg.finetune.init_ckpt, init.get("identity"), identity, TRAINING_CHOICES)
+    run_dir, resume = resolve_run(cfg, run_name, identity)
     resume_ckpt = _check_ckpt_backbone(resume, cfg.model.backbone) if resume else None
-    if resume_ckpt is not None and "plan" not in resume_ckpt:
-        raise ConfigError(f"checkpoint {resume} has no plan (an older version wrote it): it cannot be resumed")
+    if resume_ckpt is not None:
+        if "plan" not in resume_ckpt:
+            raise ConfigError(f"checkpoint {resume} has no plan (an older version wrote it): it cannot be resumed")
+        check_identity("cannot resume", resume, resume_ckpt.get("identity"), identity)
     extra = report_data(cfg, index, run_dir)
+    check_extra_tests(cfg.eval.extra_tests, index.classes)  # a bad folder fails before training
     apply_speed_settings(cfg)
-    model = build_model(cfg, index.classes, class_weights=_class_weights(cfg, index))
+    model = build_model(cfg, index.classes, class_weights=class_weights, identity=identity)
     images = ImageFolderDataModule(
         cfg.data.root,
         image_size=cfg.data.image_size,
@@ -339,6 +395,8 @@ def build_stage(cfg: DictConfig, run_name: str | None = None) -> Build:
 def scan_data(cfg: DictConfig) -> tuple[SplitIndex, str]:
     """The checked image lists of the three splits (downloaded, read from folders or split from
     a folder of class folders; subset for a learning curve) and the cache folder."""
+    if carve_interrupted(cfg.data.root):  # a killed download's carve: finished before the layout is judged
+        ensure_data(cfg)
     layout = data_layout(cfg.data.root)  # a folder of class folders is split here, never downloaded into
     sizes = cfg.data.split_sizes
     if layout == "none" and cfg.data.source != "none" and sizes and parse_split_sizes(sizes)[0] == "fractions":
@@ -416,12 +474,14 @@ def plan_for_run(cfg: DictConfig, resume_ckpt: dict | None) -> Plan:
         "optim.name": cfg.optim.name,
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.decay_norm_and_bias": cfg.optim.decay_norm_and_bias,
+        "finetune.l2sp": cfg.finetune.l2sp if cfg.stage == "finetune" else 0.0,
     }
     before = {
         "optimizer groups": [name for name, _ in saved_plan.groups],
         "optim.name": hparams.get("optim_name"),
         "optim.weight_decay": hparams.get("weight_decay"),
         "optim.decay_norm_and_bias": hparams.get("decay_norm_and_bias"),
+        "finetune.l2sp": hparams.get("l2sp", 0.0),
     }
     for key, value in now.items():
         if before[key] != value:
@@ -478,6 +538,8 @@ def run_phases(cfg: DictConfig, build: Build, plan: Plan) -> PhasesDone:
             )
         ckpt = str(run_dir / "checkpoints" / "last.ckpt")
         trainer.save_checkpoint(ckpt)  # the hand-over: explicit, whatever trainer.* says
+        if cfg.stage == "finetune" and cfg.finetune.wise and phase.top_blocks == 0:
+            save_theta0(model, run_dir)  # WiSE-FT's theta_0: the pretrained backbone with its trained head
         if stopper is not None and trainer.is_global_zero:
             stopper.best_path.unlink(missing_ok=True)  # its weights are in last.ckpt now
         index += 1
@@ -542,7 +604,7 @@ def _fit(trainer: Trainer, model, datamodule, ckpt: str | None) -> None:
         saver = next(c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt))
         if not saver.saved:
             raise
-        signal_name = "SIGTERM" if isinstance(exc, SIGTERMException) else "SIGINT"
+        signal_name = saver.signal_name if isinstance(exc, SIGTERMException) else "SIGINT"
         raise RunInterrupted(
             f"{signal_name}: stopped at epoch {trainer.current_epoch}, step {trainer.global_step}; state saved "
             f"to {saver.path}; resume with ckpt_path=last",
@@ -572,12 +634,10 @@ def _run_test(cfg: DictConfig, run_name: str | None, started: float) -> dict[str
         cache_dir=cache_dir,
         split=spec,
     )
+    _check_test_data(cfg, _check_ckpt_backbone(cfg.ckpt_path, cfg.model.backbone), index)
     run_dir, _ = resolve_run(cfg, run_name)
     _report_skipped(index, run_dir)
     split = record_split(index, run_dir, spec)
-    ckpt = _check_ckpt_backbone(cfg.ckpt_path, cfg.model.backbone)
-    if ckpt.get("class_names") and ckpt["class_names"] != index.classes:
-        raise ConfigError(f"checkpoint classes {ckpt['class_names']} differ from the test folder's {index.classes}")
     model = model_from_checkpoint(cfg.ckpt_path)
     images = ImageFolderDataModule(
         cfg.data.root,
@@ -595,4 +655,31 @@ def _run_test(cfg: DictConfig, run_name: str | None, started: float) -> dict[str
     trainer = make_trainer(cfg, run_dir, [])
     test = summarise(trainer.test(model, datamodule=images, verbose=True), "test")
     extra = {"ckpt_path": cfg.ckpt_path, **({"split": split} if split else {})}
+    extra |= report_robustness(cfg, trainer, model, index.samples["test"], run_dir, (test or {}).get("acc"))
     return _finish(cfg, run_dir, trainer, model, started, None, test, extra)
+
+
+def _check_test_data(cfg: DictConfig, ckpt: dict, index: SplitIndex) -> None:
+    """stage=test compares the test folder with the checkpoint's recorded identity: the classes must
+    be the same, in order; another folder is fine (said in one line); the training folder itself must
+    give the test split recorded at training, or its figures could include images the model trained on."""
+    recorded = ckpt.get("identity")
+    if recorded is None:
+        check_identity("stage=test", cfg.ckpt_path, None, {})
+    if recorded["classes"] != index.classes:
+        raise IdentityError(
+            f"stage=test: checkpoint {cfg.ckpt_path} was trained on classes {recorded['classes']}, "
+            f"the test folder has {index.classes} (names and order must match)"
+        )
+    now = split_digest(index.samples["test"], cfg.data.root)
+    if str(Path(cfg.data.root).resolve()) != recorded["data.root"]:
+        rank_zero_info(
+            f"stage=test on {cfg.data.root}: not the folder this checkpoint was trained on ({recorded['data.root']}); "
+            f"the classes are the same, so these are its figures on {now['files']} other photos"
+        )
+    elif now != recorded["split"].get("test"):
+        raise IdentityError(
+            f"stage=test: the test split of {cfg.data.root} is not the one recorded when checkpoint {cfg.ckpt_path} "
+            f"was trained ({recorded['split'].get('test', {}).get('files')} -> {now['files']} files): it may hold "
+            "images the model trained on; evaluate the run's own split (its manifest.csv) or another folder"
+        )

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -118,7 +119,13 @@ def make_trainer(
         from pipeline.mlflow_logging import mlflow_logger
 
         loggers.append(mlflow_logger(cfg, run_dir))
-    return Trainer(logger=loggers, callbacks=all_callbacks, plugins=[AtomicCheckpointIO()], **kwargs)
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # Lightning's auto-requeue only when asked for (slurm_requeue=true)
+        plugins.append(SLURMEnvironment(auto_requeue=bool(cfg.slurm_requeue)))
+    # Lightning loads the newest hpc_ckpt_N.ckpt of default_root_dir into any fit or test under
+    # SLURM: the run folder holds only this run's (the working directory may hold anyone's)
+    kwargs.setdefault("default_root_dir", str(run_dir))
+    return Trainer(logger=loggers, callbacks=all_callbacks, plugins=plugins, **kwargs)
 
 
 def _checkpoint_callbacks(run_dir: Path) -> list[ModelCheckpoint]:

@@ -67,9 +67,9 @@ def image_counts(path: Path) -> dict[str, int]:
     return {tag: len(acc.Images(tag)) for tag in acc.Tags()["images"]}
 
 
-def sigterm_at_step(monkeypatch, step: int) -> None:
-    """The next training run in this process gets SIGTERM when it reaches global step ``step``
-    (``monkeypatch.undo()`` or the test's end removes it)."""
+def sigterm_at_step(monkeypatch, step: int, signum: int | None = None) -> None:
+    """The next training run in this process gets SIGTERM (or ``signum``) when it reaches global
+    step ``step`` (``monkeypatch.undo()`` or the test's end removes it)."""
     import os
     import signal
 
@@ -79,7 +79,7 @@ def sigterm_at_step(monkeypatch, step: int) -> None:
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum or signal.SIGTERM)
         return original(self, trainer, pl_module, batch, batch_idx)
 
     monkeypatch.setattr(StepSeed, "on_train_batch_start", on_train_batch_start)

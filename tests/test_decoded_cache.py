@@ -60,13 +60,17 @@ def test_random_crops_stay_inside_the_image(tmp_path):
 
 
 def test_cache_is_rebuilt_when_the_image_size_changes(toy_root, tmp_path):
+    cache = tmp_path / "cache"
     _dm(toy_root, tmp_path, True, size=24)
-    first = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    first = sorted(p.name for p in cache.iterdir())
     _dm(toy_root, tmp_path, True, size=24)
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == first  # reused
+    assert sorted(p.name for p in cache.iterdir()) == first  # reused
     _dm(toy_root, tmp_path, True, size=32)
-    files = sorted((tmp_path / "cache").iterdir())
-    assert len(files) == 2 * len(first)
+    files = sorted(cache.glob("*.u8"))
+    assert len(files) == 2
+    # beside each cache only its lock file: no temporary file left behind
+    expected = [f.name for f in files] + [f"{f.name}.lock" for f in files]
+    assert sorted(p.name for p in cache.iterdir()) == sorted(expected)
     shapes = {np.load(f, mmap_mode="r").shape[1] for f in files}
     assert shapes == {cached_size(24), cached_size(32)}
 

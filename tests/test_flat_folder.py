@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
+import logging
+import random
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance
 
-from datamodules.flat_folder import SplitSpec, class_counts, read_manifest
+from datamodules.flat_folder import (
+    GROUPS,
+    SplitSpec,
+    assign_folds,
+    carve,
+    class_counts,
+    read_manifest,
+    record_split,
+)
 from datamodules.image_folder import DataLayoutError, scan_splits
+from datamodules.image_io import check_image
+from datamodules.near_duplicates import MAX_DISTANCE
 from pipeline.config import ConfigError, load_config
 
 from conftest import fast_args
@@ -160,6 +174,63 @@ def test_a_manifest_in_the_data_root_is_the_split(tmp_path):
         scan_splits(root)
 
 
+def _write_manifest(root: Path, rows: list[tuple[str, str, str]]) -> None:
+    with open(root / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("file", "class", "split"), *rows])
+
+
+def _valid_rows() -> list[tuple[str, str, str]]:
+    rows = [(f"{c}/{c}.0.png", c, "test") for c in ("cats", "dogs")]
+    rows += [(f"{c}/{c}.1.png", c, "validation") for c in ("cats", "dogs")]
+    return rows + [(f"{c}/{c}.{i}.png", c, "train") for c in ("cats", "dogs") for i in (2, 3)]
+
+
+@pytest.mark.parametrize(
+    ("bad_file", "message"),
+    [
+        ("../outside.png", r"line 10: '\.\./outside.png' points outside data.root"),
+        ("cats/../../outside.png", r"line 10: 'cats/\.\./\.\./outside.png' points outside data.root"),
+        (
+            "ABSOLUTE",
+            r"line 10: '/.*/flat/cats/cats.4.png' is an absolute path; files are listed relative to data.root",
+        ),
+    ],
+)
+def test_a_root_manifest_row_outside_the_root_is_refused_before_any_work(tmp_path, monkeypatch, bad_file, message):
+    root = make_flat_tree(tmp_path / "flat", {"cats": 5, "dogs": 4})
+    # The row's file exists: only its place is wrong.
+    shutil.copy(root / "cats" / "cats.4.png", tmp_path / "outside.png")
+    bad_file = str(root / "cats" / "cats.4.png") if bad_file == "ABSOLUTE" else bad_file
+    _write_manifest(root, [*_valid_rows(), (bad_file, "cats", "train")])
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("images were decoded before the manifest was checked")
+
+    monkeypatch.setattr("datamodules.image_folder.scan_files", no_decoding)
+    with pytest.raises(DataLayoutError, match=message) as err:
+        scan_splits(root, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(err.value) and "manifest.csv" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("again", "message"),
+    [
+        (("cats/cats.0.png", "cats", "train"), r"line 10: 'cats/cats.0.png' is listed again \(first on line 2\)"),
+        (("cats/cats.2.png", "cats", "train"), r"line 10: 'cats/cats.2.png' is listed again \(first on line 6\)"),
+        (("cats/./cats.1.png", "cats", "test"), r"line 10: 'cats/./cats.1.png' is listed again \(first on line 4\)"),
+    ],
+    ids=["two-splits", "one-split-twice", "two-spellings"],
+)
+def test_a_file_listed_twice_in_a_root_manifest_is_refused(tmp_path, again, message):
+    root = make_flat_tree(tmp_path / "flat", {"cats": 4, "dogs": 4})
+    _write_manifest(root, [*_valid_rows(), again])
+    with pytest.raises(DataLayoutError, match=message) as err:
+        scan_splits(root, check_files=False)
+    assert "\n" not in str(err.value)
+    _write_manifest(root, _valid_rows())  # the same manifest without the second row is accepted
+    assert scan_splits(root, check_files=False).counts() == {"train": 4, "val": 2, "test": 2}
+
+
 def test_three_folder_layout_with_a_download_manifest_is_read_from_its_folders(toy_root, tmp_path):
     root = tmp_path / "download"
     shutil.copytree(toy_root, root)
@@ -262,6 +333,8 @@ def test_one_fold_end_to_end(tmp_path):
         "folds": 3,
         "fold": 1,
         "manifest": None,
+        "near_duplicate_groups_kept_together": 0,
+        "images_in_groups": 0,
     }
 
 
@@ -286,3 +359,131 @@ def test_a_flat_folder_is_never_downloaded_into(tmp_path, monkeypatch):
     empty = fast_args(tmp_path / "empty", tmp_path / "runs", stage="frozen", **{"data.source": "kaggle_cats_vs_dogs"})
     with pytest.raises(ConfigError, match=r"fractions split your own ROOT/<class>/ folder; a download"):
         stages.build_stage(load_config([*empty, "data.split_sizes=[0.6,0.2,0.2]"]))
+
+
+# --- near duplicates are cut as whole groups (issue 18) ------------------------------------------
+
+
+def plant_near_duplicates(root: Path) -> list[set[str]]:
+    """A pair of identical photos in cats; in dogs a photo, an identical copy and a slightly altered
+    one (brighter, JPEG). Returns the groups, as file names."""
+    shutil.copy(root / "cats" / "cats.3.png", root / "cats" / "cats.copy.png")
+    shutil.copy(root / "dogs" / "dogs.5.png", root / "dogs" / "dogs.copy.png")
+    with Image.open(root / "dogs" / "dogs.5.png") as image:
+        ImageEnhance.Brightness(image.convert("RGB")).enhance(1.1).save(root / "dogs" / "dogs.altered.jpg", quality=90)
+    original, altered = (check_image(str(root / "dogs" / f)).dhash for f in ("dogs.5.png", "dogs.altered.jpg"))
+    assert bin(original ^ altered).count("1") <= MAX_DISTANCE  # a near duplicate, not a byte copy
+    return [{"cats.3.png", "cats.copy.png"}, {"dogs.5.png", "dogs.copy.png", "dogs.altered.jpg"}]
+
+
+def where(index) -> dict[str, str]:
+    return {Path(path).name: split for split, items in index.samples.items() for path, _ in items}
+
+
+@pytest.mark.parametrize("sizes", [(0.6, 0.2, 0.2), (10, 4, 4)], ids=["fractions", "counts"])
+def test_near_duplicates_never_land_in_two_splits(tmp_path, sizes):
+    root = make_flat_tree(tmp_path / "flat", {"cats": 20, "dogs": 18}, size=32)
+    groups = plant_near_duplicates(root)
+    for seed in range(8):
+        index = scan_splits(root, threads=2, cache_dir=tmp_path / "cache", split=SplitSpec(sizes, seed=seed))
+        split_of = where(index)
+        for group in groups:
+            assert len({split_of.get(name, "left out") for name in group}) == 1, (seed, group)
+        assert index.near_duplicates == []  # the scan's own check finds no pair across the splits
+        # stratified and at the requested sizes: the groups took whole places
+        for name, n in (("cats", 21), ("dogs", 20)):
+            want = dict(zip(("train", "val", "test"), class_counts(n, sizes)))
+            assert {split: per_class(index, split)[name] for split in want} == want, (seed, name)
+
+
+def test_near_duplicates_never_land_in_two_folds(tmp_path):
+    root = make_flat_tree(tmp_path / "flat", {"cats": 20, "dogs": 18}, size=32)
+    groups = plant_near_duplicates(root)
+    for seed in range(6):
+        spec = SplitSpec((0.8, 0.1, 0.1), seed=seed, folds=3, fold=0)
+        index = scan_splits(root, threads=2, cache_dir=tmp_path / "cache", split=spec)
+        fold_of = {Path(path).name: fold for path, fold in index.folds.items()}
+        for group in groups:
+            assert len({fold_of.get(name, "test") for name in group}) == 1, (seed, group)
+        folds = Counter(fold_of.values())
+        assert max(folds.values()) - min(folds.values()) <= 3  # dealt whole, still nearly even
+        assert index.near_duplicates == []  # validation (fold 0) shares no picture with training
+
+
+def test_the_split_report_counts_the_groups_kept_together(tmp_path, caplog):
+    root = make_flat_tree(tmp_path / "flat", {"cats": 20, "dogs": 18}, size=32)
+    groups = plant_near_duplicates(root)
+    spec = SplitSpec((0.6, 0.2, 0.2), seed=1)
+    with caplog.at_level(logging.INFO):
+        index = scan_splits(root, threads=2, cache_dir=tmp_path / "cache", split=spec)
+        again = scan_splits(root, threads=2, cache_dir=tmp_path / "cache", split=spec)
+    assert again.manifest == index.manifest  # read back, and said again
+    said = "2 near-duplicate group(s) of 5 images kept in one split each"
+    assert sum(said in record.getMessage() for record in caplog.records) == 2
+    summary = record_split(index, tmp_path / "run", spec)
+    assert summary["near_duplicate_groups_kept_together"] == 2 and summary["images_in_groups"] == 5
+    listed = json.loads((index.manifest.parent / GROUPS).read_text())["groups"]
+    assert sorted({Path(f).name for f in group} for group in listed) == sorted(groups, key=sorted)
+    plain = make_flat_tree(tmp_path / "plain", {"cats": 20, "dogs": 18}, size=32)
+    summary = record_split(scan_splits(plain, threads=2, cache_dir=tmp_path / "cache", split=spec), tmp_path, spec)
+    assert (summary["near_duplicate_groups_kept_together"], summary["images_in_groups"]) == (0, 0)
+
+
+def test_a_split_made_before_groups_were_kept_whole_is_replaced_with_a_warning(tmp_path, monkeypatch):
+    root = make_flat_tree(tmp_path / "flat", {"cats": 20, "dogs": 18}, size=32)
+    plant_near_duplicates(root)
+    spec, cache = SplitSpec((0.6, 0.2, 0.2), seed=2), tmp_path / "cache"
+    with monkeypatch.context() as patch:  # as the earlier version did: no groups
+        patch.setattr("datamodules.flat_folder.near_duplicate_groups", lambda hashes: [])
+        old = scan_splits(root, threads=2, cache_dir=cache, split=spec)
+    with pytest.warns(UserWarning, match=r"has 2 near-duplicate group\(s\): a new split that keeps each"):
+        new = scan_splits(root, threads=2, cache_dir=cache, split=spec)
+    assert new.manifest != old.manifest and new.near_duplicates == []
+
+
+def _digest(split_of: dict) -> str:
+    return hashlib.sha256(json.dumps(sorted(split_of.items())).encode()).hexdigest()[:16]
+
+
+def test_without_near_duplicates_the_split_is_the_one_made_before(tmp_path):
+    """Digests of the splits the version before groups made (the same seed, the same manifest)."""
+    files = {c: [f"{c}/{c}.{i}.png" for i in range(n)] for c, n in (("cats", 23), ("dogs", 17), ("fish", 11))}
+    before = {
+        ((0.8, 0.1, 0.1), 0): "92b9da8235b0f82f",
+        ((0.8, 0.1, 0.1), 7): "538cd23f3641f4cf",
+        ((0.6, 0.2, 0.2), 7): "68b9cb8308318093",
+        ((5, 3, 2), 0): "ebd8bd984998ba9d",
+        ((0.5, 0.2, 0.1), 7): "9c4af0230cf0e237",
+    }
+    for (sizes, seed), digest in before.items():
+        assert _digest(carve(files, sizes, seed)) == digest, (sizes, seed)
+    pool = [(f, f.split("/")[0]) for names in files.values() for f in names]
+    assert _digest(assign_folds(pool, 3, 4)) == "eeb9b52819e32ee7"
+    assert _digest(assign_folds(pool, 5, 4)) == "d83dc461405b29da"
+    # and through the scan, which hashes every image and finds no group here
+    root = make_flat_tree(tmp_path / "flat", {"cats": 20, "dogs": 18})
+    written = {SplitSpec((10, 3, 2)): "2b035df46c250405", SplitSpec((0.8, 0.1, 0.1), 3, 3, 0): "52699acdf08962f2"}
+    for spec, digest in written.items():
+        index = scan_splits(root, threads=2, cache_dir=tmp_path / "cache", split=spec)
+        assert hashlib.sha256(index.manifest.read_bytes()).hexdigest()[:16] == digest
+
+
+def test_carve_places_groups_whole_by_the_documented_rule():
+    files = {"cats": [f"cats/{i}" for i in range(10)], "dogs": [f"dogs/{i}" for i in range(10)]}
+    plain = carve(files, (6, 2, 2), 0)
+    order = sorted(files["cats"])
+    random.Random("0:cats").shuffle(order)  # the cut's order: test, test, val, val, train...
+    assert [plain[f] for f in order[:5]] == ["test", "test", "val", "val", "train"]
+    # the second test image and the first training image are one picture: with one test place left
+    # the pair takes validation's two, and the next images move up (test, then training)
+    split = carve(files, (6, 2, 2), 0, [[order[1], order[4]]])
+    assert split[order[1]] == split[order[4]] == "val"
+    assert [split[f] for f in (order[0], order[2], order[3])] == ["test", "test", "train"]
+    assert Counter(split[f] for f in files["cats"]) == {"train": 6, "val": 2, "test": 2}
+    assert {f: s for f, s in split.items() if f.startswith("dogs")} == {f: s for f, s in plain.items() if f >= "d"}
+    # one picture filed under two classes stays in one split
+    across = carve(files, (6, 2, 2), 0, [["cats/1", "dogs/1", "dogs/2"]])
+    assert across["cats/1"] == across["dogs/1"] == across["dogs/2"]
+    # groups that leave a split without an image of a class: one clear line
+    with pytest.raises(DataLayoutError, match=r"class 'cats': its near-duplicate groups leave no image of it for"):
+        carve({"cats": ["a", "b", "c"], "dogs": ["d", "e", "f"]}, (0.4, 0.3, 0.3), 0, [["a", "b"]])

@@ -15,7 +15,13 @@ from PIL import Image
 from datamodules.download import file_sha256, prepare_dataset
 from datamodules.image_folder import scan_memory_path, scan_splits
 from datamodules.image_io import check_image
-from datamodules.near_duplicates import MAX_DISTANCE, cross_split_pairs, dhash, evaluation_drops
+from datamodules.near_duplicates import (
+    MAX_DISTANCE,
+    cross_split_pairs,
+    dhash,
+    evaluation_drops,
+    near_duplicate_groups,
+)
 
 from conftest import fast_args
 from helpers import run_dir, run_train
@@ -100,6 +106,36 @@ def test_bucketed_search_finds_what_brute_force_finds(max_distance):
     found = [tuple(row) for row in cross_split_pairs(hashes, max_distance)]
     expected = _brute_force(hashes, max_distance)
     assert found == expected and len(expected) > 20
+
+
+def _brute_force_groups(hashes: dict[str, int], max_distance: int) -> list[list[str]]:
+    group = {path: {path} for path in hashes}
+    for a in hashes:
+        for b in hashes:
+            if a < b and bin(hashes[a] ^ hashes[b]).count("1") <= max_distance and group[a] is not group[b]:
+                joined = group[a] | group[b]
+                group |= dict.fromkeys(joined, joined)
+    unique = {id(g): sorted(g) for g in group.values() if len(g) > 1}
+    return sorted(unique.values(), key=lambda g: g[0])
+
+
+@pytest.mark.parametrize("max_distance", [0, 3, MAX_DISTANCE, 8])
+def test_groups_are_the_connected_components_of_near_pairs(max_distance):
+    rng = np.random.default_rng(100 + max_distance)
+    scattered = _random_hashes(rng, {"all": 300}, flips=max_distance + 2)["all"]
+    hashes = dict(scattered) | {f"copy{i}": scattered[i][1] for i in range(0, 60, 3)}  # identical copies too
+    found = near_duplicate_groups(hashes, max_distance)
+    assert found == _brute_force_groups(hashes, max_distance) and len(found) > 10
+
+
+def test_a_chain_of_near_duplicates_is_one_group():
+    a, b, c = 0, 0b11111, 0b1111111111  # a~b (5 bits), b~c (5 bits), a and c 10 bits apart
+    hashes = {"a": a, "b": b, "c": c, "far": 2**40 - 1, "e": 7, "f": 7}
+    assert near_duplicate_groups(hashes) == [["a", "b", "c", "e", "f"]]  # e and f sit 3 bits from a
+    assert near_duplicate_groups({"a": a, "c": c, "far": 2**40 - 1}) == []
+    assert near_duplicate_groups({f"x{i}": 12345 for i in range(5000)}) == [sorted(f"x{i}" for i in range(5000))]
+    with pytest.raises(ValueError, match="max_distance must be between 0 and 32"):
+        near_duplicate_groups(hashes, 33)
 
 
 def test_many_copies_give_one_row_per_evaluation_picture():

@@ -27,7 +27,14 @@ TOLERANCE = 1e-4
 def flip_run(tmp_path_factory) -> dict:
     root = make_image_tree(tmp_path_factory.mktemp("flip_data"), size=36)
     out = tmp_path_factory.mktemp("flip_run")
-    args = fast_args(root, out, stage="frozen", **{"model.tta_flip": "true", "trainer.max_epochs": "3"})
+    # eval.temperature=fit: 16 validation images cannot support a temperature under the default
+    # rule, and this module checks that a fitted one reaches stage=test, predict.py and the export
+    args = fast_args(
+        root,
+        out,
+        stage="frozen",
+        **{"model.tta_flip": "true", "trainer.max_epochs": "3", "eval.temperature": "fit"},
+    )
     return run_train(args) | {"root": str(root), "out": str(out)}
 
 

@@ -15,7 +15,7 @@ from lightning_modules.freeze_schedule import set_trainable  # noqa: E402
 from lightning_modules.heads import make_pool  # noqa: E402
 from lightning_modules.timm_backbones import randomise_norms, timm_spec  # noqa: E402
 from pipeline.config import ConfigError, load_config  # noqa: E402
-from pipeline.export import PARITY_TOLERANCE, export_model, run_exported  # noqa: E402
+from pipeline.export import export_model, run_exported  # noqa: E402
 from pipeline.predict import load_model  # noqa: E402
 
 from conftest import fast_args  # noqa: E402
@@ -28,6 +28,9 @@ from helpers import (  # noqa: E402
     run_train,
     scalar_tags,
 )
+
+# float32 on the same inputs: only kernel choice and summation order differ
+PARITY_TOLERANCE = 1e-4
 
 # Small networks of each supported family, with the number of blocks timm's coarse grouping gives.
 FAMILIES = {

@@ -1,0 +1,116 @@
+"""Run ``train.py`` in this process and SIGKILL it at a named point (the kill tests' launcher).
+
+``python tests/kill_at.py POINT START_AT [key=value ...]``: waits until the wall-clock time
+``START_AT`` (so several launches start at one instant; 0: at once), then runs train.main and kills
+itself, without any clean-up, when it reaches ``POINT``:
+
+- ``none``: never (the uninterrupted run);
+- ``step:N``: before training step N;
+- ``val:E``: at the start of epoch E's validation;
+- ``saved:N``: right after the N-th checkpoint file is complete (``saved:2`` of a two-phase run with
+  one epoch of warm-up is the phase hand-over);
+- ``writing:N``: half-way through writing the N-th checkpoint (its temporary file left behind);
+- ``test``: inside the final evaluation's test pass;
+- ``temperature``: as the fitted temperature is about to be stored in the best checkpoint;
+- ``metrics``: just before ``metrics.json`` is written.
+
+The points are hooks, not timers, so each kill lands where it is named on any machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(point: str) -> None:
+    import torch
+
+    import lightning_modules.atomic_io as atomic_io
+    from lightning_modules.classifier import TransferClassifier
+    from lightning_modules.run_safety import EpochTimer, StepSeed
+
+    name, _, arg = point.partition(":")
+    n = int(arg) if arg else 0
+    if name == "step":
+        original = StepSeed.on_train_batch_start
+
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == n:
+                _die()
+            return original(self, trainer, *args)
+
+        StepSeed.on_train_batch_start = on_train_batch_start
+    elif name == "val":
+        original_val = EpochTimer.on_validation_start
+
+        def on_validation_start(self, trainer, pl_module):
+            if trainer.state.fn == "fit" and not trainer.sanity_checking and trainer.current_epoch == n:
+                _die()
+            return original_val(self, trainer, pl_module)
+
+        EpochTimer.on_validation_start = on_validation_start
+    elif name in ("saved", "writing"):
+        count = {"saves": 0}
+        original_save = atomic_io.torch_save_atomic
+
+        def torch_save_atomic(obj, path):
+            count["saves"] += 1
+            if name == "writing" and count["saves"] == n:
+                with atomic_io.atomic_target(path) as tmp:
+                    torch.save(obj, tmp)
+                    with open(tmp, "r+b") as f:
+                        f.truncate(os.path.getsize(tmp) // 2)
+                    _die()
+            original_save(obj, path)
+            if name == "saved" and count["saves"] == n:
+                _die()
+
+        atomic_io.torch_save_atomic = torch_save_atomic
+        import lightning_modules.run_safety as run_safety
+
+        run_safety.torch_save_atomic = torch_save_atomic
+    elif name == "test":
+        original_test = TransferClassifier.on_test_start
+
+        def on_test_start(self):
+            _die()
+            original_test(self)
+
+        TransferClassifier.on_test_start = on_test_start
+    elif name == "temperature":
+        import pipeline.evaluation as evaluation
+
+        evaluation.store_temperature = lambda path, temperature: _die()
+    elif name == "metrics":
+        import pipeline.stages as stages
+
+        original_json = stages.write_json_atomic
+
+        def write_json_atomic(path, data):
+            if Path(path).name == "metrics.json":
+                _die()
+            original_json(path, data)
+
+        stages.write_json_atomic = write_json_atomic
+    elif name != "none":
+        raise SystemExit(f"unknown kill point {point!r}")
+
+
+if __name__ == "__main__":
+    point, start_at, *train_args = sys.argv[1:]
+    install(point)
+    import train
+
+    while time.time() < float(start_at):
+        time.sleep(0.005)
+    train.main(train_args)
