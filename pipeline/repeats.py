@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, cache_dir, flatten_keys, load_config, parse_overrides
 from pipeline.run_dir import group_dir, is_rank_zero, write_json_atomic, write_text_atomic
+from pipeline.soup import check_soup, make_soup, take_soup
 from pipeline.statistics import mean_sd_interval
 
 SUMMARY_METRICS = ("acc", "loss", "f1", "auroc", "ece")
@@ -35,7 +36,7 @@ REPLICATE_KEYS = ("data.fold",)
 
 
 def grid_requested(argv: list[str]) -> bool:
-    return any(a.startswith(("seeds=", "sweep.")) for a in argv)
+    return any(a.startswith(("seeds=", "sweep.", "soup=")) for a in argv)
 
 
 def _format(value: Any) -> str:
@@ -92,9 +93,12 @@ def parent_dir(argv: list[str], out_dir: str, stage: str) -> Path:
 
 
 def run_grid(argv: list[str]) -> dict[str, Any]:
+    soup, argv = take_soup(argv)  # not part of the sweep's name: a soup can follow finished seeds
     base, seeds, grid = parse_grid(argv)
     todo = cells(base, seeds, grid)
     first = load_config(todo[0]["argv"])
+    if soup:
+        check_soup(first, seeds, grid)
     parent = parent_dir(argv, first.out_dir, first.stage)
     # the feature cache is shared by every cell (it does not depend on the seed or the head)
     cache = cache_dir(first)
@@ -117,11 +121,14 @@ def run_grid(argv: list[str]) -> dict[str, Any]:
         if manager:
             print(f"sweep: run {number}/{len(todo)}: {cell['name']}")
         rows += _run_cell(cell, parent / cell["name"], manager)
+    if soup and manager:
+        rows.append(make_soup(soup, [*base, f"data.cache_dir={cache}"], rows, parent))
     summary = summarise_rows(rows)
     result = {
         "command": argv,
         "seeds": seeds,
         "grid": grid,
+        "soup": soup,
         "parent": str(parent),
         "intervals": INTERVAL_NOTE,
         "rows": rows,

@@ -639,18 +639,7 @@ def _run_test(cfg: DictConfig, run_name: str | None, started: float) -> dict[str
     _report_skipped(index, run_dir)
     split = record_split(index, run_dir, spec)
     model = model_from_checkpoint(cfg.ckpt_path)
-    images = ImageFolderDataModule(
-        cfg.data.root,
-        image_size=model.hparams.image_size,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        augment="none",
-        mean=model.backbone.mean,
-        std=model.backbone.std,
-        pin_memory=torch.cuda.is_available(),
-        index=index,
-        interpolation=model.backbone.interpolation,
-    )
+    images = _evaluation_images(cfg, model, index)
     _write_config(cfg, run_dir)
     trainer = make_trainer(cfg, run_dir, [])
     test = summarise(trainer.test(model, datamodule=images, verbose=True), "test")
@@ -683,3 +672,25 @@ def _check_test_data(cfg: DictConfig, ckpt: dict, index: SplitIndex) -> None:
             f"was trained ({recorded['split'].get('test', {}).get('files')} -> {now['files']} files): it may hold "
             "images the model trained on; evaluate the run's own split (its manifest.csv) or another folder"
         )
+
+
+def _evaluation_images(cfg: DictConfig, model: TransferClassifier, index: SplitIndex) -> ImageFolderDataModule:
+    """Loaders over ``index`` with the trained model's own preprocessing and no augmentation."""
+    return ImageFolderDataModule(
+        cfg.data.root,
+        image_size=model.hparams.image_size,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        augment="none",
+        mean=model.backbone.mean,
+        std=model.backbone.std,
+        pin_memory=torch.cuda.is_available(),
+        index=index,
+        interpolation=model.backbone.interpolation,
+    )
+
+
+def evaluation_data(cfg: DictConfig, model: TransferClassifier) -> ImageFolderDataModule:
+    """Validation and test of ``cfg``'s data for a trained model (e.g. a soup of checkpoints)."""
+    index, _ = scan_data(cfg)
+    return _evaluation_images(cfg, model, index)

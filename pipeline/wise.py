@@ -60,7 +60,8 @@ def choose(curve: list[dict[str, Any]]) -> dict[str, Any]:
     return min(curve, key=lambda point: (-point["val_acc"], point["a"], point["val_loss"]))
 
 
-def _uncalibrated(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def uncalibrated(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CPU copy of ``state`` at temperature 1."""
     state = {k: v.detach().cpu().clone() for k, v in state.items()}
     if "temperature" in state:  # a temperature is fitted afterwards, for the chosen weights
         state["temperature"] = torch.ones(())
@@ -70,7 +71,7 @@ def _uncalibrated(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _load(path: str | Path) -> dict[str, torch.Tensor]:
     """A checkpoint's state dict, or a saved plain state dict (theta_0)."""
     loaded = torch.load(path, map_location="cpu", weights_only=True)
-    return _uncalibrated(loaded["state_dict"] if "state_dict" in loaded else loaded)
+    return uncalibrated(loaded["state_dict"] if "state_dict" in loaded else loaded)
 
 
 def _theta0(cfg: DictConfig, run_dir: Path, theta_ft: dict[str, torch.Tensor]) -> tuple[dict, str]:
@@ -89,7 +90,7 @@ def run_wise(
     """Evaluate every ``finetune.wise`` weight, choose one by validation, save it as a checkpoint;
     returns its path and the curve for metrics.json. ``shift_acc(model)``: the mean accuracy under
     the configured shifts (None when the shift report is off), reported per weight, never chosen by."""
-    theta_ft = _load(best) if best else _uncalibrated(model.state_dict())
+    theta_ft = _load(best) if best else uncalibrated(model.state_dict())
     theta0, source = _theta0(cfg, run_dir, theta_ft)
     loggers, trainer.loggers = trainer.loggers, []  # the curve goes to metrics.json, not the training curves
     curve = []
