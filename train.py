@@ -15,14 +15,22 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     from lightning_modules.errors import UserError
     from pipeline.all_stages import run_all
+    from pipeline.console import quiet_console, result_block
     from pipeline.repeats import grid_requested, run_grid
+    from pipeline.run_dir import is_rank_zero
     from pipeline.stages import RunInterrupted, run_stage
 
+    quiet_console()
     try:
         if grid_requested(argv):
-            return run_grid(argv)
+            return run_grid(argv)  # ends with its summary table
         cfg = load_config(argv)
-        return run_all(argv) if cfg.stage == "all" else run_stage(cfg)
+        if cfg.stage == "all":
+            return run_all(argv)  # ends with its comparison table
+        metrics = run_stage(cfg)
+        if is_rank_zero() and cfg.stage != "lr_find":
+            print(result_block(metrics))
+        return metrics
     except RunInterrupted as err:  # not an error: the state is saved and the same command continues
         print(str(err), file=sys.stderr)
         raise SystemExit(err.exit_code) from None

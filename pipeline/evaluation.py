@@ -74,7 +74,7 @@ def evaluate_best(
     try:
         val = summarise(trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False), "val")
         val_pred = model.predictions.pop("val", None)
-        test = summarise(trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=True), "test")
+        test = summarise(trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False), "test")
         test_pred = model.predictions.pop("test", None)
     finally:
         model.collect_predictions = False

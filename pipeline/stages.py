@@ -642,7 +642,7 @@ def _run_test(cfg: DictConfig, run_name: str | None, started: float) -> dict[str
     images = _evaluation_images(cfg, model, index)
     _write_config(cfg, run_dir)
     trainer = make_trainer(cfg, run_dir, [])
-    test = summarise(trainer.test(model, datamodule=images, verbose=True), "test")
+    test = summarise(trainer.test(model, datamodule=images, verbose=False), "test")  # the result block shows it
     extra = {"ckpt_path": cfg.ckpt_path, **({"split": split} if split else {})}
     extra |= report_robustness(cfg, trainer, model, index.samples["test"], run_dir, (test or {}).get("acc"))
     return _finish(cfg, run_dir, trainer, model, started, None, test, extra)

@@ -265,12 +265,15 @@ def test_resume_after_the_unfreeze_is_exactly_the_uninterrupted_run(toy_root, tm
     assert resumed["val"] == whole["val"] and resumed["test"] == whole["test"]
 
 
-def test_sigterm_mid_epoch_saves_and_resumes_exactly(toy_root, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("augment", ["standard", "robust"])
+def test_sigterm_mid_epoch_saves_and_resumes_exactly(toy_root, tmp_path, monkeypatch, capsys, augment):
     """In-process: SIGTERM arrives at step 9 (mid-epoch 1 of 6-step epochs); the resumed run ends
-    with the same weights as an uninterrupted one (stateful loader + per-step/per-sample seeds)."""
-    whole = run_train(_resume_args(toy_root, tmp_path / "whole", **{"data.num_workers": "0"}))
+    with the same weights as an uninterrupted one (stateful loader + per-step/per-sample seeds; the
+    robust preset's downscaling, JPEG quality and blur draws included)."""
+    settings = {"data.num_workers": "0", "data.augment": augment}
+    whole = run_train(_resume_args(toy_root, tmp_path / "whole", **settings))
     sigterm_at_step(monkeypatch, 9)
-    args = _resume_args(toy_root, tmp_path / "split", **{"data.num_workers": "0"})
+    args = _resume_args(toy_root, tmp_path / "split", **settings)
     with pytest.raises(SystemExit) as exc:
         train.main(args)
     assert exc.value.code == 143

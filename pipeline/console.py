@@ -1,0 +1,89 @@
+"""What the command line shows: library notes that say nothing to the user are dropped, warnings are
+one line each, and a run ends with its result and the commands to type next."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+# Library messages that carry nothing a user of this project can act on, each with why:
+QUIET_WARNINGS = (
+    # torch's pytree deprecation inside Lightning's own code (lightning/pytorch/utilities/_pytree.py)
+    r".*isinstance\(treespec, LeafSpec\).*",
+    # torchmetrics on an evaluation batch of one class (AUROC/F1 are computed over the epoch anyway)
+    r".*No positive samples in targets.*",
+    r".*No negative samples in targets.*",
+    # the toy and small-data case: the project logs every epoch's figures regardless
+    r".*is smaller than the logging interval.*",
+    # the project gives every loader its workers on purpose (data.num_workers)
+    r".*does not have many workers.*",
+)
+QUIET_LOGS = (
+    "💡 Tip:",  # Lightning's advertisement for its cloud logger
+    "`weights_only` was not set",  # the project loads its own checkpoints (full trainer state, trusted)
+)
+
+
+class _DropNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(note in message for note in QUIET_LOGS)
+
+
+def _one_line(message, category, filename, lineno, file=None, line=None) -> str:
+    # no source echo: the warning is the project's (or a library's) message, not a location
+    return f"warning: {message}\n"
+
+
+def quiet_console() -> None:
+    """For the command line only (train.py, predict.py): a library importer keeps its own settings."""
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.formatwarning = _one_line
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotes) for f in logger.filters):
+            logger.addFilter(_DropNotes())
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        if not any(isinstance(f, _DropNotes) for f in handler.filters):
+            handler.addFilter(_DropNotes())
+
+
+def _acc(split: dict[str, Any] | None) -> str:
+    if not split or split.get("acc") is None:
+        return "n/a"
+    low, high = split.get("acc_ci95") or (None, None)
+    interval = f" (95% interval {100 * low:.1f}-{100 * high:.1f}%)" if low is not None else ""
+    return f"{100 * split['acc']:.1f}% of {split.get('count', '?')}{interval}"
+
+
+def result_block(metrics: dict[str, Any]) -> str:
+    """The end of a single run: its figures (the same numbers as metrics.json), its folder and what
+    to type next."""
+    run_dir = Path(metrics["run_dir"])
+    test = metrics.get("test") or {}
+    calibration = metrics.get("calibration") or {}
+    ckpt = metrics.get("best_ckpt") or metrics.get("ckpt_path") or str(run_dir / "checkpoints" / "last.ckpt")
+    lines = [
+        "",
+        f"result: stage={metrics['stage']} model.backbone={metrics['backbone']}",
+        f"  validation accuracy  {_acc(metrics.get('val'))}",
+        f"  test accuracy        {_acc(test)}",
+    ]
+    if test.get("ece") is not None:
+        temperature = calibration.get("temperature", 1.0)
+        lines.append(f"  test ECE             {test['ece']:.4f} (temperature {temperature:.3g})")
+    if (metrics.get("shift") or {}).get("shift_acc") is not None:
+        lines.append(f"  shift accuracy       {100 * metrics['shift']['shift_acc']:.1f}% (mean of shift.md's rows)")
+    lines += [
+        f"  epochs {metrics.get('epochs')}, wall time {metrics.get('wall_time_s', 0):.0f} s",
+        f"  run folder           {run_dir}",
+        "next:",
+        f"  tensorboard --logdir {run_dir.parent.parent}",
+        f"  python predict.py ckpt_path={ckpt} inputs=PATH/TO/photos output=predictions.csv",
+    ]
+    if metrics["stage"] != "test":
+        lines.append(f"  python train.py stage={metrics['stage']} ... seeds=[1,2,3]   (the same with three seeds)")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,41 @@
+"""The command line's console: no library chatter, one-line warnings, a result block at the end
+whose figures are metrics.json's."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, fast_args
+
+LIBRARY_NOISE = ("LeafSpec", "_pytree", "No positive samples", "litlogger", "weights_only", "rank_zero_warn(")
+
+
+def test_a_toy_run_is_quiet_and_ends_with_its_result(toy_root, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFER_RUN_DIR"}
+    args = fast_args(toy_root, tmp_path / "out", stage="frozen", **{"trainer.max_epochs": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    for noise in LIBRARY_NOISE:
+        assert noise not in console, noise
+    assert "site-packages" not in proc.stderr  # no warning echoes a library's source line
+    (metrics_file,) = (tmp_path / "out").glob("frozen_resnet18/*/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    block = proc.stdout[proc.stdout.index("result: stage=frozen") :]
+    for split, label in (("val", "validation accuracy"), ("test", "test accuracy")):
+        m = re.search(label + r"\s+([\d.]+)% of (\d+) \(95% interval ([\d.]+)-([\d.]+)%\)", block)
+        assert m, block
+        acc, count, low, high = float(m[1]), int(m[2]), float(m[3]), float(m[4])
+        assert acc == round(100 * metrics[split]["acc"], 1) and count == metrics[split]["count"]
+        assert (low, high) == tuple(round(100 * x, 1) for x in metrics[split]["acc_ci95"])
+    assert f"{metrics['test']['ece']:.4f}" in block
+    assert str(metrics_file.parent) in block and f"tensorboard --logdir {metrics_file.parent.parent.parent}" in block
+    assert f"python predict.py ckpt_path={metrics['best_ckpt']}" in block and "seeds=[1,2,3]" in block
+    assert Path(metrics["run_dir"]) == metrics_file.parent
