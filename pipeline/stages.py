@@ -44,6 +44,7 @@ from lightning_modules.errors import IdentityError
 from lightning_modules.freeze_schedule import ApplyPlan, count_trainable
 from lightning_modules.run_safety import EpochTimer, SaveOnInterrupt
 from lightning_modules.schedule import Plan
+from lightning_modules.time_estimate import TimeEstimate
 from pipeline.config import MONITORS, ConfigError, flatten_keys, plan_from_config, to_yaml
 from pipeline.config import cache_dir as cache_folder
 from pipeline.evaluation import INTERVALS, Evaluation, best_checkpoint, evaluate_best, summarise, write_predictions
@@ -51,7 +52,7 @@ from pipeline.identity import TRAINING_CHOICES, check_identity, run_identity, sp
 from pipeline.mlflow_logging import log_results
 from pipeline.run_dir import release_all, resolve_run, write_json_atomic, write_text_atomic
 from pipeline.shift_report import check_extra_tests, report_robustness, shift_accuracy
-from pipeline.trainer_factory import apply_speed_settings, expected_world_size, make_trainer
+from pipeline.trainer_factory import apply_speed_settings, expected_world_size, make_trainer, on_gpu
 from pipeline.wise import run_wise, save_theta0
 
 
@@ -514,12 +515,15 @@ def run_phases(cfg: DictConfig, build: Build, plan: Plan) -> PhasesDone:
     # A finished run that is resumed still needs one (empty) fit to restore its trainer state.
     index = plan.phase_index(start) if start < plan.epochs else len(plan.phases) - 1
     trainer, first_fit = None, True
+    estimate = TimeEstimate(
+        cfg.model.backbone, cfg.data.image_size, plan.epochs, on_cpu=not on_gpu(cfg), done=ckpt is not None
+    )
     while index < len(plan.phases):
         phase = plan.phases[index]
         model.set_plan(plan)
         model.set_trainable_top(phase.top_blocks)
         stopper = _early_stopping(cfg, index, run_dir)
-        callbacks = [ApplyPlan(plan, index), timer, *([stopper] if stopper else [])]
+        callbacks = [ApplyPlan(plan, index), timer, estimate, *([stopper] if stopper else [])]
         if cfg.optim.ema_decay > 0:
             callbacks.append(PlanEMA(cfg.optim.ema_decay, last_phase=index == len(plan.phases) - 1))
         # purge_step: TensorBoard hides what a killed run logged after the checkpoint this
