@@ -39,6 +39,7 @@ from lightning_modules.figures import _font
 from lightning_modules.tensorboard_views import tensorboard_writer
 from pipeline.config import ConfigError
 from pipeline.statistics import wilson_interval
+from pipeline.trainer_factory import on_gpu
 
 SHIFT_PRESETS = ("auto", "all", "none")
 CLEAN = "clean"
@@ -486,8 +487,8 @@ def report_robustness(
 ) -> dict[str, Any]:
     """The shift report and the extra test folders of the evaluated (calibrated) model, on global
     rank zero while the other ranks wait; the entries for metrics.json (``shift``, ``extra_tests``)."""
-    on_gpu = torch.cuda.is_available() and str(cfg.trainer.get("accelerator", "auto")) not in ("cpu",)
-    shifts = resolve_shifts(cfg.eval.shifts, on_gpu)
+    gpu = on_gpu(cfg)
+    shifts = resolve_shifts(cfg.eval.shifts, gpu)
     if not shifts and cfg.eval.shifts == "auto":
         rank_zero_info(
             f"shift report: off on CPU (eval.shifts=auto); eval.shifts=all evaluates {len(SHIFT_NAMES) * 2} "
@@ -495,7 +496,7 @@ def report_robustness(
         )
     out: dict[str, Any] = {}
     if (shifts or cfg.eval.extra_tests) and trainer.is_global_zero:
-        device = torch.device("cuda" if on_gpu else "cpu")
+        device = torch.device("cuda" if gpu else "cpu")
         workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_num_workers()
         writer = tensorboard_writer(trainer)
         inputs, model.inputs = model.inputs, "images"  # a features-stage model: the whole image path
@@ -535,11 +536,11 @@ def report_robustness(
 def shift_accuracy(cfg, trainer, model, samples: list[tuple[str, int]]) -> float | None:
     """Only the mean accuracy under ``eval.shifts`` (no files): WiSE-FT's curve reports it per mixing
     weight. Global rank zero computes it; the other ranks get None."""
-    on_gpu = torch.cuda.is_available() and str(cfg.trainer.get("accelerator", "auto")) not in ("cpu",)
-    shifts = resolve_shifts(cfg.eval.shifts, on_gpu)
+    gpu = on_gpu(cfg)
+    shifts = resolve_shifts(cfg.eval.shifts, gpu)
     if not shifts or not trainer.is_global_zero:
         return None
-    device = torch.device("cuda" if on_gpu else "cpu")
+    device = torch.device("cuda" if gpu else "cpu")
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_num_workers()
     inputs, model.inputs = model.inputs, "images"
     try:
