@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(__doc__)
         return None
     from lightning_modules.errors import UserError
-    from pipeline.predict import main as predict_main
+    from pipeline.prediction import main as predict_main
 
     try:
         return predict_main(argv)

@@ -8,27 +8,21 @@ import sys
 
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
-    from pipeline.config import help_text, load_config
+    # Imported here, not at the top: --help needs only the schema (pipeline/usage.py), not torch and Lightning.
+    from pipeline.usage import help_text
 
     if any(a in ("-h", "--help", "help") for a in argv):
         print(help_text())
         return None
-    from lightning_modules.errors import UserError
-    from pipeline.all_stages import run_all
+    from lightning_modules.errors import RunInterrupted, UserError
+    from pipeline.api import run_argv
     from pipeline.console import quiet_console, result_block
-    from pipeline.repeats import grid_requested, run_grid
     from pipeline.run_dir import is_rank_zero
-    from pipeline.stages import RunInterrupted, run_stage
 
     quiet_console()
     try:
-        if grid_requested(argv):
-            return run_grid(argv)  # ends with its summary table
-        cfg = load_config(argv)
-        if cfg.stage == "all":
-            return run_all(argv)  # ends with its comparison table
-        metrics = run_stage(cfg)
-        if is_rank_zero() and cfg.stage != "lr_find":
+        metrics = run_argv(argv)  # a sweep or stage=all ends with its own table
+        if is_rank_zero() and metrics.get("stage") not in (None, "all", "lr_find"):  # a sweep has none
             print(result_block(metrics))
         return metrics
     except RunInterrupted as err:  # not an error: the state is saved and the same command continues

@@ -55,7 +55,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--work", default=None)
     args = parser.parse_args()
-    from datamodules.image_folder import ImageFolderDataModule, default_num_workers, scan_splits
+    from datamodules.data_index import scan_splits
+    from datamodules.image_folder import ImageFolderDataModule, default_num_workers
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="large_photos-"))
     data = work / "data"
@@ -63,16 +64,15 @@ def main() -> None:
         started = time.perf_counter()
         make_large_photos(Path(args.data), data, args.images)
         print(f"generated {args.images} 12-MP JPEGs in {time.perf_counter() - started:.0f}s", file=sys.stderr)
-    index = scan_splits(data, check_files=False)
+    index = scan_splits(data, cache_dir=work / "cache")  # the decode check, remembered for the next run
 
     def datamodule(decoded: bool) -> ImageFolderDataModule:
         dm = ImageFolderDataModule(
-            data,
+            index,
             224,
             32,
             default_num_workers(),
             "seed",
-            index=index,
             decoded_cache_dir=work / "cache" if decoded else None,
         )
         dm.prepare_data()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How the pre-training scan scales with the number of files: first scan vs re-scan, and memory.
 
-Every run checks that each image decodes before training (``datamodules.image_folder.scan_splits``);
+Every run checks that each image decodes before training (``datamodules.data_index.scan_splits``);
 the verdicts are remembered in ``data.cache_dir`` keyed by path, size and modification time, so a
 re-scan of an unchanged folder only stats the files. This script generates JPEGs (random pictures,
 160x120), then times, for each size in a fresh process, a first scan (nothing remembered) and a
@@ -67,7 +67,7 @@ def timed(fn: Callable[[], object], clock: Callable[[], float] = time.perf_count
 
 def measure(root: Path, cache: Path, threads: int) -> dict:
     """First scan and re-scan of ``root`` in this process (run it in a fresh one per size)."""
-    from datamodules.image_folder import scan_splits
+    from datamodules.data_index import scan_splits
 
     files = sum(1 for p in root.rglob("*.jpg"))
     first = timed(lambda: scan_splits(root, cache_dir=cache, threads=threads))

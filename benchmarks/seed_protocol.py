@@ -79,12 +79,13 @@ def overhead_and_loader(
     import torch
     from lightning.pytorch import seed_everything
 
-    from datamodules.image_folder import ImageFolderDataModule, scan_splits
+    from datamodules.data_index import scan_splits
+    from datamodules.image_folder import ImageFolderDataModule
     from lightning_modules.classifier import make_optimizer
     from lightning_modules.freeze_schedule import ApplyPlan
     from lightning_modules.schedule import param_groups
+    from pipeline.build import build_model
     from pipeline.config import load_config, plan_from_config
-    from pipeline.stages import build_model
     from pipeline.trainer_factory import apply_speed_settings, make_trainer
 
     cfg = load_config(
@@ -106,12 +107,12 @@ def overhead_and_loader(
     plan = plan_from_config(cfg)
     apply_speed_settings(cfg)
     seed_everything(0)
-    index = scan_splits(data, check_files=False)
+    index = scan_splits(data, cache_dir=cache_dir)  # the decode check, remembered for the next run
     model = build_model(cfg, index.classes, plan)
 
     def datamodule(decoded: bool) -> ImageFolderDataModule:
         dm = ImageFolderDataModule(
-            data,
+            index,
             image_size,
             batch,
             None,
@@ -119,7 +120,6 @@ def overhead_and_loader(
             model.backbone.mean,
             model.backbone.std,
             pin_memory=device == "cuda",
-            index=index,
             seed=0,
             decoded_cache_dir=cache_dir if decoded else None,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from datamodules.image_folder import SplitIndex
+from datamodules.data_index import SplitIndex
 
 RARE_SHARE = 0.10  # a class under this share of the training images gets a warning
 
@@ -44,11 +44,7 @@ def resolve_class_weights(spec: Any, train_counts: Sequence[int], classes: Seque
     positive weight per class, in class-folder order."""
     if spec is None:
         return None
-    if isinstance(spec, str):
-        if spec != "auto":
-            raise ValueError(
-                f"optim.class_weights must be auto, null or a list of {len(classes)} weights, got {spec!r}"
-            )
+    if spec == "auto":  # the schema allows auto, null or a list
         total = sum(train_counts)
         return [total / (len(train_counts) * n) for n in train_counts]
     weights = list(spec)

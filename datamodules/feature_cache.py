@@ -38,7 +38,7 @@ def _timm_version(backbone: str) -> str | None:
 
 def cache_key(images: ImageFolderDataModule, model: torch.nn.Module, pool: str, views: int = 1) -> str:
     """A short hash of everything that determines the cached features (see the module docstring)."""
-    index = images._index()
+    index = images.index
     files = []
     for split, samples in sorted(index.samples.items()):
         for path, label in samples:
@@ -71,7 +71,7 @@ def extract_features(
     """Pooled backbone features ``(N, views, D)`` in loader order, on the CPU; view 1 is the
     horizontally mirrored image."""
     was_training = model.training
-    # channels_last: 1.5-2x faster convolutions on CPU (measured with Lite0 at 224 px).
+    # channels_last: faster convolutions on CPU.
     model.eval().to(device, memory_format=torch.channels_last)
     features, labels = [], []
     started, done = time.time(), 0
@@ -91,8 +91,7 @@ def extract_features(
 
 def extraction_batch_size(device: torch.device, batch_size: int) -> int:
     # On CPU, small batches are faster: large activations are freed to the OS (munmap) and
-    # page-faulted back every batch (Lite0, 224 px, 2 cores: 80 img/s at batch 4, 17 at 64);
-    # the same rule as evaluation's (ImageFolderDataModule.eval_batch_size).
+    # page-faulted back every batch; the same rule as evaluation's (ImageFolderDataModule.eval_batch_size).
     return min(CPU_EVAL_BATCH, batch_size) if device.type == "cpu" else max(64, batch_size)
 
 
@@ -147,7 +146,7 @@ class FeatureDataModule(LightningDataModule):
     def _build(self) -> None:
         rank_zero_info(f"building feature cache {self.path}")
         splits = {}
-        for split in self.images._index().samples:
+        for split in self.images.index.samples:
             batch = extraction_batch_size(self.device, self.images.batch_size)
             # one process extracts everything: a plain sequential loader, not the rank-sharded one
             loader = DataLoader(self.images.eval_dataset(split), batch_size=batch, num_workers=self.images.num_workers)

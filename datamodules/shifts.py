@@ -19,6 +19,8 @@ from PIL import Image, ImageFilter
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from datamodules.choices import SHIFT_NAMES
+
 SEVERITIES = (1, 2)
 
 
@@ -90,7 +92,6 @@ SHIFTS: dict[str, Shift] = {
         Shift("rotation", (5, 10), "rotated {:g} degrees", _rotation),
     )
 }
-SHIFT_NAMES = tuple(SHIFTS)
 
 
 def variant_name(shift: str, severity: int) -> str:

@@ -7,7 +7,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from datamodules.image_folder import DataLayoutError, SplitIndex
+from datamodules.data_index import SplitIndex
+from datamodules.layout import DataLayoutError
 
 
 def train_subset(index: SplitIndex, per_class: int, seed: int) -> SplitIndex:
@@ -16,8 +17,6 @@ def train_subset(index: SplitIndex, per_class: int, seed: int) -> SplitIndex:
     Each class's images are put in a seeded order that does not depend on ``per_class`` and the
     first ``per_class`` are taken, so the subset for 50 is inside the subset for 100 (a sweep over
     ``per_class`` is a data-efficiency curve, not a series of unrelated samples)."""
-    if per_class < 1:
-        raise DataLayoutError(f"data.train_per_class must be at least 1, got {per_class}")
     by_class: dict[int, list[tuple[str, int]]] = defaultdict(list)
     for sample in index.samples["train"]:
         by_class[sample[1]].append(sample)

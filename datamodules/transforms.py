@@ -17,8 +17,6 @@ from torchvision.transforms import v2
 # (tests/test_transforms.py compares the two wherever torchvision's output is not fill).
 from torchvision.transforms.v2.functional._geometry import _affine_grid, _get_inverse_affine_matrix
 
-AUGMENT_PRESETS = ("none", "seed", "standard", "robust")
-
 
 def _to_normalised(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
@@ -140,8 +138,6 @@ def train_transform(
     ``cached``: the input is a decoded-cache tensor slightly larger than ``size`` (see
     ``datamodules.decoded_cache``); a random ``size`` crop of it and a random flip replace the
     resize, and ``none`` stays unaugmented apart from them."""
-    if preset not in AUGMENT_PRESETS:
-        raise ValueError(f"unknown data.augment {preset!r}; choose one of: {', '.join(AUGMENT_PRESETS)}")
     if cached:
         flip = [v2.RandomHorizontalFlip()]  # the seed augmentation flips already: not twice
         # robust: the crop is size x size already, so its Resize only restores a downscaled crop

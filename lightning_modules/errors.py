@@ -19,3 +19,15 @@ class DiskFullError(UserError, OSError):
 
 class IdentityError(UserError):
     """A checkpoint's recorded identity (data, classes, preprocessing) differs from this run's."""
+
+
+class ConfigError(UserError, ValueError):
+    """A problem with the run's configuration (a key, a value, a checkpoint named by one)."""
+
+
+class RunInterrupted(UserError, RuntimeError):
+    """SIGINT/SIGTERM stopped a fit after its state was saved; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

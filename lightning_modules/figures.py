@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 
@@ -140,3 +141,15 @@ def line_plot(
     draw.text((left + plot_w // 2 - 60, height - 16), x_label, fill=(0, 0, 0), font=font)
     draw.text((left + 4, top + plot_h - 14), y_label, fill=(120, 120, 120), font=font)
     return canvas
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """A figure as PNG bytes, for the run folder's atomic writers."""
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def as_tensor(image: Image.Image) -> torch.Tensor:
+    """A figure as the ``(3, H, W)`` uint8 tensor TensorBoard's ``add_image`` takes."""
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)

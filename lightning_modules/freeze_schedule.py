@@ -6,12 +6,14 @@ unfreezes (resumed runs stay frozen, Lightning #21901; schedulers break, #8720),
 ever trains is in the optimizer from the start (frozen parameters simply have no gradient).
 
 DDP only synchronises parameters that require gradients when it wraps the model (#20340), so a
-fit never crosses a phase boundary: ``pipeline.stages`` runs one fit per phase, and
+fit never crosses a phase boundary: ``pipeline.phases`` runs one fit per phase, and
 :class:`ApplyPlan` applies the phase's trainable set in ``setup``, before the strategy wraps the
 model, and refuses an epoch outside its phase.
 """
 
 from __future__ import annotations
+
+import math
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
@@ -49,21 +51,26 @@ def count_trainable(module: nn.Module) -> int:
 
 
 class ApplyPlan(Callback):
-    """Runs phase ``index`` of ``plan`` in one fit: applies its trainable blocks, sets every
-    optimizer group's rate from the plan at the global step (so a resume or a changed plan can
-    never leave a stale rate), logs ``lr/<group>`` per step and ``trainable_params`` per epoch."""
+    """Runs phase ``index`` of ``plan`` in one fit: applies its trainable blocks, and is the only
+    writer of learning rates (as fastai's ``ParamScheduler``): before every training step it sets
+    each optimizer group's rate to the plan's at the global step, so a resume (mid-epoch included)
+    or a changed plan gets exactly the plan's rate, with no scheduler state to restore. Logs
+    ``lr/<group>`` per step and ``trainable_params`` per epoch."""
 
     def __init__(self, plan: Plan, index: int):
         self.plan = plan
         self.index = index
         self.phase = plan.phases[index]
+        self.steps_per_epoch = 0  # known when the fit's training starts
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             pl_module.set_trainable_top(self.phase.top_blocks)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        pl_module.sync_rates_with_plan()
+        # Optimizer steps per epoch, counted as Lightning does, once the train loader exists (asking
+        # before a resumed fit restores its epoch would build the loader and shuffle that epoch wrongly).
+        self.steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
         writer = tensorboard_writer(trainer)
         if writer is not None and trainer.is_global_zero and trainer.current_epoch == self.phase.start:
             text = f"{self.plan.phase_text(self.index)}; {count_trainable(pl_module):,} trainable parameters"
@@ -73,11 +80,11 @@ class ApplyPlan(Callback):
         if not self.phase.start <= trainer.current_epoch < self.phase.end:
             raise RuntimeError(
                 f"epoch {trainer.current_epoch} is outside phase {self.index} (epochs {self.phase.start}-"
-                f"{self.phase.end - 1}); run one fit per phase (pipeline.stages does)"
+                f"{self.phase.end - 1}); run one fit per phase (pipeline.phases does)"
             )
         # The plan's position is global_step / steps_per_epoch: it must agree with the epoch (it
         # would not after a resume with another batch size, device count or limit_train_batches).
-        spe = pl_module.steps_per_epoch
+        spe = self.steps_per_epoch
         if not 0 <= trainer.global_step - trainer.current_epoch * spe < spe:
             raise PlanError(
                 f"global step {trainer.global_step} does not fit epoch {trainer.current_epoch} at {spe} steps per "
@@ -90,5 +97,6 @@ class ApplyPlan(Callback):
         rates = {}
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
-                rates.setdefault(f"lr/{group['name']}", float(group["lr"]))  # decay/no-decay twins agree
+                group["lr"] = self.plan.lr(group["name"], trainer.global_step, self.steps_per_epoch)
+                rates.setdefault(f"lr/{group['name']}", group["lr"])  # decay/no-decay twins share a rate
         pl_module.log_dict(rates, on_step=True, on_epoch=False, batch_size=1)

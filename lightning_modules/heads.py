@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from torch import nn
 
 
+class HeadOptions(TypedDict):
+    """The head's settings: one hyperparameter of the model, a plain dict in its checkpoints."""
+
+    pool: str  # avg or flatten
+    hidden: int  # 0: a linear head
+    dropout: float
+
+
+POOLING = {  # model.pool: its names (lightning_modules/choices.py POOLS) are checked by the config
+    "avg": lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),  # global average (any image size)
+    "flatten": nn.Flatten,  # the seed's Flatten
+}
+
+
 def make_pool(kind: str) -> nn.Module:
-    """``avg``: global average pooling (any image size); ``flatten``: the seed's Flatten."""
-    if kind == "avg":
-        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    if kind == "flatten":
-        return nn.Flatten()
-    raise ValueError(f"unknown pool {kind!r}; choose avg or flatten")
+    return POOLING[kind]()
 
 
 def make_classifier(in_features: int, num_outputs: int, hidden: int = 256, dropout: float = 0.5) -> nn.Sequential:

@@ -11,6 +11,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.functional import confusion_matrix
 
 from lightning_modules.cam import cam_available, gradcam, overlay
+from lightning_modules.eval_outputs import gather_cat
 from lightning_modules.figures import captioned_grid, confusion_matrix_image, denormalise
 
 # The seed ends each method with these two plots: training vs validation accuracy and loss.
@@ -32,20 +33,6 @@ def tensorboard_writer(trainer: Trainer):
         if isinstance(logger, TensorBoardLogger):
             return logger.experiment
     return None
-
-
-def gather_cat(trainer: Trainer, tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate a rank-local tensor of any length over all ranks (padding for all_gather)."""
-    if trainer.world_size < 2:
-        return tensor
-    length = torch.tensor([tensor.shape[0]], device=tensor.device)
-    lengths = trainer.strategy.all_gather(length).view(-1)
-    if int(lengths.max()) == 0:
-        return tensor
-    padded = torch.zeros((int(lengths.max()), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    padded[: tensor.shape[0]] = tensor
-    gathered = trainer.strategy.all_gather(padded)
-    return torch.cat([gathered[r, : int(n)] for r, n in enumerate(lengths)])
 
 
 class TensorBoardViews(Callback):

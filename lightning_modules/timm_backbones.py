@@ -17,13 +17,14 @@ class token and position embedding, and any family not listed) are refused with 
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lightning_modules.backbones import BackboneError, BackboneSpec, WeightsError, randomise_norms
+from lightning_modules.backbone_base import BackboneError, BackboneSpec, WeightsError, randomise_norms
 
 TIMM_PREFIX = "timm:"
 # Bump when the cut of any family changes what the blocks compute (feature cache key).
@@ -115,8 +116,6 @@ def _import_timm(name: str):
 
 
 def _family(net: nn.Module) -> _Family | None:
-    import importlib
-
     for family in FAMILIES:
         # the exact class: a subclass may override forward_features
         if type(net) is getattr(importlib.import_module(f"timm.models.{family.module}"), family.cls):

@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
 
-from pipeline.config import ConfigError, load_config, parse_overrides, plan_from_config, to_yaml
+from lightning_modules.errors import ConfigError
+from pipeline.config import load_config, parse_overrides, plan_from_config, to_yaml
 from pipeline.evaluation import paired_mcnemar, read_correct
-from pipeline.run_dir import is_rank_zero, resolve_all_run, write_json_atomic, write_text_atomic
+from pipeline.run_dir import is_rank_zero, resolve_all_run
 from pipeline.stages import run_stage
 
 METHODS = [
@@ -137,18 +139,16 @@ def run_all(argv: list[str]) -> dict[str, Any]:
         "methods": rows,
         "mcnemar": tests,
     }
+    all_dir.write_text("config.yaml", to_yaml(cfg))
+    all_dir.write_text("comparison.md", f"# {cfg.model.backbone} on {cfg.data.root}\n\n{table}")
+    all_dir.write_json("comparison.json", result)
     if is_rank_zero():
-        write_text_atomic(all_dir / "config.yaml", to_yaml(cfg))
-        write_text_atomic(all_dir / "comparison.md", f"# {cfg.model.backbone} on {cfg.data.root}\n\n{table}")
-        write_json_atomic(all_dir / "comparison.json", result)
-        _log_table(all_dir, table)
+        _log_table(all_dir.path, table)
         print(f"\n{table}\nwritten to {Path(all_dir) / 'comparison.md'}")
     return result
 
 
 def _log_table(all_dir: Path, table: str) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
     writer = SummaryWriter(str(all_dir))
     writer.add_text("comparison", table, 0)
     writer.close()

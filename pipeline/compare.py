@@ -1,7 +1,7 @@
 """Paired comparison of two runs on the same test images: ``python -m pipeline.compare RUN_A RUN_B``.
 
 Each argument is a run folder (or its ``test_predictions.csv``); prints both accuracies with their
-95% Wilson intervals and the exact McNemar test (see README, "Numbers with their uncertainty").
+95% Wilson intervals and the exact McNemar test (see docs/uncertainty.md).
 """
 
 from __future__ import annotations

@@ -8,19 +8,20 @@ the reported loss and ECE are those of the calibrated model, i.e. what ``stage=t
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import numpy as np
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_modules.atomic_io import write_text_atomic
+from lightning_modules.atomic_io import write_bytes_atomic, write_text_atomic
 from lightning_modules.calibration import (
     ECE_BINS,
     T_RANGE,
@@ -30,13 +31,15 @@ from lightning_modules.calibration import (
     nll,
     to_probabilities,
 )
-from lightning_modules.figures import reliability_diagram
+from lightning_modules.eval_outputs import CollectOutputs
+from lightning_modules.figures import as_tensor, png_bytes, reliability_diagram
 from lightning_modules.run_safety import AtomicCheckpointIO
 from lightning_modules.tensorboard_views import tensorboard_writer
 from pipeline.statistics import mcnemar, wilson_interval
 
 METRIC_KEYS = ("acc", "loss", "f1", "auroc", "ece", "count")
 INTERVALS = "acc_ci95: 95% Wilson score interval of the accuracy over the split's images"
+CallbackT = TypeVar("CallbackT", bound=Callback)
 
 
 @dataclass
@@ -70,14 +73,10 @@ def evaluate_best(
         best = best_checkpoint(trainer)
     if best is None:
         rank_zero_info("no best checkpoint (checkpointing off or no validation): evaluating the final weights")
-    model.collect_predictions = True
-    try:
+    with attached(trainer, CollectOutputs()) as collected:
         val = summarise(trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False), "val")
-        val_pred = model.predictions.pop("val", None)
         test = summarise(trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False), "test")
-        test_pred = model.predictions.pop("test", None)
-    finally:
-        model.collect_predictions = False
+    val_pred, test_pred = collected.outputs.get("val"), collected.outputs.get("test")
     calibration = calibrate(model, val_pred, test_pred, val, test, temperature)
     if calibration is not None:
         stored = best or str(run_dir / "checkpoints" / "last.ckpt")
@@ -89,6 +88,17 @@ def evaluate_best(
         if test_pred is not None:
             test_pred = (test_pred[0] / calibration["temperature"], test_pred[1])
     return Evaluation(val, test, best, calibration, test_pred)
+
+
+@contextlib.contextmanager
+def attached(trainer: Trainer, callback: CallbackT) -> Iterator[CallbackT]:
+    """``callback`` among ``trainer``'s callbacks for the block's evaluations (the fit's trainer
+    is reused, without it)."""
+    trainer.callbacks.append(callback)
+    try:
+        yield callback
+    finally:
+        trainer.callbacks.remove(callback)
 
 
 def best_checkpoint(trainer: Trainer) -> str | None:
@@ -159,10 +169,10 @@ def _log_reliability(trainer: Trainer, run_dir: Path, binary: bool, test_pred, t
     before = to_probabilities(logits, binary)
     after = to_probabilities(logits / temperature, binary)
     image = reliability_diagram(before, after, targets, binary, ECE_BINS, f"test split, T={temperature:.2f}")
-    image.save(run_dir / "reliability_test.png")
+    write_bytes_atomic(run_dir / "reliability_test.png", png_bytes(image))
     writer = tensorboard_writer(trainer)
     if writer is not None:
-        writer.add_image("test/reliability", torch.from_numpy(np.array(image)).permute(2, 0, 1))
+        writer.add_image("test/reliability", as_tensor(image))
 
 
 def write_predictions(path: Path, files: list[str], class_names: list[str], binary: bool, predictions) -> None:
@@ -178,9 +188,7 @@ def write_predictions(path: Path, files: list[str], class_names: list[str], bina
     for file, target, p in zip(files, targets.tolist(), probs.tolist()):
         predicted = max(range(len(p)), key=p.__getitem__)
         writer.writerow([file, class_names[target], class_names[predicted], *[f"{x:.6f}" for x in p]])
-    # atomic_io's writer, not run_dir's: a file name that is not UTF-8 keeps its original bytes
-
-    write_text_atomic(path, out.getvalue())
+    write_text_atomic(path, out.getvalue())  # a file name that is not UTF-8 keeps its original bytes
 
 
 def read_correct(path: str | Path) -> dict[str, bool]:

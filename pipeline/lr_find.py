@@ -16,15 +16,17 @@ from lightning.pytorch.tuner import Tuner
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
-from lightning_modules.figures import line_plot
-from pipeline.config import ConfigError, plan_from_config
-from pipeline.run_dir import write_json_atomic
+from lightning_modules.errors import ConfigError
+from lightning_modules.figures import as_tensor, line_plot, png_bytes
+from lightning_modules.tensorboard_views import tensorboard_writer
+from pipeline.build import Build
+from pipeline.config import plan_from_config
 from pipeline.trainer_factory import make_trainer
 
 
-def run_lr_find(cfg: DictConfig, build) -> dict[str, Any]:
+def run_lr_find(cfg: DictConfig, build: Build) -> dict[str, Any]:
     started = time.time()
-    model, data, run_dir = build.model, build.datamodule, build.run_dir
+    model, data, run = build.model, build.datamodule, build.run
     plan = plan_from_config(cfg)
     model.set_plan(plan)
     model.set_trainable_top(0)
@@ -35,7 +37,7 @@ def run_lr_find(cfg: DictConfig, build) -> dict[str, Any]:
         raise ConfigError(f"stage=lr_find needs at least 5 training batches, the training split gives {per_epoch}")
     # default_root_dir: where Lightning keeps its temporary checkpoint of the untouched model
     trainer = make_trainer(
-        cfg, run_dir, [], model=model, max_epochs=1, enable_checkpointing=False, default_root_dir=str(run_dir)
+        cfg, run.path, [], model=model, max_epochs=1, enable_checkpointing=False, default_root_dir=str(run)
     )
     finder = Tuner(trainer).lr_find(
         model,
@@ -54,7 +56,7 @@ def run_lr_find(cfg: DictConfig, build) -> dict[str, Any]:
     result = {
         "stage": "lr_find",
         "backbone": cfg.model.backbone,
-        "run_dir": str(run_dir),
+        "run_dir": str(run),
         "steps": len(lrs),
         "min_lr": cfg.lr_find.min_lr,
         "max_lr": cfg.lr_find.max_lr,
@@ -67,16 +69,11 @@ def run_lr_find(cfg: DictConfig, build) -> dict[str, Any]:
         title = f"lr_find: {cfg.model.backbone}, head phase, {len(lrs)} steps"
         shown = slice(skip, len(lrs) - 1)
         image = line_plot(lrs[shown], losses[shown], title, "learning rate (log scale)", "smoothed loss", suggestion)
-        image.save(run_dir / "lr_find.png")
-        write_json_atomic(run_dir / "lr_find.json", result)
-        from lightning_modules.tensorboard_views import tensorboard_writer
-
+        run.write_bytes("lr_find.png", png_bytes(image))
+        run.write_json("lr_find.json", result)
         writer = tensorboard_writer(trainer)
         if writer is not None:
-            import numpy as np
-            import torch
-
-            writer.add_image("lr_find/plot", torch.from_numpy(np.array(image)).permute(2, 0, 1), 0)
+            writer.add_image("lr_find/plot", as_tensor(image), 0)
             for i, (lr, loss) in enumerate(zip(lrs, losses)):
                 writer.add_scalar("lr_find/loss", loss, i)
                 writer.add_scalar("lr_find/lr", lr, i)
@@ -84,5 +81,5 @@ def run_lr_find(cfg: DictConfig, build) -> dict[str, Any]:
     if suggestion is None:
         rank_zero_info("lr_find: no suggestion (the loss did not fall over the range); see lr_find.png")
     else:
-        print(f"suggested optim.lr={suggestion:.3g}  (plot: {run_dir / 'lr_find.png'})")
+        print(f"suggested optim.lr={suggestion:.3g}  (plot: {run / 'lr_find.png'})")
     return result

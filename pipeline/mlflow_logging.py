@@ -11,11 +11,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig
 
-from pipeline.config import ConfigError
+from lightning_modules.errors import ConfigError
+from pipeline.run_dir import RunFolder, is_rank_zero
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 
@@ -26,17 +27,15 @@ def tracking_uri(cfg: DictConfig) -> str:
 
 
 def check_available() -> None:
+    """``log.mlflow=true`` needs the optional extra; ``pipeline.config.validate`` asks before any work."""
     try:
-        import mlflow  # noqa: F401
+        import mlflow  # noqa: F401 - an optional extra, so imported only when asked for
     except ImportError:
         raise ConfigError("log.mlflow=true needs MLflow: pip install -e '.[mlflow]'") from None
 
 
 def mlflow_logger(cfg: DictConfig, run_dir: Path) -> Logger:
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    check_available()
+    """The stage's MLflow logger (MLflow's presence was checked with the config)."""
     uri = tracking_uri(cfg)
     if uri.startswith("file:"):
         # MLflow 3 keeps its folder store in maintenance mode and refuses it unless asked; a local
@@ -51,9 +50,8 @@ def mlflow_logger(cfg: DictConfig, run_dir: Path) -> Logger:
         run_id=run_id,
         log_model=False,  # the best checkpoint is logged once, at the end (log_results)
     )
-    if run_id is None and rank_zero_only.rank == 0:
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(logger.run_id + "\n")
+    if run_id is None and is_rank_zero():  # other ranks' loggers have no run (Lightning's rank-zero experiment)
+        RunFolder(run_dir).write_text(RUN_ID_FILE, logger.run_id + "\n")
     return logger
 
 

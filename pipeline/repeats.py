@@ -20,10 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
 
-from pipeline.config import ConfigError, cache_dir, flatten_keys, load_config, parse_overrides
-from pipeline.run_dir import group_dir, is_rank_zero, write_json_atomic, write_text_atomic
+from lightning_modules.errors import ConfigError, RunInterrupted
+from pipeline.all_stages import check_all, run_all
+from pipeline.config import cache_dir, flatten_keys, load_config, parse_overrides
+from pipeline.run_dir import RunFolder, group_dir, is_rank_zero
 from pipeline.soup import check_soup, make_soup, take_soup
+from pipeline.stages import run_stage
 from pipeline.statistics import mean_sd_interval
 
 SUMMARY_METRICS = ("acc", "loss", "f1", "auroc", "ece")
@@ -106,8 +110,6 @@ def run_grid(argv: list[str]) -> dict[str, Any]:
         cell["argv"] += [f"out_dir={parent / cell['name']}", f"data.cache_dir={cache}"]
         cfg = load_config(cell["argv"])
         if cfg.stage == "all":
-            from pipeline.all_stages import check_all
-
             check_all(cell["argv"])
         cell["stage"] = cfg.stage
     # Lightning's DDP workers re-run this command: only global rank zero manages the sweep's files
@@ -115,7 +117,7 @@ def run_grid(argv: list[str]) -> dict[str, Any]:
     manager = is_rank_zero()
     if manager:
         print(f"sweep: {len(todo)} run(s) in {parent} (the same command continues it)")
-        write_text_atomic(parent / "command.txt", "python train.py " + " ".join(argv) + "\n")
+        RunFolder(parent).write_text("command.txt", "python train.py " + " ".join(argv) + "\n")
     rows = []
     for number, cell in enumerate(todo, 1):
         if manager:
@@ -135,8 +137,8 @@ def run_grid(argv: list[str]) -> dict[str, Any]:
         "groups": summary,
     }
     if manager:
-        write_json_atomic(parent / "summary.json", result)
-        write_text_atomic(parent / "summary.md", summary_markdown(argv, rows, summary))
+        RunFolder(parent).write_json("summary.json", result)
+        RunFolder(parent).write_text("summary.md", summary_markdown(argv, rows, summary))
         _log_hparams(parent, rows)
         print(f"sweep: summary in {parent / 'summary.md'}")
     return result
@@ -145,8 +147,6 @@ def run_grid(argv: list[str]) -> dict[str, Any]:
 def _run_cell(cell: dict[str, Any], folder: Path, manager: bool = True) -> list[dict[str, Any]]:
     """The cell's result rows (one per method for stage=all); read back if it finished before.
     Only the ``manager`` (global rank zero) deletes or writes the cell's files."""
-    from pipeline.stages import RunInterrupted
-
     done = folder / "result.json"
     if done.is_file():
         print(f"sweep: {cell['name']} finished before; not run again")
@@ -155,15 +155,11 @@ def _run_cell(cell: dict[str, Any], folder: Path, manager: bool = True) -> list[
     started = time.time()
     try:
         if cell["stage"] == "all":
-            from pipeline.all_stages import run_all
-
             if manager:
                 shutil.rmtree(folder, ignore_errors=True)  # stage=all cannot resume: start it again
             outcome = run_all(argv)
             rows = [_row(cell, m, m["method"]) for m in outcome["methods"]]
         else:
-            from pipeline.stages import run_stage
-
             cfg = load_config(argv)
             last = group_dir(cfg) / "run" / "checkpoints" / "last.ckpt"
             if last.is_file():
@@ -180,8 +176,7 @@ def _run_cell(cell: dict[str, Any], folder: Path, manager: bool = True) -> list[
         failed = {**_row(cell, {}, None), "status": "failed", "error": f"{type(err).__name__}: {message}"}
         failed["wall_time_s"] = round(time.time() - started, 1)
         return [failed]
-    if manager:
-        write_json_atomic(done, rows)
+    RunFolder(folder).write_json(done.name, rows)  # global rank zero: the manager
     return rows
 
 
@@ -288,8 +283,6 @@ def summary_markdown(argv: list[str], rows: list[dict[str, Any]], groups: list[d
 
 def _log_hparams(parent: Path, rows: list[dict[str, Any]]) -> None:
     """TensorBoard's HParams view: one entry per finished run (rewritten from scratch each time)."""
-    from torch.utils.tensorboard import SummaryWriter
-
     folder = parent / "hparams"
     shutil.rmtree(folder, ignore_errors=True)
     writer = SummaryWriter(str(folder))

@@ -21,9 +21,9 @@ from typing import Any
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from lightning_modules.atomic_io import write_json_atomic, write_text_atomic  # noqa: F401 - re-exported
+from lightning_modules.atomic_io import json_text, write_bytes_atomic, write_json_atomic, write_text_atomic
 from lightning_modules.backbones import file_safe
-from pipeline.config import ConfigError
+from lightning_modules.errors import ConfigError
 from pipeline.identity import differences
 
 # Set by the launching process so that DDP workers (which re-run train.py) use the same folder.
@@ -36,6 +36,55 @@ _claimed: dict[Path, int] = {}  # run folder -> the open descriptor holding its 
 def is_rank_zero() -> bool:
     """Global rank zero (Lightning reads the rank from the launcher's environment at import)."""
     return rank_zero_only.rank == 0
+
+
+class RunFolder(os.PathLike):
+    """One run's folder. Every file the runner writes goes through ``write_*``: atomically (a reader
+    or a kill never sees half a file) and on global rank zero only (DDP ranks share the folder), so
+    no caller repeats either rule. ``folder / name`` is the path of a file in it."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, (RunFolder, Path)) and Path(other) == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def write_text(self, name: str, text: str) -> Path:
+        if is_rank_zero():
+            write_text_atomic(self / name, text)
+        return self / name
+
+    def write_json(self, name: str, data: Any) -> Path:
+        """Strict JSON (non-finite numbers as null, see ``atomic_io.json_text``)."""
+        return self.write_text(name, json_text(data))
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        if is_rank_zero():
+            write_bytes_atomic(self / name, data)
+        return self / name
 
 
 def group_dir(cfg: DictConfig, stage: str | None = None) -> Path:
@@ -171,7 +220,7 @@ def _inherited_run_dir() -> Path | None:
 
 def resolve_run(
     cfg: DictConfig, run_name: str | None = None, identity: dict[str, Any] | None = None
-) -> tuple[Path, str | None]:
+) -> tuple[RunFolder, str | None]:
     """The run folder and the checkpoint to resume (None for a fresh run). ``run_name`` fixes the
     folder name (stage=all and sweeps name their runs, identically on every rank)."""
     run_dir = group_dir(cfg) / run_name if run_name else _inherited_run_dir()
@@ -200,15 +249,21 @@ def resolve_run(
     claim(run_dir)
     if restart:
         _restart_in_place(run_dir)
-    os.environ[RUN_DIR_ENV] = str(run_dir)  # the launcher hand-off: Lightning's DDP workers inherit it
-    return run_dir, (ckpt if training else None)
+    _hand_off(RUN_DIR_ENV, run_dir)
+    return RunFolder(run_dir), (ckpt if training else None)
 
 
-def resolve_all_run(cfg: DictConfig) -> Path:
+def resolve_all_run(cfg: DictConfig) -> RunFolder:
     """stage=all's own folder, set once before any DDP worker starts, so workers inherit it."""
     inherited = os.environ.get(ALL_RUN_DIR_ENV)
     if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
-        return Path(inherited)
+        return RunFolder(inherited)
     run_dir = new_run_dir(cfg)
-    os.environ[ALL_RUN_DIR_ENV] = str(run_dir)
-    return run_dir
+    _hand_off(ALL_RUN_DIR_ENV, run_dir)
+    return RunFolder(run_dir)
+
+
+def _hand_off(variable: str, run_dir: Path) -> None:
+    """The launcher hand-off, the only environment this project writes: Lightning's DDP launcher
+    starts its workers with a copy of this process's environment, and they re-run train.py."""
+    os.environ[variable] = str(run_dir)

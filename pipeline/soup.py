@@ -19,11 +19,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from lightning_modules.atomic_io import torch_save_atomic, write_json_atomic
-from pipeline.config import ConfigError, load_config
+from lightning_modules.atomic_io import torch_save_atomic
+from lightning_modules.errors import ConfigError
+from pipeline.build import evaluation_data
+from pipeline.checkpoints import load_checkpoint, model_from_checkpoint
+from pipeline.config import load_config
 from pipeline.evaluation import summarise
+from pipeline.run_dir import RunFolder
 from pipeline.shift_report import report_robustness
-from pipeline.stages import evaluation_data, load_checkpoint, model_from_checkpoint
 from pipeline.trainer_factory import make_trainer
 from pipeline.wise import uncalibrated
 
@@ -114,7 +117,7 @@ def make_soup(kind: str, base_argv: list[str], rows: list[dict[str, Any]], paren
     checkpoint["state_dict"] = soup
     path = folder / "soup.ckpt"
     torch_save_atomic(checkpoint, path)
-    extra = report_robustness(cfg, trainer, model, data._index().samples["test"], folder, (test or {}).get("acc"))
+    extra = report_robustness(cfg, trainer, model, data.index.samples["test"], folder, (test or {}).get("acc"))
     metrics = {
         "stage": "soup",
         "soup": kind,
@@ -127,7 +130,7 @@ def make_soup(kind: str, base_argv: list[str], rows: list[dict[str, Any]], paren
         "wall_time_s": round(time.time() - started, 2),
         **extra,
     }
-    write_json_atomic(folder / "metrics.json", metrics)
+    RunFolder(folder).write_json("metrics.json", metrics)
     print(f"sweep: {kind} soup of {len(kept)} run(s) ({', '.join(kept)}): val acc {val['acc']:.4f}; saved {path}")
     return {
         "cell": f"soup-{kind}",

@@ -15,10 +15,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from datamodules.image_folder import available_cores
+from lightning_modules.errors import ConfigError
 from lightning_modules.replica_check import ReplicaAgreement
 from lightning_modules.run_safety import AtomicCheckpointIO, SaveOnInterrupt, StepSeed
 from lightning_modules.tensorboard_views import TensorBoardViews
-from pipeline.config import ConfigError
+from pipeline.mlflow_logging import mlflow_logger
 
 
 def on_gpu(cfg: DictConfig) -> bool:
@@ -116,8 +117,6 @@ def make_trainer(
     ]
     loggers = [logger]
     if cfg.log.mlflow:
-        from pipeline.mlflow_logging import mlflow_logger
-
         loggers.append(mlflow_logger(cfg, run_dir))
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # Lightning's auto-requeue only when asked for (slurm_requeue=true)

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import atexit
+import shutil
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -14,6 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy_data import make_image_tree  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data" / "cats_and_dogs_small"
+# The suite's backbone: five small conv blocks, seconds per toy run on a CPU. Tests about a named
+# backbone (torchvision, timm, their weights and feature-cache keys) use theirs.
+BACKBONE = "tiny_cnn"
 
 
 @pytest.fixture(autouse=True)
@@ -28,13 +34,52 @@ def toy_root(tmp_path_factory) -> Path:
     return make_image_tree(tmp_path_factory.mktemp("toy"))
 
 
+_WEIGHTS: dict[str, Path] = {}
+
+
+def backbone_weights() -> Path:
+    """Stand-in pretrained weights of ``BACKBONE`` as a local file (made once per test session, like
+    a download offline): random, with torchvision's initialisation of convolutions (Kaiming,
+    fan-out), so a frozen backbone's features keep the scale a pretrained network's have and toy
+    runs learn in a few epochs (the default initialisation shrinks them about 100-fold over five
+    blocks: a frozen run would stay at chance)."""
+    if BACKBONE not in _WEIGHTS:
+        from lightning_modules.backbones import BACKBONES
+
+        folder = Path(tempfile.mkdtemp(prefix="test-weights-"))
+        atexit.register(shutil.rmtree, folder, True)
+        torch.manual_seed(7)
+        net = BACKBONES[BACKBONE].build()
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        torch.save(net.state_dict(), folder / f"{BACKBONE}.pth")
+        _WEIGHTS[BACKBONE] = folder / f"{BACKBONE}.pth"
+    return _WEIGHTS[BACKBONE]
+
+
 @pytest.fixture(scope="session")
-def weights_file(tmp_path_factory) -> Path:
-    """Random torchvision resnet18 weights as a local file: a stand-in for ImageNet weights offline."""
-    torch.manual_seed(7)
-    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    return path
+def weights_file() -> Path:
+    """The stand-in for ImageNet weights offline that every ``fast_args`` run of ``BACKBONE`` loads."""
+    return backbone_weights()
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory) -> Callable[[Callable[[Path], list[str]]], dict]:
+    """The uninterrupted reference of the resume tests, trained once per configuration and session:
+    ``uninterrupted(args_for)`` is ``run_train(args_for(out))``'s metrics for a fresh ``out``; a
+    second call with the same arguments (``out`` aside) returns the first run's."""
+    from helpers import run_train
+
+    runs: dict[tuple[str, ...], dict] = {}
+
+    def reference(args_for: Callable[[Path], list[str]]) -> dict:
+        key = tuple(args_for(Path("<out>")))
+        if key not in runs:
+            runs[key] = run_train(args_for(tmp_path_factory.mktemp("uninterrupted")))
+        return runs[key]
+
+    return reference
 
 
 def fast_args(root: Path, out_dir: Path, **extra: str) -> list[str]:
@@ -44,7 +89,7 @@ def fast_args(root: Path, out_dir: Path, **extra: str) -> list[str]:
         "data.source": "none",  # never download in tests
         "speed.channels_last": "false",  # slower at 32 px on CPU (faster at real image sizes)
         "out_dir": str(out_dir),
-        "model.backbone": "resnet18",
+        "model.backbone": BACKBONE,
         "model.pretrained": "false",
         "data.image_size": "32",
         "data.batch_size": "8",
@@ -57,7 +102,12 @@ def fast_args(root: Path, out_dir: Path, **extra: str) -> list[str]:
         "trainer.enable_progress_bar": "false",
         "trainer.enable_model_summary": "false",
         "trainer.log_every_n_steps": "1",
+        # TensorBoard's confusion matrix, error grids (with Grad-CAM) and PR curve: on in the tests
+        # that read them (log.images_every_n_epochs=1 there)
+        "log.images_every_n_epochs": "0",
     }
+    if extra.get("model.backbone", BACKBONE) == BACKBONE:
+        args["model.weights"] = str(backbone_weights())
     schedule_keys = {"finetune.warmup_epochs", "finetune.milestones"}
     if extra.get("stage", "finetune") == "finetune" and not schedule_keys & set(extra):
         args["finetune.warmup_epochs"] = "1"  # the preset's 30 warm-up epochs would never end in 3

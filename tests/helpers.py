@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -85,12 +88,30 @@ def sigterm_at_step(monkeypatch, step: int, signum: int | None = None) -> None:
     monkeypatch.setattr(StepSeed, "on_train_batch_start", on_train_batch_start)
 
 
+def wait_for_file(path: Path, procs: Sequence[subprocess.Popen] = (), timeout: float = 300) -> None:
+    """Until ``path`` exists; fails if ``timeout`` passes or one of ``procs`` ends first."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        ended = [p.args for p in procs if p.poll() is not None]
+        assert not ended, f"ended before writing {path.name}: {ended}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def release_together(go: Path, procs: Sequence[subprocess.Popen], timeout: float = 300) -> None:
+    """Processes that write ``<go>.<pid>.ready`` and then wait for the file ``go`` (``kill_at.py``
+    with ``START_AT=go``): once all are ready, release them at one instant."""
+    for proc in procs:
+        wait_for_file(Path(f"{go}.{proc.pid}.ready"), procs, timeout)
+    go.touch()
+
+
 def initial_state(args: list[str]) -> dict[str, torch.Tensor]:
     """The model exactly as a run with ``args`` starts it (same seed, same construction path)."""
     from lightning.pytorch import seed_everything
 
+    from pipeline.build import build_model
     from pipeline.config import load_config
-    from pipeline.stages import build_model
 
     cfg = load_config(args)
     seed_everything(cfg.seed)
@@ -100,6 +121,12 @@ def initial_state(args: list[str]) -> dict[str, torch.Tensor]:
 def block_of(key: str) -> int:
     """The block index of a ``backbone.blocks.<i>....`` state-dict key."""
     return int(key.split(".")[2])
+
+
+def conv_weights(state: dict[str, torch.Tensor], block: int) -> list[str]:
+    """The keys of backbone block ``block``'s convolution kernels (its 4-d weights)."""
+    prefix = f"backbone.blocks.{block}."
+    return [k for k, v in state.items() if k.startswith(prefix) and k.endswith("weight") and v.dim() == 4]
 
 
 def assert_only_the_head_trains(args: list[str]) -> None:

@@ -1,11 +1,15 @@
 """Run ``train.py`` in this process and SIGKILL it at a named point (the kill tests' launcher).
 
 ``python tests/kill_at.py POINT START_AT [key=value ...]``: waits until the wall-clock time
-``START_AT`` (so several launches start at one instant; 0: at once), then runs train.main and kills
-itself, without any clean-up, when it reaches ``POINT``:
+``START_AT`` (0: at once) or, where ``START_AT`` is a path, writes ``START_AT.<pid>.ready`` once
+its imports are done and waits until the file ``START_AT`` exists (so several launches start at
+one instant), then runs train.main and kills itself, without any clean-up, when it reaches ``POINT``:
 
 - ``none``: never (the uninterrupted run);
 - ``step:N``: before training step N;
+- ``wait:N``: not a kill: before training step N it writes the file named by ``$KILL_AT_MARKER``
+  and waits (at most 300 s) for a signal from outside, SIGTERM (the step then runs, and the run
+  stops at its end) or SIGKILL, so the signal lands at step N on any machine;
 - ``val:E``: at the start of epoch E's validation;
 - ``saved:N``: right after the N-th checkpoint file is complete (``saved:2`` of a two-phase run with
   one epoch of warm-up is the phase hand-over);
@@ -50,6 +54,18 @@ def install(point: str) -> None:
             return original(self, trainer, *args)
 
         StepSeed.on_train_batch_start = on_train_batch_start
+    elif name == "wait":
+        original_wait = StepSeed.on_train_batch_start
+
+        def on_train_batch_start_waiting(self, trainer, *args):
+            if trainer.global_step == n:
+                Path(os.environ["KILL_AT_MARKER"]).write_text(str(os.getpid()))
+                deadline = time.time() + 300
+                while not trainer.received_sigterm and time.time() < deadline:
+                    time.sleep(0.01)  # Lightning's SIGTERM handler sets the flag; SIGKILL ends here
+            return original_wait(self, trainer, *args)
+
+        StepSeed.on_train_batch_start = on_train_batch_start_waiting
     elif name == "val":
         original_val = EpochTimer.on_validation_start
 
@@ -92,16 +108,16 @@ def install(point: str) -> None:
 
         evaluation.store_temperature = lambda path, temperature: _die()
     elif name == "metrics":
-        import pipeline.stages as stages
+        from pipeline.run_dir import RunFolder
 
-        original_json = stages.write_json_atomic
+        original_json = RunFolder.write_json
 
-        def write_json_atomic(path, data):
-            if Path(path).name == "metrics.json":
+        def write_json(folder, name, data):
+            if name == "metrics.json":
                 _die()
-            original_json(path, data)
+            return original_json(folder, name, data)
 
-        stages.write_json_atomic = write_json_atomic
+        RunFolder.write_json = write_json
     elif name != "none":
         raise SystemExit(f"unknown kill point {point!r}")
 
@@ -111,6 +127,14 @@ if __name__ == "__main__":
     install(point)
     import train
 
-    while time.time() < float(start_at):
-        time.sleep(0.005)
+    try:
+        at = float(start_at)
+    except ValueError:
+        go = Path(start_at)
+        Path(f"{go}.{os.getpid()}.ready").touch()
+        while not go.exists():
+            time.sleep(0.005)
+    else:
+        while time.time() < at:
+            time.sleep(0.005)
     train.main(train_args)

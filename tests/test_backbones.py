@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import train
-from lightning_modules.backbones import BACKBONES, WeightsError, _lite_weights_file, build_backbone, randomise_norms
+from lightning_modules.backbone_base import WeightsError, randomise_norms
+from lightning_modules.backbones import BACKBONES, _lite_weights_file, build_backbone
 from lightning_modules.freeze_schedule import set_trainable
 from lightning_modules.heads import ClassifierHead, make_pool
 from pipeline.config import load_config

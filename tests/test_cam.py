@@ -11,7 +11,7 @@ from PIL import Image
 
 import predict
 from lightning_modules.cam import cam_layer, gradcam
-from pipeline.predict import load_model
+from pipeline.prediction import load_model
 
 from conftest import fast_args
 from helpers import run_train

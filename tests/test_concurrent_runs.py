@@ -7,10 +7,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from conftest import fast_args
+from helpers import release_together
 from toy_data import make_image_tree
 
 KILL_AT = Path(__file__).resolve().parent / "kill_at.py"
@@ -23,10 +23,10 @@ def test_four_runs_at_one_instant_share_nothing_but_the_caches(tmp_path):
     features = fast_args(root, out, stage="features", **common)
     frozen = fast_args(root, out, stage="frozen", **common, **{"data.decoded_cache": "true"})
     env = {k: v for k, v in os.environ.items() if k != "TRANSFER_RUN_DIR"}
-    start = time.time() + 15  # every process has imported torch and is waiting before the instant
+    go = tmp_path / "go"  # every process has imported torch and is waiting for it
     procs = [
         subprocess.Popen(
-            [sys.executable, str(KILL_AT), "none", str(start), *args],
+            [sys.executable, str(KILL_AT), "none", str(go), *args],
             cwd=tmp_path,
             env=env,
             stdout=subprocess.PIPE,
@@ -35,6 +35,7 @@ def test_four_runs_at_one_instant_share_nothing_but_the_caches(tmp_path):
         )
         for args in (features, features, frozen, frozen)
     ]
+    release_together(go, procs)
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), [log[-2000:] for log in logs]
 

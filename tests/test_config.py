@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 import train
-from pipeline.config import ConfigError, load_config
+from lightning_modules.errors import ConfigError
+from pipeline.config import load_config
 
 
 def _error_line(capsys, args: list[str]) -> str:
@@ -85,3 +86,60 @@ def test_help_lists_stages_backbones_and_keys(capsys):
 def test_config_error_is_raised_before_heavy_work():
     with pytest.raises(ConfigError):
         load_config(["model.backbone=nope"])
+
+
+def test_schema_rows_list_every_key_with_its_facts():
+    from omegaconf import OmegaConf
+
+    from pipeline.config import RunConfig, flatten_keys, schema_rows
+
+    rows = {row.key: row for row in schema_rows()}
+    assert set(rows) == set(flatten_keys(OmegaConf.to_container(OmegaConf.structured(RunConfig))))
+    assert rows["data.augment"].choices == ("none", "seed", "standard", "robust")
+    assert rows["optim.label_smoothing"].range == "[0, 1)" and rows["optim.lr"].default == pytest.approx(2e-5)
+    assert rows["data.num_workers"].type == "int | None" and "timm:<name>" in rows["model.backbone"].other
+
+
+def test_choice_names_are_the_implementing_registries():
+    from datamodules.choices import SHIFT_NAMES, SOURCE_NAMES
+    from datamodules.download import SOURCES
+    from datamodules.shifts import SHIFTS
+    from lightning_modules.backbones import BACKBONES
+    from lightning_modules.choices import BACKBONE_NAMES, OPTIMIZERS, POOLS
+    from lightning_modules.classifier import OPTIMIZER_TYPES
+    from lightning_modules.heads import POOLING
+
+    assert BACKBONE_NAMES == tuple(BACKBONES)
+    assert SHIFT_NAMES == tuple(SHIFTS)
+    assert SOURCE_NAMES == (*SOURCES, "none")
+    assert OPTIMIZERS == tuple(OPTIMIZER_TYPES) and POOLS == tuple(POOLING)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["optim.label_smoothing=2"], "optim.label_smoothing must be in [0, 1), got 2"),
+        (["optim.class_weights=x"], "optim.class_weights='x' is not valid; choose one of: auto, null or a list"),
+        (["data.num_workers=-1"], "data.num_workers must be zero or positive"),
+        (["finetune.l2sp=inf"], "finetune.l2sp must be a finite number"),
+        (["log.max_images=0"], "log.max_images must be at least 1, got 0"),
+        (["lr_find.min_lr=2"], "lr_find needs lr_find.min_lr < lr_find.max_lr"),
+        (["model.pool=max"], "model.pool='max' is not valid; choose one of: avg, flatten"),
+    ],
+)
+def test_single_key_rules_come_from_the_schema(args, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(["stage=frozen", *args])
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_help_shows_choices_and_ranges_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, train; train.main(['--help']); assert 'torch' not in sys.modules, 'torch imported'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = {line.split("=", 1)[0].strip(): line for line in out.splitlines() if "=" in line}
+    assert "choices: none | seed | standard | robust" in lines["data.augment"]
+    assert "range: [0, 1)" in lines["optim.label_smoothing"] and "range: > 0" in lines["optim.lr"]
+    assert "choices: rmsprop | adam | adamw | sgd" in lines["optim.name"]

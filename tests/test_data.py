@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from datamodules.image_folder import DataLayoutError, ImageFolderDataModule, scan_splits
+from datamodules.data_index import scan_splits
+from datamodules.image_folder import ImageFolderDataModule
+from datamodules.layout import DataLayoutError
 from datamodules.transforms import EdgeFillAffine, eval_transform, train_transform
 
 from toy_data import make_image_tree
@@ -110,7 +112,7 @@ def test_normalisation_comes_from_the_backbone():
 
 
 def test_validation_and_test_loaders_are_not_augmented(toy_root):
-    dm = ImageFolderDataModule(toy_root, image_size=24, batch_size=4, num_workers=0, augment="standard")
+    dm = ImageFolderDataModule(scan_splits(toy_root), image_size=24, batch_size=4, num_workers=0, augment="standard")
     dm.setup("fit")
     first = next(iter(dm.val_dataloader()))[0]
     second = next(iter(dm.val_dataloader()))[0]

@@ -14,8 +14,8 @@ import torch
 
 from lightning_modules.backbones import build_backbone
 
-from conftest import ROOT, fast_args
-from helpers import checkpoint_state, read_metrics, scalar_tags
+from conftest import BACKBONE, ROOT, fast_args
+from helpers import checkpoint_state, conv_weights, image_counts, read_metrics, scalar_tags
 from toy_data import make_image_tree
 
 # Odd split sizes: a padding sampler would evaluate 16 test images instead of 15.
@@ -34,7 +34,7 @@ def ddp_root(tmp_path_factory) -> Path:
 UNSAFE_SINGLE_FIT = """
 import sys
 sys.path.insert(0, {root!r})
-from pipeline import stages
+from pipeline import phases, stages
 from lightning_modules.freeze_schedule import ApplyPlan
 from lightning_modules.run_safety import EpochTimer
 from pipeline.trainer_factory import make_trainer
@@ -48,9 +48,9 @@ class SwitchInsideOneFit(ApplyPlan):
 def one_fit(cfg, build, plan):
     build.model.set_plan(plan)
     timer = EpochTimer()
-    trainer = make_trainer(cfg, build.run_dir, [SwitchInsideOneFit(plan, 0), timer], max_epochs=plan.epochs)
-    stages._fit(trainer, build.model, build.datamodule, None)
-    return stages.PhasesDone(trainer, plan, timer, [])
+    trainer = make_trainer(cfg, build.run.path, [SwitchInsideOneFit(plan, 0), timer], max_epochs=plan.epochs)
+    phases.fit(trainer, build.model, build.datamodule, None)
+    return phases.PhasesDone(trainer, plan, timer, [])
 
 
 stages.run_phases = one_fit
@@ -78,7 +78,7 @@ def train_subprocess(args: list[str], cwd: Path, script: Path | None = None) -> 
     """``run_script``; returns the one run folder both ranks used."""
     run_script(args, cwd, script)
     out_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("out_dir=")))
-    runs = [p for p in out_dir.glob("*_resnet18/*") if p.is_dir()]
+    runs = [p for p in out_dir.glob(f"*_{BACKBONE}/*") if p.is_dir()]
     assert len(runs) == 1, runs  # both ranks used one run folder
     return runs[0]
 
@@ -111,10 +111,10 @@ def test_unfrozen_blocks_train_identically_on_every_rank(ddp_root, tmp_path, wei
     assert len(diffs) == 3 and max(diffs) == 0.0, diffs  # bit-identical at the end of every epoch
     print(f"\nreplica differences per epoch: {diffs}")
 
-    pretrained = {f"backbone.{k}": v for k, v in build_backbone("resnet18", weights=weights_file).state_dict().items()}
+    pretrained = {f"backbone.{k}": v for k, v in build_backbone(BACKBONE, weights=weights_file).state_dict().items()}
     after = checkpoint_state(run / "checkpoints" / "last.ckpt")
     lower = [k for k in pretrained if not k.startswith("backbone.blocks.4.")]
-    top_convs = [k for k in pretrained if k.startswith("backbone.blocks.4.") and "conv" in k]
+    top_convs = conv_weights(pretrained, 4)
     assert all(torch.equal(pretrained[k], after[k]) for k in lower), "a lower block changed under DDP"
     assert all(not torch.equal(pretrained[k], after[k]) for k in top_convs), "the unfrozen block did not train"
 
@@ -192,14 +192,18 @@ def test_features_and_test_stages_under_ddp(ddp_root, tmp_path):
 
 
 def test_frozen_stage_under_ddp(ddp_root, tmp_path):
-    run = train_subprocess(fast_args(ddp_root, tmp_path / "out", stage="frozen", **{"trainer.devices": "2"}), tmp_path)
+    # with TensorBoard's views on: every rank joins their gathers (a rank that skipped one would hang)
+    views = {"trainer.devices": "2", "log.images_every_n_epochs": "1"}
+    run = train_subprocess(fast_args(ddp_root, tmp_path / "out", stage="frozen", **views), tmp_path)
     metrics = read_metrics(run)
     assert metrics["epochs"] == 3 and metrics["test"]["count"] == 15
     assert max(_replica_diffs(run)) == 0.0
+    assert image_counts(run)["val/confusion_matrix"] == 3  # gathered from both shards, written by rank zero
     assert sorted(p.name for p in run.iterdir() if p.is_file() and not p.name.startswith("events")) == [
         "config.yaml",
         "hparams.yaml",
         "metrics.json",
+        "plan.png",
         "reliability_test.png",
         "run.json",  # written once, by rank zero
         "test_predictions.csv",

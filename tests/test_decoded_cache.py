@@ -6,22 +6,22 @@ import numpy as np
 import torch
 from PIL import Image
 
+from datamodules.data_index import scan_splits
 from datamodules.decoded_cache import cached_size
-from datamodules.image_folder import ImageFolderDataModule, scan_splits
+from datamodules.image_folder import ImageFolderDataModule
 
 from toy_data import make_image_tree
 
 
 def _dm(root, tmp_path, decoded: bool, size: int = 24, augment: str = "none") -> ImageFolderDataModule:
     dm = ImageFolderDataModule(
-        root,
+        scan_splits(root),
         image_size=size,
         batch_size=8,
         num_workers=0,
         augment=augment,
         mean=(0.5,) * 3,
         std=(0.5,) * 3,
-        index=scan_splits(root),
         decoded_cache_dir=tmp_path / "cache" if decoded else None,
     )
     dm.prepare_data()

@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 import train
-from datamodules.download import DownloadError, file_sha256, prepare_dataset
-from datamodules.image_folder import scan_splits
+from datamodules.data_index import scan_splits
+from datamodules.download import prepare_dataset
+from datamodules.fetch import DownloadError, file_sha256
 
 from conftest import fast_args
 from helpers import run_train

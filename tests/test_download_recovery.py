@@ -13,8 +13,9 @@ import pytest
 from test_download import ARCHIVE, file_sha256_bytes
 
 import datamodules.download as dl
-from datamodules.download import DownloadError, download, prepare_dataset
-from datamodules.image_folder import scan_splits
+from datamodules.data_index import scan_splits
+from datamodules.download import prepare_dataset
+from datamodules.fetch import DownloadError, download
 from lightning_modules.errors import UserError
 
 NAME = "kagglecatsanddogs_5340.zip"

@@ -9,7 +9,7 @@ import torch
 
 from datamodules.image_io import load_rgb
 from datamodules.transforms import eval_transform
-from pipeline.predict import load_model
+from pipeline.prediction import load_model
 
 from conftest import finetune_args
 from helpers import read_metrics, run_dir, run_train, sigterm_at_step

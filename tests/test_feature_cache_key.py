@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from datamodules import image_io, transforms
+from datamodules.data_index import scan_splits
 from datamodules.feature_cache import cache_key
 from datamodules.image_folder import ImageFolderDataModule
 from lightning_modules.backbones import BACKBONES, build_backbone
@@ -15,7 +16,7 @@ from lightning_modules.backbones import BACKBONES, build_backbone
 
 def _key(root, backbone_version: int | None = None) -> str:
     # rebuilt from scratch every time: equal keys must not depend on reusing objects
-    images = ImageFolderDataModule(root, image_size=24, batch_size=4, num_workers=0, augment="none")
+    images = ImageFolderDataModule(scan_splits(root), image_size=24, batch_size=4, num_workers=0, augment="none")
     torch.manual_seed(0)
     backbone = build_backbone("resnet18")
     if backbone_version is not None:

@@ -15,19 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from datamodules.flat_folder import (
-    GROUPS,
-    SplitSpec,
-    assign_folds,
-    carve,
-    class_counts,
-    read_manifest,
-    record_split,
-)
-from datamodules.image_folder import DataLayoutError, scan_splits
+from datamodules.data_index import scan_splits
 from datamodules.image_io import check_image
+from datamodules.layout import DataLayoutError, SplitSpec
+from datamodules.manifest import GROUPS, read_manifest, record_split
 from datamodules.near_duplicates import MAX_DISTANCE
-from pipeline.config import ConfigError, load_config
+from datamodules.stratified_split import assign_folds, carve, class_counts
+from lightning_modules.errors import ConfigError
+from pipeline.config import load_config
 
 from conftest import fast_args
 from helpers import run_dir, run_train
@@ -149,8 +144,8 @@ def test_folds_are_disjoint_stratified_and_cover_the_non_test_images(tmp_path):
 
 
 def test_folds_also_divide_a_three_folder_layout(toy_root):
-    index = scan_splits(toy_root, check_files=False, split=SplitSpec(folds=4, fold=2))
-    plain = scan_splits(toy_root, check_files=False)
+    index = scan_splits(toy_root, split=SplitSpec(folds=4, fold=2))
+    plain = scan_splits(toy_root)
     assert index.samples["test"] == plain.samples["test"]
     assert set(index.samples["train"]) | set(index.samples["val"]) == set(plain.samples["train"] + plain.samples["val"])
     assert per_class(index, "val") == {"cats": 8, "dogs": 8}  # 32 per class over 4 folds
@@ -206,7 +201,7 @@ def test_a_root_manifest_row_outside_the_root_is_refused_before_any_work(tmp_pat
     def no_decoding(*args, **kwargs):
         raise AssertionError("images were decoded before the manifest was checked")
 
-    monkeypatch.setattr("datamodules.image_folder.scan_files", no_decoding)
+    monkeypatch.setattr("datamodules.data_index.scan_files", no_decoding)
     with pytest.raises(DataLayoutError, match=message) as err:
         scan_splits(root, cache_dir=tmp_path / "cache")
     assert "\n" not in str(err.value) and "manifest.csv" in str(err.value)
@@ -225,10 +220,10 @@ def test_a_file_listed_twice_in_a_root_manifest_is_refused(tmp_path, again, mess
     root = make_flat_tree(tmp_path / "flat", {"cats": 4, "dogs": 4})
     _write_manifest(root, [*_valid_rows(), again])
     with pytest.raises(DataLayoutError, match=message) as err:
-        scan_splits(root, check_files=False)
+        scan_splits(root)
     assert "\n" not in str(err.value)
     _write_manifest(root, _valid_rows())  # the same manifest without the second row is accepted
-    assert scan_splits(root, check_files=False).counts() == {"train": 4, "val": 2, "test": 2}
+    assert scan_splits(root).counts() == {"train": 4, "val": 2, "test": 2}
 
 
 def test_three_folder_layout_with_a_download_manifest_is_read_from_its_folders(toy_root, tmp_path):
@@ -237,7 +232,7 @@ def test_three_folder_layout_with_a_download_manifest_is_read_from_its_folders(t
     (root / "manifest.csv").write_text("file,class,split,sha256\n")
     (root / "_download").mkdir()
     shutil.copy(root / "train" / "cats" / "cats.0.png", root / "_download" / "x.png")  # ignored: starts with _
-    index = scan_splits(root, check_files=False)
+    index = scan_splits(root)
     assert index.source == "folders" and index.counts() == {"train": 48, "val": 16, "test": 16}
 
 
@@ -251,26 +246,26 @@ def test_three_folder_layout_with_a_download_manifest_is_read_from_its_folders(t
 def test_a_class_too_small_is_one_clear_line(tmp_path, sizes, counts, message):
     root = make_flat_tree(tmp_path / "flat", counts)
     with pytest.raises(DataLayoutError, match=message) as err:
-        scan_splits(root, check_files=False, split=SplitSpec(sizes))
+        scan_splits(root, split=SplitSpec(sizes))
     assert "\n" not in str(err.value)
 
 
 def test_more_folds_than_images_of_a_class_is_an_error(tmp_path):
     root = make_flat_tree(tmp_path / "flat", {"cats": 20, "dogs": 5})
     with pytest.raises(DataLayoutError, match=r"class 'dogs' has 4 non-test image\(s\), fewer than data.folds=5"):
-        scan_splits(root, check_files=False, split=SplitSpec((0.6, 0.2, 0.2), folds=5, fold=0))
+        scan_splits(root, split=SplitSpec((0.6, 0.2, 0.2), folds=5, fold=0))
 
 
 def test_mixed_layouts_are_one_clear_line(tmp_path):
     root = make_flat_tree(tmp_path / "flat")
     (root / "train" / "cats").mkdir(parents=True)
     with pytest.raises(DataLayoutError, match=r"mixes split folders \(train/\) with class folders of images"):
-        scan_splits(root, check_files=False)
+        scan_splits(root)
     partial = make_flat_tree(tmp_path / "partial", {"train": 0}) / "train"
     shutil.copytree(root / "cats", partial / "cats")
     shutil.copytree(root / "dogs", partial / "dogs")
     with pytest.raises(DataLayoutError, match=r"missing split folder .*validation"):
-        scan_splits(partial.parent, check_files=False)
+        scan_splits(partial.parent)
 
 
 @pytest.mark.parametrize(
@@ -339,7 +334,7 @@ def test_one_fold_end_to_end(tmp_path):
 
 
 def test_a_flat_folder_is_never_downloaded_into(tmp_path, monkeypatch):
-    import pipeline.stages as stages
+    import pipeline.build as build
 
     class ModelStep(Exception):
         pass
@@ -350,15 +345,15 @@ def test_a_flat_folder_is_never_downloaded_into(tmp_path, monkeypatch):
     def stop(*args, **kwargs):
         raise ModelStep
 
-    monkeypatch.setattr(stages, "ensure_data", no_download)
-    monkeypatch.setattr(stages, "build_model", stop)
+    monkeypatch.setattr(build, "ensure_data", no_download)
+    monkeypatch.setattr(build, "build_model", stop)
     root = make_flat_tree(tmp_path / "flat")
     args = fast_args(root, tmp_path / "runs", stage="frozen", **{"data.source": "kaggle_cats_vs_dogs"})
     with pytest.raises(ModelStep):
-        stages.build_stage(load_config([*args, "data.split_sizes=[0.6,0.2,0.2]"]))
+        build.build_stage(load_config([*args, "data.split_sizes=[0.6,0.2,0.2]"]))
     empty = fast_args(tmp_path / "empty", tmp_path / "runs", stage="frozen", **{"data.source": "kaggle_cats_vs_dogs"})
     with pytest.raises(ConfigError, match=r"fractions split your own ROOT/<class>/ folder; a download"):
-        stages.build_stage(load_config([*empty, "data.split_sizes=[0.6,0.2,0.2]"]))
+        build.build_stage(load_config([*empty, "data.split_sizes=[0.6,0.2,0.2]"]))
 
 
 # --- near duplicates are cut as whole groups (issue 18) ------------------------------------------

@@ -9,6 +9,7 @@ from helpers import (
     assert_only_the_head_trains,
     block_of,
     checkpoint_state,
+    conv_weights,
     initial_state,
     run_dir,
     run_train,
@@ -79,7 +80,7 @@ def test_resume_after_the_unfreeze_keeps_training_the_top_blocks(toy_root, tmp_p
     assert resumed["run_dir"] == first["run_dir"]  # continues in its folder
     assert resumed["epochs"] == 3
     after = checkpoint_state(run_dir(resumed) / "checkpoints" / "last.ckpt")
-    top = [k for k in stopped if k.startswith("backbone.blocks.4.") and k.endswith("conv1.weight")]
+    top = conv_weights(stopped, 4)
     assert top and all(not torch.equal(stopped[k], after[k]) for k in top), "resumed run left the top block frozen"
     steps = sorted(s for s, _ in scalar_tags(run_dir(resumed))["train/loss"])
     assert steps == sorted(set(steps)), "duplicate training steps after resume"

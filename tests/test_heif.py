@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import datamodules.image_io as image_io
-from datamodules.image_folder import scan_splits
+from datamodules.data_index import scan_splits
 from datamodules.image_io import HEIF_MISSING, load_rgb
 
 from toy_data import make_image_tree

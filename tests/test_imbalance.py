@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from datamodules.class_balance import describe_counts, resolve_class_weights
-from datamodules.image_folder import scan_splits
+from datamodules.data_index import scan_splits
 from datamodules.sampling import BalancedEpochSampler, train_sampler
 from lightning_modules.classifier import TransferClassifier
 
@@ -21,8 +21,9 @@ from toy_data import make_image_tree
 
 def _model(classes: list[str], weights: list[float] | None) -> TransferClassifier:
     return TransferClassifier(
-        backbone="resnet18", class_names=classes, image_size=32, pool="avg", head_hidden=8, dropout=0.0,
-        optim_name="adam", weight_decay=0.0, decay_norm_and_bias=False, train_bn=False, tta_flip=False,
+        backbone="resnet18", class_names=classes, image_size=32,
+        head={"pool": "avg", "hidden": 8, "dropout": 0.0}, optim_name="adam", weight_decay=0.0,
+        decay_norm_and_bias=False, train_bn=False, tta_flip=False,
         label_smoothing=0.0, class_weights=weights,
     )  # fmt: skip
 
@@ -63,7 +64,7 @@ def test_rare_classes_are_counted_and_warned(tmp_path):
     root = make_image_tree(tmp_path / "d", per_class={"train": 20, "validation": 2, "test": 2}, size=16)
     for path in sorted((root / "train" / "dogs").iterdir())[2:]:
         path.unlink()
-    line, warnings = describe_counts(scan_splits(root, check_files=False))
+    line, warnings = describe_counts(scan_splits(root))
     assert line == "images per class (train/val/test): cats 20/2/2, dogs 2/2/2"
     assert len(warnings) == 1 and "class 'dogs' is 9.1% of the training images" in warnings[0]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import finetune_args
+from conftest import BACKBONE, finetune_args
 from helpers import checkpoint_state
 from toy_data import make_image_tree
 
@@ -46,7 +46,7 @@ def _launch(point: str, args: list[str], cwd: Path) -> subprocess.CompletedProce
 
 
 def _outcome(out: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    (folder,) = [p for p in out.glob("finetune_resnet18/*") if p.is_dir()]
+    (folder,) = [p for p in out.glob(f"finetune_{BACKBONE}/*") if p.is_dir()]
     metrics = json.loads((folder / "metrics.json").read_text())
     stable = {k: v for k, v in metrics.items() if k not in VOLATILE}
     stable["calibration"] = {k: v for k, v in (stable.get("calibration") or {}).items() if k != "stored_in"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from conftest import fast_args
+from conftest import BACKBONE, fast_args
 from helpers import image_counts, run_train, scalar_tags
 
 
@@ -20,7 +20,7 @@ def test_lr_find_writes_a_plot_and_a_suggestion_inside_its_range(toy_root, tmp_p
     )
     result = run_train(args)
     folder = Path(result["run_dir"])
-    assert folder.parent.name == "lr_find_resnet18"
+    assert folder.parent.name == f"lr_find_{BACKBONE}"
     assert result["steps"] <= 12  # 48 training images / 4: one epoch, although 500 were asked for
     lrs = result["lr"]
     assert lrs == sorted(lrs) and 1e-5 <= lrs[0] < lrs[-1] <= 1.0

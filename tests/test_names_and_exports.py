@@ -15,7 +15,7 @@ from PIL import Image
 import predict
 from lightning_modules.cam import cam_available
 from pipeline.evaluation import write_predictions
-from pipeline.predict import write_csv
+from pipeline.prediction import write_csv
 
 from conftest import fast_args
 from helpers import read_metrics, run_dir, run_train
@@ -122,7 +122,7 @@ def test_class_names_that_are_not_utf8_round_trip_through_an_export(odd_run, tmp
     onnx = pytest.importorskip("onnx", reason="pip install -e '.[export]'")
     pytest.importorskip("onnxruntime", reason="pip install -e '.[export]'")
     from pipeline.export import export_model
-    from pipeline.predict import load_model
+    from pipeline.prediction import load_model
 
     model = load_model(odd_run["best_ckpt"])
     model.class_names = ["cats", os.fsdecode(b"chi\xe9ns")]

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.download import file_sha256, prepare_dataset
-from datamodules.image_folder import scan_memory_path, scan_splits
+from datamodules.data_index import scan_memory_path, scan_splits
+from datamodules.download import prepare_dataset
+from datamodules.fetch import file_sha256
 from datamodules.image_io import check_image
 from datamodules.near_duplicates import (
     MAX_DISTANCE,

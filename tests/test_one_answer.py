@@ -14,7 +14,7 @@ import predict
 from datamodules.image_io import load_rgb
 from datamodules.transforms import eval_transform
 from pipeline.export import export_model, run_exported
-from pipeline.predict import load_model
+from pipeline.prediction import load_model
 
 from conftest import fast_args
 from helpers import checkpoint_state, read_metrics, run_train

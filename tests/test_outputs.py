@@ -14,7 +14,7 @@ import predict
 from lightning_modules.cam import cam_available
 from pipeline.evaluation import read_correct
 from pipeline.export import export_model, run_exported
-from pipeline.predict import load_model
+from pipeline.prediction import load_model
 
 from conftest import fast_args
 from helpers import read_metrics, run_dir, run_train

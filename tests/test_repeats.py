@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.stages as stages
-from datamodules.image_folder import DataLayoutError, scan_splits
+import pipeline.repeats as repeats
+from datamodules.data_index import scan_splits
+from datamodules.layout import DataLayoutError
 from datamodules.subsets import train_subset
-from pipeline.config import ConfigError
+from lightning_modules.errors import ConfigError, RunInterrupted
 from pipeline.repeats import parse_grid
 
 from conftest import fast_args
@@ -19,7 +20,7 @@ from helpers import run_train
 
 
 def test_train_subsets_are_nested_seeded_and_leave_evaluation_whole(toy_root):
-    index = scan_splits(toy_root, check_files=False)
+    index = scan_splits(toy_root)
     small, large = train_subset(index, 5, seed=3), train_subset(index, 10, seed=3)
     for subset, n in ((small, 5), (large, 10)):
         labels = [label for _, label in subset.samples["train"]]
@@ -63,15 +64,15 @@ def test_seeds_and_sweep_summary_and_resume(toy_root, tmp_path, monkeypatch, cap
         seeds="[1,2]",
         **{"sweep.data.train_per_class": "[6,12,1000]", "trainer.max_epochs": "2"},
     )
-    real_run_stage, calls = stages.run_stage, []
+    real_run_stage, calls = repeats.run_stage, []
 
     def interrupted_on_the_third(cfg, run_name=None):
         calls.append(cfg.seed)
         if len(calls) == 3:
-            raise stages.RunInterrupted("SIGINT: stopped", 130)
+            raise RunInterrupted("SIGINT: stopped", 130)
         return real_run_stage(cfg, run_name)
 
-    monkeypatch.setattr(stages, "run_stage", interrupted_on_the_third)
+    monkeypatch.setattr(repeats, "run_stage", interrupted_on_the_third)
     with pytest.raises(SystemExit):
         run_train(args)
     parent = next((tmp_path / "sweeps").iterdir())
@@ -79,7 +80,7 @@ def test_seeds_and_sweep_summary_and_resume(toy_root, tmp_path, monkeypatch, cap
     assert len(finished) == 2
     stamps = {p: p.stat().st_mtime_ns for p in finished}
 
-    monkeypatch.setattr(stages, "run_stage", real_run_stage)
+    monkeypatch.setattr(repeats, "run_stage", real_run_stage)
     capsys.readouterr()
     result = run_train(args)
     out = capsys.readouterr().out

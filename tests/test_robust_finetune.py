@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lightning_modules.classifier import TransferClassifier
-from pipeline.config import ConfigError, load_config
+from lightning_modules.errors import ConfigError
+from pipeline.config import load_config
 from pipeline.wise import THETA0, choose, interpolate
 
 from conftest import finetune_args
@@ -22,9 +23,7 @@ def _model(**extra) -> TransferClassifier:
         backbone="resnet18",
         class_names=["cats", "dogs"],
         image_size=32,
-        pool="avg",
-        head_hidden=0,
-        dropout=0.0,
+        head={"pool": "avg", "hidden": 0, "dropout": 0.0},
         optim_name="adam",
         weight_decay=0.01,
         decay_norm_and_bias=False,
@@ -88,7 +87,9 @@ def test_a_fine_tune_with_wise_reports_the_curve_and_uses_the_chosen_model(toy_r
 
 
 def test_wise_needs_a_theta0(toy_root, tmp_path):
-    args = finetune_args(toy_root, tmp_path, **{"finetune.warmup_epochs": "0", "finetune.wise": "true"})
+    # no head-only phase and no pretrained weights (the suite's stand-in weights file left out)
+    settings = {"finetune.warmup_epochs": "0", "finetune.wise": "true", "model.weights": "null"}
+    args = finetune_args(toy_root, tmp_path, **settings)
     with pytest.raises(ConfigError, match="needs a theta_0"):
         load_config(args)
 

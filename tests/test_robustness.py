@@ -7,7 +7,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +15,14 @@ import torch
 from PIL import Image
 
 import train
-from datamodules.image_folder import DataLayoutError, ImageFolderDataModule, scan_splits
+from datamodules.data_index import scan_splits
+from datamodules.image_folder import ImageFolderDataModule
+from datamodules.layout import DataLayoutError
+from lightning_modules.atomic_io import write_json_atomic
 from lightning_modules.run_safety import AtomicCheckpointIO
-from pipeline.run_dir import write_json_atomic
 
-from conftest import ROOT, fast_args, finetune_args
-from helpers import checkpoint_state, read_metrics, run_dir, run_train, scalar_tags, sigterm_at_step
+from conftest import BACKBONE, fast_args, finetune_args
+from helpers import checkpoint_state, read_metrics, run_dir, run_train, scalar_tags, sigterm_at_step, wait_for_file
 from toy_data import make_image_tree
 
 
@@ -103,7 +104,7 @@ def test_odd_images_load_and_bad_files_are_skipped_and_listed(messy_root):
     assert index.counts()["train"] == 48 + len(GOOD_ODD)
     assert index.skipped["val"] == [] and index.skipped["test"] == []
 
-    dm = ImageFolderDataModule(messy_root, image_size=24, batch_size=4, num_workers=0, augment="seed", index=index)
+    dm = ImageFolderDataModule(index, image_size=24, batch_size=4, num_workers=0, augment="seed")
     dm.setup("fit")
     dataset = dm.datasets["train"]
     for i, (path, _) in enumerate(dataset.samples):
@@ -135,12 +136,12 @@ def test_strict_mode_makes_bad_files_an_error(capsys, messy_root, tmp_path):
 
 
 def test_layout_errors_come_before_any_model_is_built(capsys, tmp_path, monkeypatch):
-    import pipeline.stages
+    import pipeline.build
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built before the data layout was checked")
 
-    monkeypatch.setattr(pipeline.stages, "build_model", no_model)
+    monkeypatch.setattr(pipeline.build, "build_model", no_model)
     root = make_image_tree(tmp_path / "d", per_class={"train": 2, "validation": 2, "test": 2}, size=16)
     for f in (root / "test" / "cats").iterdir():
         f.unlink()
@@ -171,7 +172,7 @@ def test_checkpoint_of_another_backbone_is_refused(capsys, toy_root, tmp_path):
         toy_root, tmp_path, stage="test", ckpt_path=trained["best_ckpt"], **{"model.backbone": "mobilenet_v3_large"}
     )
     err = _error_line(capsys, args)
-    assert "trained with backbone 'resnet18'" in err
+    assert f"trained with backbone '{BACKBONE}'" in err
 
 
 class _Payload:
@@ -209,7 +210,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(capsys,
     monkeypatch.setattr(TransferClassifier, "_loss", poisoned)
     err = _error_line(capsys, fast_args(toy_root, tmp_path, stage="frozen"), code=3)
     assert "training loss is nan at global step 8 (epoch 1, batch 2)" in err
-    last = next(tmp_path.glob("frozen_resnet18/*/checkpoints/last.ckpt"))
+    last = next(tmp_path.glob(f"frozen_{BACKBONE}/*/checkpoints/last.ckpt"))
     assert torch.load(last, weights_only=True)["global_step"] == 6  # the end of epoch 0, intact
 
 
@@ -254,8 +255,8 @@ def _resume_args(root: Path, out: Path, **extra: str) -> list[str]:
     )
 
 
-def test_resume_after_the_unfreeze_is_exactly_the_uninterrupted_run(toy_root, tmp_path):
-    whole = run_train(_resume_args(toy_root, tmp_path / "whole"))
+def test_resume_after_the_unfreeze_is_exactly_the_uninterrupted_run(toy_root, tmp_path, uninterrupted):
+    whole = uninterrupted(lambda out: _resume_args(toy_root, out))
     first = run_train(_resume_args(toy_root, tmp_path / "split", **{"trainer.max_epochs": "3"}))
     resumed = run_train([*_resume_args(toy_root, tmp_path / "split"), "ckpt_path=last"])
     assert resumed["run_dir"] == first["run_dir"]
@@ -266,12 +267,13 @@ def test_resume_after_the_unfreeze_is_exactly_the_uninterrupted_run(toy_root, tm
 
 
 @pytest.mark.parametrize("augment", ["standard", "robust"])
-def test_sigterm_mid_epoch_saves_and_resumes_exactly(toy_root, tmp_path, monkeypatch, capsys, augment):
+def test_sigterm_mid_epoch_saves_and_resumes_exactly(toy_root, tmp_path, monkeypatch, capsys, augment, uninterrupted):
     """In-process: SIGTERM arrives at step 9 (mid-epoch 1 of 6-step epochs); the resumed run ends
     with the same weights as an uninterrupted one (stateful loader + per-step/per-sample seeds; the
-    robust preset's downscaling, JPEG quality and blur draws included)."""
-    settings = {"data.num_workers": "0", "data.augment": augment}
-    whole = run_train(_resume_args(toy_root, tmp_path / "whole", **settings))
+    robust preset's downscaling, JPEG quality and blur draws included). The standard preset's
+    uninterrupted run is the one the test above resumes at an epoch boundary."""
+    settings = {"data.augment": augment}
+    whole = uninterrupted(lambda out: _resume_args(toy_root, out, **settings))
     sigterm_at_step(monkeypatch, 9)
     args = _resume_args(toy_root, tmp_path / "split", **settings)
     with pytest.raises(SystemExit) as exc:
@@ -279,7 +281,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(toy_root, tmp_path, monkeyp
     assert exc.value.code == 143
     assert "resume with ckpt_path=last" in capsys.readouterr().err
     monkeypatch.undo()
-    last = next((tmp_path / "split").glob("finetune_resnet18/*/checkpoints/last.ckpt"))
+    last = next((tmp_path / "split").glob(f"finetune_{BACKBONE}/*/checkpoints/last.ckpt"))
     assert torch.load(last, weights_only=True)["global_step"] == 10  # the step that was running finished
 
     resumed = run_train([*args, "ckpt_path=last"])
@@ -291,51 +293,44 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(toy_root, tmp_path, monkeyp
     assert steps == list(range(24)), steps  # 4 epochs x 6 steps, no gap, no duplicate
 
 
-def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "TRANSFER_RUN_DIR"}
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
+KILL_AT = Path(__file__).resolve().parent / "kill_at.py"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_subprocess_resumes_without_gaps_or_duplicates(tmp_path, sig):
+    """A signal from outside at step 17, inside epoch 1 of 12-step epochs (the launcher waits there
+    for it: no timing involved), then a resume in this process."""
+    root = make_image_tree(tmp_path / "data", per_class={"train": 12, "validation": 4, "test": 4}, size=48)
+    out, marker = tmp_path / "out", tmp_path / "at_step_17"
+    args = fast_args(
+        root, out, stage="frozen", **{"data.batch_size": "2", "data.image_size": "48", "trainer.max_epochs": "4"}
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFER_RUN_DIR"} | {"KILL_AT_MARKER": str(marker)}
+    proc = subprocess.Popen(
+        [sys.executable, str(KILL_AT), "wait:17", "0", *args],
+        cwd=tmp_path,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def _wait_for(path_glob, base: Path, timeout: float = 120) -> Path:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = list(base.glob(path_glob))
-        if found:
-            return found[0]
-        time.sleep(0.05)
-    raise AssertionError(f"{path_glob} never appeared under {base}")
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_killed_subprocess_resumes_without_gaps_or_duplicates(tmp_path, sig):
-    root = make_image_tree(tmp_path / "data", per_class={"train": 60, "validation": 4, "test": 4}, size=48)
-    out = tmp_path / "out"
-    args = fast_args(
-        root, out, stage="frozen", **{"data.batch_size": "2", "data.image_size": "48", "trainer.max_epochs": "40"}
-    )
-    proc = _start(args, tmp_path)
-    last = _wait_for("frozen_resnet18/*/checkpoints/last.ckpt", out)  # epoch 0 finished
-    time.sleep(0.5)  # now inside epoch 1 (60 steps of ~20 ms)
+    wait_for_file(marker, [proc])
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
+    (last,) = out.glob(f"frozen_{BACKBONE}/*/checkpoints/last.ckpt")
     ckpt = torch.load(last, weights_only=True)  # never truncated
     if sig == signal.SIGTERM:
         assert proc.returncode == 143, err[-2000:]
         assert "resume with ckpt_path=last" in err
+        assert ckpt["global_step"] == 18  # the step that was running finished
     else:
         assert proc.returncode == -signal.SIGKILL
+        assert ckpt["global_step"] == 12  # the end of epoch 0: SIGKILL loses the current epoch
     stopped_epoch = ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
-    assert stopped_epoch >= 1 or sig == signal.SIGTERM  # SIGKILL loses at most the current epoch
+    assert stopped_epoch == 1
 
     done = run_train([*args, "ckpt_path=last", f"trainer.max_epochs={stopped_epoch + 2}"])
     assert done["epochs"] == stopped_epoch + 2
     steps = [s for s, _ in scalar_tags(run_dir(done))["train/loss"]]
-    assert steps == list(range(60 * (stopped_epoch + 2))), (steps[:5], len(steps))
+    assert steps == list(range(12 * (stopped_epoch + 2))), (steps[:5], len(steps))
     assert read_metrics(run_dir(done))["test"]["count"] == 8

@@ -13,19 +13,24 @@ import pytest
 import torch
 
 import train
-from pipeline.config import ConfigError, load_config
+from lightning_modules.errors import ConfigError
+from pipeline.config import load_config
 from pipeline.run_dir import RUN_RECORD, claim, latest_run, release_all, resolve_run
 
-from conftest import ROOT, fast_args, finetune_args
-from helpers import checkpoint_state, run_dir, run_train, sigterm_at_step
+from conftest import BACKBONE, ROOT, fast_args, finetune_args
+from helpers import checkpoint_state, release_together, run_dir, run_train, sigterm_at_step
 from toy_data import make_image_tree
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
-    """A 1-epoch frozen run on toy data, and a copy of the data with class ``dogs`` renamed ``wolves``."""
+    """A 1-epoch frozen run on toy data, and a copy of the data with class ``dogs`` renamed ``wolves``.
+    Two validation cats are filed as dogs: without errors the toy validation split is separable and
+    the temperature's fit runs away before the split's size is judged."""
     base = tmp_path_factory.mktemp("identity")
     root = make_image_tree(base / "toy")
+    for i in (0, 1):
+        shutil.move(root / "validation" / "cats" / f"cats.{i}.png", root / "validation" / "dogs" / f"cat{i}.png")
     other = base / "toy2"
     shutil.copytree(root, other)
     for split in ("train", "validation", "test"):
@@ -50,14 +55,14 @@ def _refused(args: list[str], capsys) -> str:
 
 def test_resume_onto_relabelled_data_is_refused_and_writes_nothing(trained, capsys):
     folder = run_dir(trained["metrics"])
-    before = _snapshot(trained["out"] / "frozen_resnet18")  # out/cache may gain the other folder's scan
+    before = _snapshot(trained["out"] / f"frozen_{BACKBONE}")  # out/cache may gain the other folder's scan
     last = folder / "checkpoints" / "last.ckpt"
     err = _refused(fast_args(trained["other"], trained["out"], stage="frozen", ckpt_path=str(last)), capsys)
     assert "cannot resume" in err and "['cats', 'dogs'] -> ['cats', 'wolves']" in err and "data.root" in err
     # ckpt_path=last finds no run with this identity, and names what differs in the newest one
     err = _refused(fast_args(trained["other"], trained["out"], stage="frozen", ckpt_path="last"), capsys)
     assert "ckpt_path=last" in err and "classes" in err
-    assert _snapshot(trained["out"] / "frozen_resnet18") == before  # no run file written or touched
+    assert _snapshot(trained["out"] / f"frozen_{BACKBONE}") == before  # no run file written or touched
 
 
 def test_resume_with_other_preprocessing_names_each_item(trained, capsys):
@@ -152,27 +157,27 @@ def test_a_requeued_slurm_job_resumes_its_own_run(tmp_path, monkeypatch):
 
 
 CONCURRENT = """
-import sys, time
+import os, sys, time
 sys.path.insert(0, {root!r})
 from pipeline.config import load_config
 from pipeline.run_dir import new_run_dir
 cfg = load_config(["stage=frozen", "out_dir=" + sys.argv[1], "model.backbone=resnet18", "model.pretrained=false"])
-while time.time() < float(sys.argv[2]):
-    pass
+open(sys.argv[2] + "." + str(os.getpid()) + ".ready", "w").close()
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.001)
 print(new_run_dir(cfg))
 """
 
 
 def test_runs_launched_at_the_same_instant_get_distinct_folders(tmp_path):
-    import time
-
     script = tmp_path / "new_dir.py"
     script.write_text(CONCURRENT.format(root=str(ROOT)))
-    start = time.time() + 6  # every process is up and spinning before the instant
+    go = tmp_path / "go"  # every process is up and spinning until it appears
     procs = [
-        subprocess.Popen([sys.executable, str(script), str(tmp_path / "out"), str(start)], stdout=subprocess.PIPE)
+        subprocess.Popen([sys.executable, str(script), str(tmp_path / "out"), str(go)], stdout=subprocess.PIPE)
         for _ in range(4)
     ]
+    release_together(go, procs)
     folders = [p.communicate(timeout=60)[0].decode().strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert len(set(folders)) == 4, folders
@@ -247,7 +252,7 @@ def test_sigint_stops_at_a_step_boundary_and_resumes_exactly(toy_root, tmp_path,
     assert exc.value.code == 130
     assert "SIGINT" in capsys.readouterr().err
     monkeypatch.undo()
-    last = next((tmp_path / "split").glob("frozen_resnet18/*/checkpoints/last.ckpt"))
+    last = next((tmp_path / "split").glob(f"frozen_{BACKBONE}/*/checkpoints/last.ckpt"))
     assert torch.load(last, weights_only=True)["global_step"] == 5  # the step that was running finished
     resumed = run_train([*split, "ckpt_path=last"])
     a = checkpoint_state(run_dir(whole) / "checkpoints" / "last.ckpt")

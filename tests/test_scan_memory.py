@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import datamodules.image_io as image_io
-from datamodules.image_folder import scan_memory_path, scan_splits
+from datamodules.data_index import scan_memory_path, scan_splits
 from lightning_modules.replica_check import differing_tensors, tensor_digests
 
 from toy_data import make_image_tree

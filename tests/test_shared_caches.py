@@ -23,9 +23,10 @@ from torch import nn
 
 from datamodules import decoded_cache as decoded_module
 from datamodules import feature_cache
+from datamodules.data_index import scan_splits
 from datamodules.decoded_cache import cached_size, decoded_cache, open_decoded
 from datamodules.feature_cache import FeatureDataModule
-from datamodules.image_folder import ImageFolderDataModule, scan_splits
+from datamodules.image_folder import ImageFolderDataModule
 from lightning_modules.errors import DiskFullError
 from lightning_modules.run_safety import AtomicCheckpointIO
 
@@ -64,7 +65,7 @@ def _samples(root: str | Path) -> list[tuple[str, int]]:
 
 
 def _features(root: str | Path, cache: str | Path) -> FeatureDataModule:
-    images = ImageFolderDataModule(root, image_size=SIZE, batch_size=8, num_workers=0, augment="none")
+    images = ImageFolderDataModule(scan_splits(root), image_size=SIZE, batch_size=8, num_workers=0, augment="none")
     return FeatureDataModule(images, TinyModel(), cache, pool="avg")
 
 

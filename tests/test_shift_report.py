@@ -19,16 +19,14 @@ from datamodules.shifts import SEVERITIES, SHIFT_NAMES, SHIFTS, apply_shift, var
 from datamodules.transforms import eval_transform
 from lightning_modules.calibration import ece
 from lightning_modules.classifier import TransferClassifier
-from pipeline.config import ConfigError, RunConfig
+from lightning_modules.errors import ConfigError
+from pipeline.config import RunConfig
+from pipeline.shift_inference import cost_line, eval_batch_size, predict_variants, shift_variants
 from pipeline.shift_report import (
     check_extra_tests,
-    cost_line,
-    eval_batch_size,
-    predict_variants,
     resolve_shifts,
     run_extra_tests,
     run_shift_report,
-    shift_variants,
     validate_shift_config,
 )
 from pipeline.statistics import wilson_interval
@@ -137,8 +135,9 @@ def test_cost_line_and_batch_rule():
 def tiny(tmp_path_factory):
     torch.manual_seed(0)
     model = TransferClassifier(
-        backbone="resnet18", class_names=["cats", "dogs"], image_size=32, pool="avg", head_hidden=8, dropout=0.0,
-        optim_name="adam", weight_decay=0.0, decay_norm_and_bias=False, train_bn=False, tta_flip=False,
+        backbone="resnet18", class_names=["cats", "dogs"], image_size=32,
+        head={"pool": "avg", "hidden": 8, "dropout": 0.0}, optim_name="adam", weight_decay=0.0,
+        decay_norm_and_bias=False, train_bn=False, tta_flip=False,
         label_smoothing=0.0,
     )  # fmt: skip
     model.temperature.fill_(1.7)

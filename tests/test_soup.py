@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_config
+from lightning_modules.errors import ConfigError
+from pipeline.config import load_config
 from pipeline.soup import average, check_soup, greedy, make_soup, take_soup
 
 from conftest import fast_args, finetune_args

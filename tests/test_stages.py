@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 import datamodules.feature_cache as feature_cache
 
-from conftest import fast_args
+from conftest import BACKBONE, fast_args
 from helpers import image_counts, read_metrics, run_dir, run_train, scalar_tags, tensor_tags
 from toy_data import make_image_tree
 
@@ -17,7 +17,7 @@ METRIC_KEYS = {"acc", "loss", "f1", "auroc", "count"}
 
 
 def _check_metrics(metrics: dict, stage: str, *, val: bool = True) -> None:
-    assert metrics["stage"] == stage and metrics["backbone"] == "resnet18"
+    assert metrics["stage"] == stage and metrics["backbone"] == BACKBONE
     assert metrics["wall_time_s"] > 0
     assert set(metrics["test"]) >= METRIC_KEYS and metrics["test"]["count"] == 16
     assert metrics["test"]["acc"] >= 0.75, metrics  # chance is 0.5
@@ -29,9 +29,9 @@ def _check_metrics(metrics: dict, stage: str, *, val: bool = True) -> None:
 @pytest.mark.parametrize("stage", ["frozen", "finetune"])
 def test_image_stages_end_to_end(toy_root, tmp_path, stage):
     extra = {"finetune.warmup_epochs": "1", "finetune.unfreeze_blocks": "1"} if stage == "finetune" else {}
-    metrics = run_train(fast_args(toy_root, tmp_path, stage=stage, **extra))
+    metrics = run_train(fast_args(toy_root, tmp_path, stage=stage, **extra, **{"log.images_every_n_epochs": "1"}))
     folder = run_dir(metrics)
-    assert folder.parent.name == f"{stage}_resnet18"
+    assert folder.parent.name == f"{stage}_{BACKBONE}"
     assert read_metrics(folder) == metrics
     _check_metrics(metrics, stage)
     assert metrics["epochs"] == 3
@@ -101,7 +101,7 @@ def test_test_stage_evaluates_a_checkpoint(toy_root, tmp_path):
     metrics = run_train(fast_args(toy_root, tmp_path, stage="test", ckpt_path=trained["best_ckpt"]))
     _check_metrics(metrics, "test", val=False)
     assert metrics["test"]["acc"] == pytest.approx(trained["test"]["acc"])
-    assert run_dir(metrics).parent.name == "test_resnet18"
+    assert run_dir(metrics).parent.name == f"test_{BACKBONE}"
 
 
 def test_multiclass_uses_cross_entropy_and_learns(tmp_path):

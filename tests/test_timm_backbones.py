@@ -11,12 +11,13 @@ timm = pytest.importorskip("timm", reason="pip install -e '.[timm]'")
 
 
 from lightning_modules.backbones import BackboneError, WeightsError, backbone_spec, build_backbone  # noqa: E402
+from lightning_modules.errors import ConfigError  # noqa: E402
 from lightning_modules.freeze_schedule import set_trainable  # noqa: E402
 from lightning_modules.heads import make_pool  # noqa: E402
 from lightning_modules.timm_backbones import randomise_norms, timm_spec  # noqa: E402
-from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 from pipeline.export import export_model, run_exported  # noqa: E402
-from pipeline.predict import load_model  # noqa: E402
+from pipeline.prediction import load_model  # noqa: E402
 
 from conftest import fast_args  # noqa: E402
 from helpers import (  # noqa: E402

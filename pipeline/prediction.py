@@ -12,10 +12,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from torch.utils.data import DataLoader, Dataset
+from PIL import Image
+from tqdm import tqdm
 
 from datamodules.image_folder import default_num_workers
 from datamodules.image_io import IMAGE_EXTENSIONS, load_rgb
@@ -23,9 +25,11 @@ from datamodules.transforms import eval_transform
 from lightning_modules.atomic_io import write_text_atomic
 from lightning_modules.cam import cam_available, gradcam, overlay
 from lightning_modules.classifier import TransferClassifier
-from pipeline.config import ConfigError, parse_overrides
+from lightning_modules.errors import ConfigError
+from pipeline.checkpoints import model_from_checkpoint
+from pipeline.config import parse_overrides
 from pipeline.export import EXPORT_FORMATS, export_model
-from pipeline.stages import model_from_checkpoint
+from pipeline.shift_inference import CLEAN, predict_variants
 
 
 @dataclass
@@ -70,21 +74,6 @@ def collect_files(inputs: str) -> list[str]:
     return matches
 
 
-class _Files(Dataset):
-    def __init__(self, files: list[str], transform, size: int):
-        self.files, self.transform, self.size = files, transform, size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int):
-        try:
-            return self.transform(load_rgb(self.files[index], self.size)), index, ""
-        except Exception as err:  # noqa: BLE001 - any unreadable file is reported in the CSV
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            return torch.zeros(3, self.size, self.size), index, reason
-
-
 def load_model(ckpt_path: str) -> TransferClassifier:
     """The checkpoint alone is enough: backbone, class names and image size are in it."""
     return model_from_checkpoint(ckpt_path).eval()
@@ -96,41 +85,59 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@torch.no_grad()
 def predict_files(
-    model: TransferClassifier, files: list[str], batch_size: int, num_workers: int, device, cam_dir: str | None = None
-):
-    """Rows ``(file, predicted, probabilities, error)`` in input order; with ``cam_dir``, a
-    Grad-CAM overlay of each readable image at its own size."""
+    model: TransferClassifier,
+    files: list[str],
+    batch_size: int,
+    num_workers: int,
+    device: torch.device | str,
+    cam_dir: str | None = None,
+    progress: bool = False,
+) -> list[tuple[str, str, list[float], str]]:
+    """Rows ``(file, predicted, probabilities, error)`` in input order, computed by the evaluation's
+    own inference loop (``pipeline.shift_inference.predict_variants``: its CPU batch rule, test-time
+    flip and temperature as the checkpoint has them); with ``cam_dir``, a Grad-CAM overlay of each
+    readable image at its own size. ``progress``: a progress bar on stderr (a terminal only)."""
+    bar = tqdm(total=len(files), unit="img", disable=not progress or None, leave=False)
+    try:
+        pred = predict_variants(
+            model, [(f, 0) for f in files], [(CLEAN, 0)], 0, device, batch_size, num_workers, on_batch=bar.update
+        )
+    finally:
+        bar.close()
+    probs = model.probabilities(pred.logits[0])
+    rows = [
+        (file, model.class_names[int(p.argmax())], p.tolist(), "") if not error else (file, "", [], error)
+        for file, p, error in zip(files, probs, pred.errors)
+    ]
+    if cam_dir:
+        _write_cams(model, files, [row[1] for row in rows], Path(cam_dir), batch_size, device)
+    return rows
+
+
+def _write_cams(
+    model: TransferClassifier,
+    files: list[str],
+    predicted: list[str],
+    folder: Path,
+    batch_size: int,
+    device: torch.device | str,
+) -> None:
+    """Grad-CAM of each readable image for its predicted class (gradients: a pass of its own)."""
     size = int(model.hparams.image_size)
     transform = eval_transform(size, model.backbone.mean, model.backbone.std, model.backbone.interpolation)
-    dataset = _Files(files, transform, size)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    model.to(device)
-    rows: list[tuple[str, str, list[float], str]] = [("", "", [], "")] * len(files)
+    readable = [(f, model.class_names.index(c)) for f, c in zip(files, predicted) if c]
     written: set[str] = set()
-    for images, indices, errors in loader:
-        # logits(): the checkpoint's own evaluation, test-time flip included when it was trained with it
-        probs = model.probabilities(model.logits(images.to(device))).cpu()
-        for p, i, err in zip(probs, indices.tolist(), errors):
-            if err:
-                rows[i] = (files[i], "", [], err)
-            else:
-                rows[i] = (files[i], model.class_names[int(p.argmax())], p.tolist(), "")
-        if cam_dir:
-            good = [k for k, err in enumerate(errors) if not err]
-            if good:
-                maps = gradcam(model, images[good].to(device), probs[good].argmax(1).tolist(), model.binary)
-                for k, mask in zip(good, maps):
-                    _write_cam(Path(cam_dir), files[int(indices[k])], mask, written)
-    return rows
+    model.to(device)
+    for start in range(0, len(readable), batch_size):
+        chunk = readable[start : start + batch_size]
+        images = torch.stack([transform(load_rgb(f, size)) for f, _ in chunk]).to(device)
+        for (file, _), mask in zip(chunk, gradcam(model, images, [c for _, c in chunk], model.binary)):
+            _write_cam(folder, file, mask, written)
 
 
 def _write_cam(folder: Path, file: str, mask, written: set[str]) -> None:
     """``<stem>.gradcam.png`` (numbered if two inputs share a stem): the overlay on the image as read."""
-    import numpy as np
-    from PIL import Image
-
     name, n = f"{Path(file).stem}.gradcam.png", 1
     while name in written:
         name, n = f"{Path(file).stem}.{n}.gradcam.png", n + 1
@@ -166,14 +173,16 @@ def main(argv: list[str]) -> dict:
         device = pick_device(cfg.device)
         started = time.time()
         workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
-        rows = predict_files(model, files, cfg.batch_size, workers, device, cfg.cam_dir)
+        rows = predict_files(model, files, cfg.batch_size, workers, device, cfg.cam_dir, progress=True)
+        seconds = time.time() - started
         write_csv(cfg.output, model.class_names, rows)
         counts = Counter(r[1] for r in rows if not r[3])
         errors = sum(1 for r in rows if r[3])
         per_class = ", ".join(f"{c} {counts.get(c, 0)}" for c in model.class_names)
         print(
-            f"classified {len(files) - errors} of {len(files)} files in {time.time() - started:.1f}s on {device} "
-            f"({per_class}; unreadable {errors}); wrote {cfg.output}"
+            f"classified {len(files) - errors} of {len(files)} files in {seconds:.1f}s on {device} "
+            f"({len(files) / max(seconds, 1e-9):.1f} images/s; "
+            f"{per_class}; unreadable {errors}); wrote {cfg.output}"
         )
         result["predictions"] = {"files": len(files), "errors": errors, "counts": dict(counts), "csv": cfg.output}
     return result

@@ -1,0 +1,121 @@
+"""What a data root looks like: its layout, the names of its splits, what a listing of it yields.
+
+The base of the data index (``datamodules.data_index`` scans, ``datamodules.flat_folder`` splits a
+folder of class folders): nothing here reads an image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+from datamodules.image_io import IMAGE_EXTENSIONS
+from lightning_modules.errors import UserError
+
+# The one mapping of split names: our key (train/val/test) -> its folder, and its name in a manifest.
+SPLIT_DIRS = {"train": "train", "val": "validation", "test": "test"}
+# A manifest's split column -> our key: the folder names, and our keys themselves.
+SPLIT_KEYS = {folder: split for split, folder in SPLIT_DIRS.items()} | {split: split for split in SPLIT_DIRS}
+MANIFEST = "manifest.csv"  # a split as a list of files (the download's, a flat folder's, a run's)
+LAYOUT = (
+    "expected layout: ROOT/{train,validation,test}/<class_name>/<image files>, "
+    "or ROOT/<class_name>/<image files> (split automatically by data.split_sizes)"
+)
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+class DataLayoutError(UserError, ValueError):
+    """The data folder does not have the expected layout; the message is one line."""
+
+
+def is_rank_zero() -> bool:
+    """Whether this is global rank zero, the one process that writes shared files."""
+    return rank_zero_only.rank == 0
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """How a folder without train/validation/test folders is split (``data.*``)."""
+
+    sizes: tuple[float, ...] = DEFAULT_FRACTIONS
+    seed: int = 0
+    folds: int | None = None
+    fold: int | None = None
+    manifest: Path | None = None  # a recorded split to use instead (stage=test: the checkpoint's run)
+
+
+def split_spec(data: Any, manifest: Path | None = None) -> SplitSpec:
+    """The SplitSpec of a config's ``data`` section."""
+    sizes = tuple(data.split_sizes) if data.split_sizes is not None else DEFAULT_FRACTIONS
+    return SplitSpec(sizes, int(data.split_seed), data.folds, data.fold, manifest)
+
+
+@dataclass
+class Listing:
+    """What a layout yields before the shared checks of ``scan_splits``."""
+
+    classes: list[str]
+    samples: dict[str, list[tuple[str, int]]]
+    bad: dict[str, str]  # path -> why it is not a sample
+    split_of: dict[str, str]  # bad path -> the split it is listed under
+    checks: dict[str, Any] | None = None  # decode checks already made (flat folders check before the cut)
+    fold_of: dict[str, int] = field(default_factory=dict)
+    manifest: Path | None = None
+    source: str = "folders"  # folders (ROOT/{train,validation,test}/), flat (split here) or manifest
+
+    def where(self, root: Path, split: str) -> str:
+        """The place a split's images come from, for error messages."""
+        if self.source == "folders":
+            return str(root / SPLIT_DIRS[split])
+        return f"the {split} split of {self.manifest or root}"
+
+
+def not_an_image(name: str) -> str | None:
+    """Why a file name is not taken as an image (None: it is one)."""
+    if name.startswith("."):
+        return "hidden file"
+    if not name.lower().endswith(IMAGE_EXTENSIONS):
+        return "not an image file name (extension)"
+    return None
+
+
+def class_dirs(split_dir: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def root_dirs(root: Path) -> list[str]:
+    """Folders directly under the data root, except split folders and those starting with ``.``
+    or ``_`` (the download keeps its archive in ``_download/``)."""
+    ignored = set(SPLIT_DIRS.values())
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] not in "._" and e.name not in ignored)
+
+
+def _has_images(folder: Path) -> bool:
+    return any(e.is_file() and not not_an_image(e.name) for e in os.scandir(folder))
+
+
+def data_layout(root: str | Path, splits: Sequence[str] = ("train", "val", "test")) -> str:
+    """``folders`` (ROOT/{train,validation,test}/<class>/), ``flat`` (ROOT/<class>/ or a
+    ROOT/manifest.csv: split automatically) or ``none`` (nothing there yet: a download may make
+    it). A mix of the two, or split folders without all of ``splits``, is a DataLayoutError."""
+    root = Path(root)
+    if not root.is_dir():
+        return "none"
+    present = [split for split, folder in SPLIT_DIRS.items() if (root / folder).is_dir()]
+    class_folders = [name for name in root_dirs(root) if _has_images(root / name)]
+    if present and class_folders:
+        raise DataLayoutError(
+            f"data.root={root} mixes split folders ({', '.join(SPLIT_DIRS[s] + '/' for s in present)}) with class "
+            f"folders of images ({', '.join(class_folders[:3])}); {LAYOUT} (folders starting with _ are ignored)"
+        )
+    if present:
+        missing = [SPLIT_DIRS[split] for split in splits if split not in present]
+        if missing:
+            raise DataLayoutError(f"missing split folder {root / missing[0]}; {LAYOUT}")
+        return "folders"
+    return "flat" if class_folders or (root / MANIFEST).is_file() else "none"

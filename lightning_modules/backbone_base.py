@@ -1,0 +1,100 @@
+"""What every backbone is, built-in or timm's: its spec, the network cut into blocks, its errors.
+
+Shared by the registry (``lightning_modules.backbones``) and the timm adapter
+(``lightning_modules.timm_backbones``), so that neither imports the other's internals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_modules.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsError(UserError, RuntimeError):
+    """Pretrained weights could not be had; the message is one line telling the user what to do."""
+
+
+class BackboneError(UserError, ValueError):
+    """An unknown or unsupported ``model.backbone``; the message is one line."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    build: Callable[[], nn.Module]  # the full network, randomly initialised
+    split: Callable[[nn.Module], list[nn.Module]]  # full network -> ordered blocks
+    num_blocks: int
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    load_pretrained: Callable[[nn.Module], None] | None = None  # None: torchvision's download
+    torchvision_name: str | None = None
+    # Bump when ``split`` changes what the blocks compute from the same weights: the feature cache
+    # key includes it, so features cached with the old cut are not reused.
+    version: int = 1
+    # The pretrained weights' preprocessing besides mean/std (timm's pretrained_cfg; None: no opinion).
+    default_image_size: int | None = None
+    interpolation: str = "bilinear"
+    crop_pct: float | None = None
+
+
+class Backbone(nn.Module):
+    """A network cut into ordered blocks; block ``i`` feeds block ``i + 1``."""
+
+    def __init__(
+        self,
+        name: str,
+        blocks: list[nn.Module],
+        mean: Sequence[float],
+        std: Sequence[float],
+        version: int = 1,
+        default_image_size: int | None = None,
+        interpolation: str = "bilinear",
+    ):
+        super().__init__()
+        self.name = name
+        self.version = version
+        self.blocks = nn.ModuleList(blocks)
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.default_image_size = default_image_size
+        self.interpolation = interpolation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    @torch.no_grad()
+    def output_shape(self, image_size: int) -> tuple[int, int, int]:
+        """(C, H, W) of the feature map for square inputs of ``image_size``; runs one tiny forward."""
+        was_training = self.training
+        self.eval()
+        shape = self(torch.zeros(1, 3, image_size, image_size)).shape[1:]
+        self.train(was_training)
+        return tuple(shape)
+
+
+def randomise_norms(net: nn.Module, seed: int) -> None:
+    """Random norm weights, biases, running statistics and layer scales: fresh ones are near
+    identities, which would hide a dropped or misplaced norm from a check of a cut."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, param in net.named_parameters():
+            if param.ndim == 1 or key.endswith(("gamma", "layer_scale")):
+                if key.endswith("bias"):
+                    param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+                else:
+                    param.copy_(0.5 + torch.rand(param.shape, generator=generator))
+        for key, buffer in net.named_buffers():
+            if key.endswith("running_mean"):
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
+            elif key.endswith("running_var"):
+                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))

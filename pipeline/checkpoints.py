@@ -1,0 +1,60 @@
+"""Reading this project's checkpoints: safely (``weights_only``), for the backbone the config names,
+and into a model for evaluation or prediction. Used by the runner, ``stage=test``, soups and
+``predict.py``, which therefore need nothing of the training runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lightning_modules.classifier import TransferClassifier
+from lightning_modules.errors import ConfigError
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint loaded without running pickled code (``weights_only=True``), or a clear error."""
+    if not Path(path).is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure: refuse the file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(f"checkpoint {path} cannot be loaded safely with weights_only=True ({first})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"{path} is not a checkpoint of this project (no state_dict)")
+    return ckpt
+
+
+def checkpoint_for(path: str, backbone: str) -> dict:
+    """``load_checkpoint``, refusing a checkpoint of another backbone than ``model.backbone``."""
+    ckpt = load_checkpoint(path)
+    found = ckpt.get("hyper_parameters", {}).get("backbone")
+    if found != backbone:
+        raise ConfigError(f"checkpoint {path} was trained with backbone {found!r}, not model.backbone={backbone!r}")
+    return ckpt
+
+
+def model_from_checkpoint(path: str) -> TransferClassifier:
+    """The trained model of a checkpoint of this project (for evaluation and prediction)."""
+    load_checkpoint(path)  # refuses unsafe pickles with a clear error
+    try:
+        return TransferClassifier.load_from_checkpoint(path, map_location="cpu")
+    except TypeError as err:  # hyperparameters this version does not have
+        raise older_version(path, str(err)) from None
+    except RuntimeError as err:
+        raise state_dict_mismatch(path, err) from None
+
+
+def older_version(path: str, detail: str) -> ConfigError:
+    return ConfigError(
+        f"checkpoint {path} was written by an older version of this project ({detail[:160]}): train again"
+    )
+
+
+def state_dict_mismatch(path: str, err: RuntimeError) -> Exception:
+    """A one-line error for weights that do not fit this version's network; other errors unchanged."""
+    if not str(err).startswith("Error(s) in loading state_dict"):
+        return err
+    lines = str(err).splitlines()
+    return older_version(path, lines[1].strip() if len(lines) > 1 else "")

@@ -1,0 +1,296 @@
+"""The run configuration's schema: each key's default, help, choices and range, declared once.
+
+Each key is an ``opt`` field (``pipeline/fields.py``). OmegaConf's structured config checks key
+names and types while merging; :func:`check_values` checks each key's own choices, finiteness,
+list shape and range from the same declaration; ``pipeline.usage`` prints them as ``--help`` and
+:func:`schema_rows` returns them as data (the configuration reference).
+Choices come from the modules that implement them, through their packages' light ``choices``
+modules, so neither this module nor ``--help`` imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from omegaconf import OmegaConf
+
+from datamodules.choices import AUGMENT_PRESETS, SHIFT_NAMES, SOURCE_NAMES
+from lightning_modules.choices import BACKBONE_NAMES, MONITORS, OPTIMIZERS, POOLS, SCHEDULERS
+from pipeline.fields import check_key, leaf_keys, opt
+
+# What each stage runs (the runner, pipeline/api.py and pipeline/stages.py, dispatches on the names).
+STAGE_HELP = {
+    "features": "seed method 1: frozen backbone run once, features cached, head trained on them",
+    "frozen": "seed method 2: frozen backbone + augmentation, trained end to end",
+    "finetune": "seed method 3: head warm-up, then the top blocks unfrozen at a lower learning rate",
+    "test": "evaluate ckpt_path=... on the test split",
+    "all": "features, frozen, then finetune from the best frozen checkpoint; a comparison table",
+    "lr_find": "learning-rate range test on the head phase (backbone frozen): plot and suggested optim.lr",
+}
+STAGES = tuple(STAGE_HELP)
+TRAINING_STAGES = ("features", "frozen", "finetune")
+TEMPERATURE_MODES = ("auto", "fit", "off")  # pipeline/evaluation.py calibrate
+SHIFT_PRESETS = ("auto", "all", "none")  # pipeline/shift_report.py resolve_shifts
+POSITIVE, NON_NEGATIVE, FRACTION = "(0, inf)", "[0, inf)", "[0, 1)"
+
+
+@dataclass
+class DataConfig:
+    root: str = opt(
+        "data/cats_and_dogs_small", "folder with train/, validation/, test/ (<class>/<images>), or <class>/<images>"
+    )
+    image_size: int = opt(150, "square input size in pixels", range=POSITIVE)
+    batch_size: int = opt(
+        20, "images per step per device (N devices: N * batch_size per optimizer step)", range=POSITIVE
+    )
+    num_workers: int | None = opt(None, "loader processes (null: one per CPU core, at most 8)", range=NON_NEGATIVE)
+    augment: str = opt(
+        "seed",
+        "augmentation preset (seed: the seed's Keras augmentation; standard: crop, flip, TrivialAugment; "
+        "robust: seed + downscale, colour jitter, blur, JPEG)",
+        choices=AUGMENT_PRESETS,
+    )
+    cache_dir: str | None = opt(None, "feature and decoded-image caches (null: <out_dir>/cache)")
+    skip_bad_files: bool = opt(True, "unreadable images are skipped and listed; false: stop with an error")
+    decoded_cache: bool = opt(False, "decode + resize each image once into a memory-mapped file")
+    source: str = opt(
+        "kaggle_cats_vs_dogs",
+        "download source when data.root has no train/ and no class folders (none: never)",
+        choices=SOURCE_NAMES,
+    )
+    url: str | None = opt(None, "overrides the source's download address (a mirror, file://...)")
+    sha256: str | None = opt("auto", "archive checksum (auto: the source's known one; null: no check)")
+    # checked by datamodules/stratified_split.py's parse_split_sizes (counts or fractions)
+    split_sizes: list[int | float] | None = opt(
+        None,
+        "train, validation, test: images per class, or fractions (null: [1000,500,500] per class for a download, "
+        "[0.8,0.1,0.1] for your own ROOT/<class>/ folder)",
+    )
+    split_seed: int = opt(0, "seed of a ROOT/<class>/ folder's split and folds (not `seed`: repeats keep the test set)")
+    folds: int | None = opt(
+        None, "K-fold cross-validation: the non-test images in K stratified folds (null: off)", range="[2, inf)"
+    )
+    fold: int | None = opt(None, "with data.folds: the fold that validates (0..K-1); the others train")
+    balanced_sampler: bool = opt(False, "draw training images class-balanced (with replacement, seeded per epoch)")
+    train_per_class: int | None = opt(
+        None, "train on a nested, seeded subset of N images per class (learning curves; null: all)", range="[1, inf)"
+    )
+    drop_near_duplicates: bool = opt(
+        False, "remove validation/test images that near-duplicate an earlier split's (listed either way)"
+    )
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = opt(
+        "vgg16",
+        "backbone (lightning_modules/backbones.py)",
+        choices=BACKBONE_NAMES,
+        other="timm:<name>, a timm CNN, e.g. timm:resnet50.a1_in1k (families: lightning_modules/timm_backbones.py; "
+        "pip install -e '.[timm]')",
+    )
+    pretrained: bool = opt(True, "ImageNet weights (false: random initialisation)")
+    weights: str | None = opt(None, "a local state dict of the backbone's network (offline)")
+    pool: str = opt("avg", "pooling before the head (avg: global average; flatten: the seed's)", choices=POOLS)
+    head_hidden: int = opt(256, "hidden width of the head (0: a linear head)", range=NON_NEGATIVE)
+    dropout: float = opt(0.5, "dropout before the head's output layer", range=FRACTION)
+    tta_flip: bool = opt(False, "evaluate each image and its mirror, average the logits")
+
+
+@dataclass
+class OptimConfig:
+    name: str = opt("rmsprop", "optimizer (rmsprop: Keras' defaults, as in the seed)", choices=OPTIMIZERS)
+    lr: float = opt(2e-5, "the head's peak learning rate", range=POSITIVE)
+    weight_decay: float = opt(0.0, "weight decay (not on norm weights and biases, see next key)", range=NON_NEGATIVE)
+    decay_norm_and_bias: bool = opt(False, "apply weight decay to norm weights and biases too")
+    scheduler: str = opt(
+        "none",
+        "learning-rate schedule (cosine: over the whole stage; onecycle: restarted per phase)",
+        choices=SCHEDULERS,
+    )
+    lr_warmup_epochs: float = opt(
+        0.0, "linear warm-up epochs (fractions allowed); onecycle: its rise per phase", range=NON_NEGATIVE
+    )
+    label_smoothing: float = opt(0.0, "label smoothing of the training loss", range=FRACTION)
+    class_weights: Any = opt(
+        None,
+        "loss weight per class: auto (inverse frequency), [w0, w1, ...] (one per class) or null",
+        choices=("auto",),
+        lists=True,
+    )
+    ema_decay: float = opt(
+        0.0, "exponential moving average of the weights, evaluated and saved as the model (0: off)", range=FRACTION
+    )
+
+
+@dataclass
+class FinetuneConfig:
+    warmup_epochs: int = opt(0, "epochs with the backbone frozen before the unfreeze", range=NON_NEGATIVE)
+    unfreeze_blocks: int = opt(1, "top backbone blocks unfrozen after the warm-up", range=NON_NEGATIVE)
+    milestones: list[list[int]] | None = opt(
+        None,
+        "gradual unfreezing: [[epoch, top_blocks], ...] (replaces the two above)",
+        range=NON_NEGATIVE,
+        pairs=True,
+        shape="a non-empty list of [epoch, top_blocks] pairs of whole numbers >= 0",
+    )
+    backbone_lr_ratio: float = opt(1.0, "peak rate of the top block relative to optim.lr", range=NON_NEGATIVE)
+    layer_decay: float = opt(
+        1.0, "block k from the top trains at lr * backbone_lr_ratio * layer_decay**k", range="(0, 1]"
+    )
+    train_bn: bool = opt(False, "BatchNorm of unfrozen blocks trains (false: frozen statistics)")
+    init_ckpt: str | None = opt(None, "start from this checkpoint's weights (e.g. a frozen run's)")
+    l2sp: float = opt(
+        0.0,
+        "L2-SP: lambda/2 * ||w - w_pretrained||^2 on the trained backbone, no decay there (0: off)",
+        range=NON_NEGATIVE,
+    )
+    # checked and normalised by pipeline/config.py's wise_alphas
+    wise: Any = opt(
+        None,
+        "WiSE-FT after the last phase: [a, ...] in 0..1 between the head-only model (a=0) and the fine-tuned one "
+        "(a=1), chosen by validation; true = [0,0.25,0.5,0.75,1]",
+    )
+
+
+@dataclass
+class EarlyStopConfig:
+    patience: int = opt(0, "end a phase after this many epochs without improvement (0: off)", range=NON_NEGATIVE)
+    monitor: str = opt("val/acc", "the validation metric early stopping watches", choices=tuple(MONITORS))
+
+
+@dataclass
+class SpeedConfig:
+    channels_last: bool = opt(True, "NHWC convolutions (faster on recent GPUs and CPUs)")
+    compile: bool = opt(False, "torch.compile the model (first epoch pays the compilation)")
+
+
+@dataclass
+class LogConfig:
+    images_every_n_epochs: int = opt(
+        1, "confusion matrix, error images, PR curve every N epochs (0: off)", range=NON_NEGATIVE
+    )
+    max_images: int = opt(16, "images per TensorBoard grid", range="[1, inf)")
+    mlflow: bool = opt(False, "also log params, metrics and the best checkpoint to MLflow (pip install -e '.[mlflow]')")
+    mlflow_uri: str | None = opt(None, "MLflow tracking URI (null: the local folder <out_dir>/mlruns)")
+
+
+@dataclass
+class EvalConfig:
+    temperature: str = opt(
+        "auto",
+        "auto: keep a fitted temperature only when validation supports it and it lowers NLL without raising "
+        "ECE; fit: keep any finite fit (clamped to 0.05..20); off: T=1",
+        choices=TEMPERATURE_MODES,
+    )
+    # auto: the shifted copies of the test set cost an evaluation each, seconds on a GPU but many
+    # minutes on a CPU, so a CPU run asks for them explicitly (pipeline/shift_report.py)
+    shifts: Any = opt(
+        "auto",
+        "shift report on the test split, each shift at 2 severities (auto: all shifts on a GPU, none on CPU)",
+        choices=SHIFT_PRESETS,
+        other=f"a list of: {', '.join(SHIFT_NAMES)}",
+    )
+    shift_seed: int = opt(0, "seed of the shifts' per-image randomness (not `seed`: repeats see the same shifts)")
+    # checked by pipeline/shift_report.py's parse_extra_tests
+    extra_tests: list[str] = opt([], "more test folders, [name=path,...], each <path>/<class>/<images>: clean metrics")
+
+
+@dataclass
+class LrFindConfig:
+    min_lr: float = opt(1e-7, "stage=lr_find: lowest rate of the range test", range=POSITIVE)
+    max_lr: float = opt(1.0, "stage=lr_find: highest rate of the range test", range=POSITIVE)
+    num_steps: int = opt(100, "stage=lr_find: training steps (at most one epoch)", range="[5, inf)")
+
+
+@dataclass
+class AllConfig:
+    epochs: list[int] | None = opt(
+        None,
+        "stage=all: [features, frozen, finetune] epochs (null: trainer.max_epochs, else presets)",
+        range="[1, inf)",
+        length=3,
+        shape="three epoch counts of at least 1 (features, frozen, finetune)",
+    )
+
+
+TRAINER_DEFAULTS = {
+    "max_epochs": 30,
+    "accelerator": "auto",
+    "devices": "auto",
+    "precision": "auto",
+    "log_every_n_steps": 10,
+}
+TRAINER_HELP = "any lightning.Trainer argument"
+
+
+@dataclass
+class RunConfig:
+    stage: str = opt("finetune", "what to run (stages above)", choices=STAGES)
+    seed: int = opt(42, "global seed")
+    out_dir: str = opt("runs", "where runs go")
+    ckpt_path: str | None = opt(None, "resume (a path, or 'last'); stage=test: the checkpoint to evaluate")
+    slurm_requeue: bool = opt(
+        False, "under SLURM: Lightning's auto-requeue (hpc_ckpt_N.ckpt); off: a requeued job resumes its last.ckpt"
+    )
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    all: AllConfig = field(default_factory=AllConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    lr_find: LrFindConfig = field(default_factory=LrFindConfig)
+    # Free-form on purpose: every key is passed to lightning.Trainer; pipeline.config checks them.
+    trainer: dict[str, Any] = opt(TRAINER_DEFAULTS, TRAINER_HELP)
+
+
+KEYS = {key.name: key for key in leaf_keys(RunConfig)}
+
+
+class SchemaRow(NamedTuple):
+    key: str
+    type: str
+    default: Any
+    help: str
+    choices: tuple[str, ...]
+    other: str  # other valid values, in words
+    range: str | None
+
+
+def schema_rows() -> list[SchemaRow]:
+    """Every key of the schema as data, in declaration order (the configuration reference);
+    ``trainer.*`` as its default keys."""
+    rows = []
+    for key in KEYS.values():
+        if key.name == "trainer":
+            help_ = "a lightning.Trainer argument (any other passes as trainer.<name>=...)"
+            rows += [SchemaRow(f"trainer.{k}", "Any", v, help_, (), "", None) for k, v in key.default.items()]
+            continue
+        rng = key.meta["range"]
+        rows.append(
+            SchemaRow(
+                key.name,
+                str(key.field.type),
+                key.default,
+                key.meta["help"],
+                key.meta["choices"],
+                key.meta["other"] or ("a list" if key.meta["lists"] else ""),
+                rng.text if rng else None,
+            )
+        )
+    return rows
+
+
+def check_value(name: str, value: Any) -> None:
+    """The key ``name``'s own rules (:func:`pipeline.fields.check_key`); a one-line ConfigError."""
+    check_key(KEYS[name], value)
+
+
+def check_values(cfg: Any) -> None:
+    """:func:`check_value` for every key of ``cfg`` (a config composed on this schema)."""
+    for name in KEYS:
+        check_value(name, OmegaConf.select(cfg, name))

@@ -1,0 +1,63 @@
+"""``python train.py --help``: generated from the schema, each key with its default, choices and range.
+
+Imports only the schema (no torch, no Lightning), so ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.fields import parse_range
+from pipeline.schema import STAGE_HELP, TRAINER_HELP, SchemaRow, schema_rows
+
+HELP = """\
+usage: python train.py [key=value ...]
+
+Staged transfer learning of an image classifier (PyTorch Lightning).
+
+stages (stage=...):
+{stages}
+
+keys (key=default  meaning; choices or range; schema: pipeline/schema.py, presets: configs/stage/, configs/backbone/):
+{keys}
+
+repeats and sweeps (around any stage; see docs/uncertainty.md):
+  seeds=[1,2,3]                      run once per seed; summary.md with mean, sd and 95% interval
+  sweep.<key>=[a,b,...]              run every value of any key (combined with seeds: the full grid);
+                                     the same command again continues an interrupted sweep
+
+example:
+  python train.py stage=finetune data.root=path/to/cats_and_dogs_small model.backbone=efficientnet_lite0
+"""
+
+
+def shown(value: Any) -> str:
+    """A value as it is written on the command line: null, true/false, [a,b]."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(shown(v) for v in value) + "]"
+    return str(value)
+
+
+def key_line(row: SchemaRow) -> str:
+    """``  key=default  help; choices: a | b`` or ``...; range: >= 0`` (of a list: of each number)."""
+    line = f"  {row.key}={shown(row.default)}  {row.help}"
+    if row.choices or row.other:
+        line += "; choices: " + " | ".join([*row.choices, *([row.other] if row.other else [])])
+    if row.range:
+        each = " (each number)" if row.type.startswith("list") else ""
+        line += f"; range{each}: {parse_range(row.range).short()}"
+    return line
+
+
+def help_text() -> str:
+    rows = schema_rows()
+    trainer = [r for r in rows if r.key.startswith("trainer.")]
+    lines = [key_line(r) for r in rows if r not in trainer]
+    defaults = " ".join(f"{r.key}={shown(r.default)}" for r in trainer)
+    lines.append(f"  trainer.*  {TRAINER_HELP}; defaults: {defaults}")
+    stages = "\n".join(f"  {name:<10} {text}" for name, text in STAGE_HELP.items())
+    return HELP.format(stages=stages, keys="\n".join(lines))
