@@ -37,6 +37,15 @@ def toy_root(tmp_path_factory) -> Path:
 _WEIGHTS: dict[str, Path] = {}
 
 
+def stand_in_init(net: torch.nn.Module) -> torch.nn.Module:
+    """``net``'s convolutions initialised as torchvision initialises its ResNets (Kaiming, fan-out):
+    random, but with features of the scale a pretrained network's have (see ``backbone_weights``)."""
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    return net
+
+
 def backbone_weights() -> Path:
     """Stand-in pretrained weights of ``BACKBONE`` as a local file (made once per test session, like
     a download offline): random, with torchvision's initialisation of convolutions (Kaiming,
@@ -48,12 +57,9 @@ def backbone_weights() -> Path:
 
         folder = Path(tempfile.mkdtemp(prefix="test-weights-"))
         atexit.register(shutil.rmtree, folder, True)
-        torch.manual_seed(7)
-        net = BACKBONES[BACKBONE].build()
-        for module in net.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        torch.save(net.state_dict(), folder / f"{BACKBONE}.pth")
+        with torch.random.fork_rng(devices=[]):  # the same weights every session; the caller's RNG untouched
+            torch.manual_seed(7)
+            torch.save(stand_in_init(BACKBONES[BACKBONE].build()).state_dict(), folder / f"{BACKBONE}.pth")
         _WEIGHTS[BACKBONE] = folder / f"{BACKBONE}.pth"
     return _WEIGHTS[BACKBONE]
 

@@ -14,14 +14,14 @@ from datamodules.data_index import scan_splits
 from datamodules.sampling import BalancedEpochSampler, train_sampler
 from lightning_modules.classifier import TransferClassifier
 
-from conftest import fast_args
+from conftest import BACKBONE, fast_args
 from helpers import checkpoint_state, run_dir, run_train
 from toy_data import make_image_tree
 
 
 def _model(classes: list[str], weights: list[float] | None) -> TransferClassifier:
     return TransferClassifier(
-        backbone="resnet18", class_names=classes, image_size=32,
+        backbone=BACKBONE, class_names=classes, image_size=32,
         head={"pool": "avg", "hidden": 8, "dropout": 0.0}, optim_name="adam", weight_decay=0.0,
         decay_norm_and_bias=False, train_bn=False, tta_flip=False,
         label_smoothing=0.0, class_weights=weights,

@@ -13,14 +13,14 @@ from lightning_modules.errors import ConfigError
 from pipeline.config import load_config
 from pipeline.wise import THETA0, choose, interpolate
 
-from conftest import finetune_args
+from conftest import BACKBONE, finetune_args
 from helpers import checkpoint_state, initial_state, run_dir, run_train
 
 
 def _model(**extra) -> TransferClassifier:
     torch.manual_seed(0)
     return TransferClassifier(
-        backbone="resnet18",
+        backbone=BACKBONE,
         class_names=["cats", "dogs"],
         image_size=32,
         head={"pool": "avg", "hidden": 0, "dropout": 0.0},
@@ -37,8 +37,9 @@ def _model(**extra) -> TransferClassifier:
 def test_interpolation_end_points_are_exact_and_integers_are_copied():
     a, b = _model().state_dict(), _model().state_dict()
     b = {k: (v + 1 if v.is_floating_point() else v + 3) for k, v in b.items()}
-    assert all(torch.equal(interpolate(a, b, 0.0)[k], a[k]) for k in a if a[k].is_floating_point())
-    assert all(torch.equal(interpolate(a, b, 1.0)[k], b[k]) for k in b)
+    start, end = interpolate(a, b, 0.0), interpolate(a, b, 1.0)
+    assert all(torch.equal(start[k], a[k]) for k in a if a[k].is_floating_point())
+    assert all(torch.equal(end[k], b[k]) for k in b)
     half = interpolate(a, b, 0.5)
     for key in a:
         if a[key].is_floating_point():

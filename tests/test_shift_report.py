@@ -31,6 +31,7 @@ from pipeline.shift_report import (
 )
 from pipeline.statistics import wilson_interval
 
+from conftest import BACKBONE, stand_in_init
 from helpers import image_counts, scalar_tags
 from toy_data import make_image_tree
 
@@ -135,11 +136,12 @@ def test_cost_line_and_batch_rule():
 def tiny(tmp_path_factory):
     torch.manual_seed(0)
     model = TransferClassifier(
-        backbone="resnet18", class_names=["cats", "dogs"], image_size=32,
+        backbone=BACKBONE, class_names=["cats", "dogs"], image_size=32,
         head={"pool": "avg", "hidden": 8, "dropout": 0.0}, optim_name="adam", weight_decay=0.0,
         decay_norm_and_bias=False, train_bn=False, tta_flip=False,
         label_smoothing=0.0,
     )  # fmt: skip
+    stand_in_init(model.backbone)  # logits that differ from image to image and shift to shift
     model.temperature.fill_(1.7)
     root = make_image_tree(tmp_path_factory.mktemp("shift_toy"), per_class={"train": 1, "validation": 1, "test": 6})
     test = root / "test"
