@@ -77,22 +77,36 @@ def speed_rows(device: torch.device, seconds: float, variants=VARIANTS) -> list[
     return rows
 
 
+PIPELINE_RUNS = (  # (label, GPUs, extra overrides): a random ResNet-18, then Lite0 with its offline weights compiled
+    ("resnet18, random weights", 1, ["model.backbone=resnet18", "model.pretrained=false"]),
+    ("resnet18, random weights", 2, ["model.backbone=resnet18", "model.pretrained=false"]),
+    (
+        "efficientnet_lite0, ImageNet weights, speed.compile=true",
+        1,
+        ["model.backbone=efficientnet_lite0", "model.pretrained=true", "speed.compile=true"],
+    ),
+)
+
+
 def pipeline_checks(devices: int, work: Path) -> list[str]:
-    """train.py on toy images: one GPU, then two (DDP) when there are two."""
+    """train.py on toy images: one GPU, two (DDP) when there are two, and Lite0 compiled; on a GPU the
+    shift report runs at the end of each (eval.shifts=auto), so its CUDA path is checked too."""
     from helpers import scalar_tags
     from toy_data import make_image_tree
 
     root = make_image_tree(work / "toy", size=64)
     lines = []
-    for n in [1, 2] if devices >= 2 else [1]:
-        out = work / f"out{n}"
+    for i, (label, n, extra) in enumerate(PIPELINE_RUNS):
+        if n > devices:
+            lines.append(f"- train.py on {n} GPUs ({label}): skipped, {devices} GPU(s) visible")
+            continue
+        out = work / f"out{i}"
         args = [
             "stage=finetune",
             f"data.root={root}",
             "data.source=none",
             f"out_dir={out}",
-            "model.backbone=resnet18",
-            "model.pretrained=false",
+            *extra,
             "data.image_size=64",
             "data.batch_size=8",
             "finetune.warmup_epochs=1",
@@ -103,20 +117,23 @@ def pipeline_checks(devices: int, work: Path) -> list[str]:
         started = time.perf_counter()
         proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True)
         if proc.returncode != 0:
-            lines.append(f"- train.py on {n} GPU(s): FAILED (exit {proc.returncode}): {proc.stderr[-500:]!r}")
+            lines.append(f"- train.py on {n} GPU(s) ({label}): FAILED (exit {proc.returncode}): {proc.stderr[-800:]!r}")
             continue
-        run = next(out.glob("finetune_resnet18/*"))
+        run = next(out.glob("finetune_*/*"))
         metrics = json.loads((run / "metrics.json").read_text())
+        shift = metrics.get("shift") or {}
         line = (
-            f"- train.py stage=finetune on {n} GPU(s), precision auto: {metrics['epochs']} epochs in "
+            f"- train.py stage=finetune on {n} GPU(s) ({label}), precision auto: {metrics['epochs']} epochs in "
             f"{time.perf_counter() - started:.0f} s, val acc {metrics['val']['acc']:.3f}, "
-            f"peak GPU memory {metrics.get('peak_cuda_mb')} MB"
+            f"test acc {metrics['test']['acc']:.3f}, shift report {len(shift.get('shifts', {}))} rows, "
+            f"shift acc {shift.get('shift_acc')}, peak GPU memory {metrics.get('peak_cuda_mb')} MB"
         )
         if n > 1:
             differing = [v for _, v in scalar_tags(run).get("ddp/differing_tensors", [])]
             ok = bool(differing) and max(differing) == 0
             line += f"; replica check per epoch {differing} ({'OK' if ok else 'REPLICAS DIFFER'})"
         lines.append(line)
+        print(line, file=sys.stderr, flush=True)
     return lines
 
 
@@ -132,9 +149,9 @@ def main() -> None:
     torch.set_float32_matmul_precision("high")
     started = time.perf_counter()
     variants = (VARIANTS[0], VARIANTS[3]) if args.quick else VARIANTS
-    rows = speed_rows(device, 1.0 if args.quick else args.seconds, variants)
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as work:  # first: whether the project runs matters more than how fast
         checks = pipeline_checks(torch.cuda.device_count(), Path(work))
+    rows = speed_rows(device, 1.0 if args.quick else args.seconds, variants)
     name = torch.cuda.get_device_name(0)
     print(f"### {name} x {torch.cuda.device_count()}, torch {torch.__version__}, batch 32, random weights\n")
     print("| backbone | method | precision | channels_last | compile | images/s | peak memory (MB) |")

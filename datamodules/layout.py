@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.utilities.rank_zero import rank_zero_only
-
 from datamodules.image_io import IMAGE_EXTENSIONS
 from lightning_modules.errors import UserError
 
@@ -31,11 +29,6 @@ DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 class DataLayoutError(UserError, ValueError):
     """The data folder does not have the expected layout; the message is one line."""
-
-
-def is_rank_zero() -> bool:
-    """Whether this is global rank zero, the one process that writes shared files."""
-    return rank_zero_only.rank == 0
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ class TensorBoardViews(Callback):
         writer.add_custom_scalars(SEED_LAYOUT)
         datasets = getattr(trainer.datamodule, "datasets", {})
         train = datasets.get("train")
-        if train is None or pl_module.inputs == "features":
+        if train is None or pl_module.inputs == "features" or self.every_n_epochs == 0:  # image views off
             return
         count = min(self.max_images, len(train))
         images = torch.stack([train[(trainer.current_epoch, i)][0] for i in range(count)])

@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from lightning_modules.atomic_io import json_text, write_bytes_atomic, write_json_atomic, write_text_atomic
 from lightning_modules.backbones import file_safe
 from lightning_modules.errors import ConfigError
+from lightning_modules.rank import is_rank_zero
 from pipeline.identity import differences
 
 # Set by the launching process so that DDP workers (which re-run train.py) use the same folder.
@@ -31,11 +31,6 @@ RUN_DIR_ENV = "TRANSFER_RUN_DIR"
 ALL_RUN_DIR_ENV = "TRANSFER_ALL_RUN_DIR"
 RUN_RECORD = "run.json"
 _claimed: dict[Path, int] = {}  # run folder -> the open descriptor holding its flock
-
-
-def is_rank_zero() -> bool:
-    """Global rank zero (Lightning reads the rank from the launcher's environment at import)."""
-    return rank_zero_only.rank == 0
 
 
 class RunFolder(os.PathLike):

@@ -169,7 +169,7 @@ class SpeedConfig:
 @dataclass
 class LogConfig:
     images_every_n_epochs: int = opt(
-        1, "confusion matrix, error images, PR curve every N epochs (0: off)", range=NON_NEGATIVE
+        1, "confusion matrix, error images, PR curve every N epochs (0: no images at all)", range=NON_NEGATIVE
     )
     max_images: int = opt(16, "images per TensorBoard grid", range="[1, inf)")
     mlflow: bool = opt(False, "also log params, metrics and the best checkpoint to MLflow (pip install -e '.[mlflow]')")

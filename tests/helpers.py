@@ -98,6 +98,16 @@ def wait_for_file(path: Path, procs: Sequence[subprocess.Popen] = (), timeout: f
         time.sleep(0.01)
 
 
+def after_event_files(folder: Path) -> None:
+    """Until the clock's second is past every TensorBoard event file's under ``folder``. Their names
+    begin with the second they were created in, then the pid: a resume in the same second as the run it
+    continues, from a process with a smaller pid, would sort before it, and TensorBoard would read the
+    resumed steps first and drop the earlier ones as purged. A person never resumes that fast."""
+    stamps = [int(f.name.split(".")[3]) for f in folder.rglob("events.out.tfevents.*")]
+    while stamps and time.time() < max(stamps) + 1:
+        time.sleep(0.05)
+
+
 def release_together(go: Path, procs: Sequence[subprocess.Popen], timeout: float = 300) -> None:
     """Processes that write ``<go>.<pid>.ready`` and then wait for the file ``go`` (``kill_at.py``
     with ``START_AT=go``): once all are ready, release them at one instant."""

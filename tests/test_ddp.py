@@ -15,7 +15,7 @@ import torch
 from lightning_modules.backbones import build_backbone
 
 from conftest import BACKBONE, ROOT, fast_args
-from helpers import checkpoint_state, conv_weights, image_counts, read_metrics, scalar_tags
+from helpers import checkpoint_state, conv_weights, image_counts, read_metrics, run_dir, run_train, scalar_tags
 from toy_data import make_image_tree
 
 # Odd split sizes: a padding sampler would evaluate 16 test images instead of 15.
@@ -135,7 +135,7 @@ def test_replica_check_catches_unsynchronised_unfrozen_blocks(ddp_root, tmp_path
     assert diffs[-1] > 0.0, diffs  # after the unfreeze the replicas drift apart
 
 
-def test_two_processes_match_one_process_with_double_batch(ddp_root, tmp_path, weights_file):
+def test_two_processes_match_one_process_with_double_batch(ddp_root, tmp_path, weights_file, monkeypatch):
     common = {
         "data.augment": "none",
         "model.dropout": "0.0",
@@ -146,12 +146,24 @@ def test_two_processes_match_one_process_with_double_batch(ddp_root, tmp_path, w
     two = train_subprocess(
         ddp_finetune_args(ddp_root, tmp_path / "two", weights_file, **common, **{"data.batch_size": "4"}), tmp_path
     )
-    one = train_subprocess(
-        ddp_finetune_args(
-            ddp_root, tmp_path / "one", weights_file, **common, **{"data.batch_size": "8", "trainer.devices": "1"}
-        ),
-        tmp_path,
-    )
+    # the one-process run in this process (a fresh interpreter costs seconds); Lightning's
+    # deterministic mode is process-wide, so it is put back afterwards
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        one = run_dir(
+            run_train(
+                ddp_finetune_args(
+                    ddp_root,
+                    tmp_path / "one",
+                    weights_file,
+                    **common,
+                    **{"data.batch_size": "8", "trainer.devices": "1"},
+                )
+            )
+        )
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     a = checkpoint_state(two / "checkpoints" / "last.ckpt")
     b = checkpoint_state(one / "checkpoints" / "last.ckpt")
     assert a.keys() == b.keys()

@@ -22,7 +22,16 @@ from lightning_modules.atomic_io import write_json_atomic
 from lightning_modules.run_safety import AtomicCheckpointIO
 
 from conftest import BACKBONE, fast_args, finetune_args
-from helpers import checkpoint_state, read_metrics, run_dir, run_train, scalar_tags, sigterm_at_step, wait_for_file
+from helpers import (
+    after_event_files,
+    checkpoint_state,
+    read_metrics,
+    run_dir,
+    run_train,
+    scalar_tags,
+    sigterm_at_step,
+    wait_for_file,
+)
 from toy_data import make_image_tree
 
 
@@ -329,6 +338,7 @@ def test_killed_subprocess_resumes_without_gaps_or_duplicates(tmp_path, sig):
     stopped_epoch = ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
     assert stopped_epoch == 1
 
+    after_event_files(out)
     done = run_train([*args, "ckpt_path=last", f"trainer.max_epochs={stopped_epoch + 2}"])
     assert done["epochs"] == stopped_epoch + 2
     steps = [s for s, _ in scalar_tags(run_dir(done))["train/loss"]]
