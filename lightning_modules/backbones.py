@@ -187,11 +187,6 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-def file_safe(name: str) -> str:
-    """A backbone name usable in file names everywhere (``timm:resnet18`` -> ``timm-resnet18``)."""
-    return name.replace(":", "-").replace("/", "-")
-
-
 def backbone_spec(name: str) -> BackboneSpec:
     """The spec of ``model.backbone=name``: a built-in entry of :data:`BACKBONES`, or for
     ``timm:<model>`` one made (and cached) by building that timm model once with random weights."""

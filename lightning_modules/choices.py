@@ -24,3 +24,9 @@ SCHEDULERS = ("none", "cosine", "onecycle")  # schedule.build_plan
 POOLS = ("avg", "flatten")  # heads.make_pool
 # The validation metrics TransferClassifier logs, and whether higher is better (early stopping, best checkpoint).
 MONITORS = {"val/acc": "max", "val/f1": "max", "val/auroc": "max", "val/loss": "min"}
+
+
+def file_safe(name: str) -> str:
+    """A backbone name usable in file names everywhere (``timm:resnet18`` -> ``timm-resnet18``): run
+    folders and feature-cache files."""
+    return name.replace(":", "-").replace("/", "-")

@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lightning_modules.atomic_io import json_text, write_bytes_atomic, write_json_atomic, write_text_atomic
-from lightning_modules.backbones import file_safe
+from lightning_modules.choices import file_safe
 from lightning_modules.errors import ConfigError
 from lightning_modules.rank import is_rank_zero
 from pipeline.identity import differences

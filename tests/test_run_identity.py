@@ -159,9 +159,10 @@ def test_a_requeued_slurm_job_resumes_its_own_run(tmp_path, monkeypatch):
 CONCURRENT = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-from pipeline.config import load_config
+from omegaconf import OmegaConf
 from pipeline.run_dir import new_run_dir
-cfg = load_config(["stage=frozen", "out_dir=" + sys.argv[1], "model.backbone=resnet18", "model.pretrained=false"])
+# the keys new_run_dir reads; a light process (no torch), so the four start within a second
+cfg = OmegaConf.create({{"stage": "frozen", "out_dir": sys.argv[1], "model": {{"backbone": "resnet18"}}}})
 open(sys.argv[2] + "." + str(os.getpid()) + ".ready", "w").close()
 while not os.path.exists(sys.argv[2]):
     time.sleep(0.001)
