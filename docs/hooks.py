@@ -1,10 +1,13 @@
-"""MkDocs hook: the configuration reference, generated from the schema at build time.
+"""MkDocs hook: pages generated at build time, so that they cannot drift from their source.
 
-``configuration.md`` holds the marker ``<!-- schema-reference -->``; :func:`on_page_markdown` replaces
-it with :func:`configuration_markdown`, one table per section with every key of
-``pipeline.schema.schema_rows()`` (type, default, choices, range, help). So the page cannot drift
-from the code: a key added to the schema appears in the next build. ``tests/test_docs.py`` calls
-:func:`configuration_markdown` directly.
+- ``configuration.md`` holds the marker ``<!-- schema-reference -->``; :func:`on_page_markdown`
+  replaces it with :func:`configuration_markdown`, one table per section with every key of
+  ``pipeline.schema.schema_rows()`` (type, default, choices, range, help): a key added to the schema
+  appears in the next build.
+- ``index.md`` (the home page) holds ``<!-- readme -->``, replaced by the README with its ``docs/``
+  links made relative to the site (:func:`readme_markdown`).
+
+``tests/test_docs.py`` calls both functions directly.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ if str(ROOT) not in sys.path:
 
 MARKER = "<!-- schema-reference -->"
 PAGE = "configuration.md"
+README_MARKER = "<!-- readme -->"
+HOME = "index.md"
 
 
 def _escape(value: str) -> str:
@@ -67,7 +72,16 @@ def configuration_markdown() -> str:
     return "\n".join(lines)
 
 
+def readme_markdown() -> str:
+    """The README as the site's home page: its links into ``docs/`` point at the pages beside it."""
+    return (ROOT / "README.md").read_text().replace("](docs/", "](")
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 (MkDocs' hook signature)
+    if page.file.src_uri == HOME:
+        if README_MARKER not in markdown:
+            raise ValueError(f"docs/{HOME} lost its marker {README_MARKER}")
+        return markdown.replace(README_MARKER, readme_markdown())
     if page.file.src_uri == PAGE:
         if MARKER not in markdown:
             raise ValueError(f"docs/{PAGE} lost its marker {MARKER}")

@@ -68,7 +68,19 @@ def test_site_builds_strictly_with_the_generated_reference(tmp_path):
     for picture in sorted((DOCS / "img").glob("*.png")):
         assert (site / "img" / picture.name).is_file()
     assert (site / "example.ipynb").is_file()
+    # the home page is the README, its docs/ links pointing at the pages
+    home = (site / "index.html").read_text()
+    first_heading = (ROOT / "README.md").read_text().split("\n## ", 2)[1].split("\n", 1)[0]  # "Results"
+    assert first_heading in _plain(home) and 'href="robustness/' in home and "docs/robustness.md" not in home
     assert not list(site.rglob("*.py"))  # docs/hooks.py and make_pictures.py are not published
+
+
+def test_the_home_page_is_the_readme_with_site_links():
+    hooks = _hooks()
+    assert hooks.README_MARKER in (DOCS / "index.md").read_text()
+    home = hooks.readme_markdown()
+    assert "](docs/" not in home and "](robustness.md)" in home
+    assert home.splitlines()[0] == (ROOT / "README.md").read_text().splitlines()[0]
 
 
 def test_every_picture_referenced_exists_and_the_pictures_stay_small():
