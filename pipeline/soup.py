@@ -71,16 +71,24 @@ def average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def greedy(
-    ingredients: list[tuple[str, float, dict[str, torch.Tensor]]], evaluate: Callable[[dict], float]
+    ingredients: list[tuple[str, float, dict[str, torch.Tensor]]],
+    evaluate: Callable[[dict], float],
+    steps: list[dict[str, Any]] | None = None,
 ) -> tuple[list[str], dict[str, torch.Tensor], float]:
     """Greedy soup: ``(name, val_acc, state)`` sorted by validation accuracy (best first, ties in the
-    given order); each next one joins only if ``evaluate`` (validation accuracy) does not drop."""
+    given order); each next one joins only if ``evaluate`` (validation accuracy) does not drop.
+    ``steps``, if given, receives each try: the ingredient, the soup's validation accuracy with it,
+    and whether it was kept (so a soup of one run says why the others were left out)."""
     order = sorted(ingredients, key=lambda ing: -ing[1])
     kept, soup = [order[0]], order[0][2]
     best = evaluate(soup)
+    if steps is not None:
+        steps.append({"add": order[0][0], "val_acc": best, "kept": True})
     for ingredient in order[1:]:
         candidate = average([state for _, _, state in kept] + [ingredient[2]])
         accuracy = evaluate(candidate)
+        if steps is not None:
+            steps.append({"add": ingredient[0], "val_acc": accuracy, "kept": accuracy >= best})
         if accuracy >= best:
             kept, soup, best = [*kept, ingredient], candidate, accuracy
     return [name for name, _, _ in kept], soup, best
@@ -106,10 +114,11 @@ def make_soup(kind: str, base_argv: list[str], rows: list[dict[str, Any]], paren
         return summarise(trainer.validate(model, datamodule=data, verbose=False), "val")["acc"]
 
     names = [r["cell"] for r in ok]
+    steps: list[dict[str, Any]] = []
     if kind == "uniform":
         kept, soup = names, average(states)
     else:
-        kept, soup, _ = greedy([(n, r["val"]["acc"], s) for n, r, s in zip(names, ok, states)], evaluate)
+        kept, soup, _ = greedy([(n, r["val"]["acc"], s) for n, r, s in zip(names, ok, states)], evaluate, steps)
     model.load_state_dict(soup)
     val = summarise(trainer.validate(model, datamodule=data, verbose=False), "val")
     test = summarise(trainer.test(model, datamodule=data, verbose=False), "test")
@@ -122,6 +131,7 @@ def make_soup(kind: str, base_argv: list[str], rows: list[dict[str, Any]], paren
         "stage": "soup",
         "soup": kind,
         "ingredients": kept,
+        "greedy_steps": steps or None,  # greedy: each ingredient tried, the soup's val acc with it, kept or not
         "backbone": cfg.model.backbone,
         "val": val,
         "test": test,
@@ -131,7 +141,12 @@ def make_soup(kind: str, base_argv: list[str], rows: list[dict[str, Any]], paren
         **extra,
     }
     RunFolder(folder).write_json("metrics.json", metrics)
-    print(f"sweep: {kind} soup of {len(kept)} run(s) ({', '.join(kept)}): val acc {val['acc']:.4f}; saved {path}")
+    tried = "; ".join(f"+{t['add']} {t['val_acc']:.4f}{'' if t['kept'] else ' (left out)'}" for t in steps)
+    print(
+        f"sweep: {kind} soup of {len(kept)} run(s) ({', '.join(kept)}): val acc {val['acc']:.4f}"
+        + (f" [greedy: {tried}]" if tried else "")
+        + f"; saved {path}"
+    )
     return {
         "cell": f"soup-{kind}",
         "params": {},
