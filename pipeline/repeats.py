@@ -26,7 +26,7 @@ from lightning_modules.errors import ConfigError, RunInterrupted
 from pipeline.all_stages import check_all, run_all
 from pipeline.config import cache_dir, flatten_keys, load_config, parse_overrides
 from pipeline.run_dir import RunFolder, group_dir, is_rank_zero
-from pipeline.soup import check_soup, make_soup, take_soup
+from pipeline.soup import check_soup, earlier_soups, make_soup, take_soup
 from pipeline.stages import run_stage
 from pipeline.statistics import mean_sd_interval
 
@@ -125,6 +125,7 @@ def run_grid(argv: list[str]) -> dict[str, Any]:
         rows += _run_cell(cell, parent / cell["name"], manager)
     if soup and manager:
         rows.append(make_soup(soup, [*base, f"data.cache_dir={cache}"], rows, parent))
+    rows += earlier_soups(parent, soup)
     summary = summarise_rows(rows)
     result = {
         "command": argv,

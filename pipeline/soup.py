@@ -31,6 +31,7 @@ from pipeline.trainer_factory import make_trainer
 from pipeline.wise import uncalibrated
 
 SOUPS = ("uniform", "greedy")
+SOUP_ROW = "result.json"  # the soup's summary row, read back by later commands on the same sweep
 
 
 def take_soup(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -147,7 +148,7 @@ def make_soup(kind: str, base_argv: list[str], rows: list[dict[str, Any]], paren
         + (f" [greedy: {tried}]" if tried else "")
         + f"; saved {path}"
     )
-    return {
+    row = {
         "cell": f"soup-{kind}",
         "params": {},
         "seed": None,
@@ -161,6 +162,19 @@ def make_soup(kind: str, base_argv: list[str], rows: list[dict[str, Any]], paren
         "run_dir": str(folder),
         "ingredients": kept,
     }
+    RunFolder(folder).write_json(SOUP_ROW, row)
+    return row
+
+
+def earlier_soups(parent: Path, made: str | None) -> list[dict[str, Any]]:
+    """The rows of soups made by an earlier command on this sweep (``soup=greedy``, then ``soup=uniform``):
+    the summary keeps every soup made, not only the latest."""
+    rows = []
+    for kind in SOUPS:
+        saved = parent / f"soup-{kind}" / SOUP_ROW
+        if kind != made and saved.is_file():
+            rows.append(json.loads(saved.read_text()))
+    return rows
 
 
 def _best_checkpoint(row: dict[str, Any]) -> str:

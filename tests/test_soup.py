@@ -11,7 +11,7 @@ import torch
 
 from lightning_modules.errors import ConfigError
 from pipeline.config import load_config
-from pipeline.soup import average, check_soup, greedy, make_soup, take_soup
+from pipeline.soup import average, check_soup, earlier_soups, greedy, make_soup, take_soup
 
 from conftest import fast_args, finetune_args
 from helpers import checkpoint_state, run_train
@@ -67,3 +67,8 @@ def test_a_uniform_soup_of_one_run_twice_is_that_run(toy_root, tmp_path):
         fast_args(toy_root, tmp_path / "t", stage="test", ckpt_path=str(Path(soup["run_dir"]) / "soup.ckpt"))
     )
     assert tested["test"]["acc"] == pytest.approx(soup["test"]["acc"])
+    # a later command on the same sweep (soup=greedy) keeps the uniform soup's row in the summary
+    greedy_row = make_soup("greedy", [a for a in args if not a.startswith("out_dir=")], [row, dict(row)], tmp_path)
+    assert [r["cell"] for r in earlier_soups(tmp_path, "greedy")] == ["soup-uniform"]
+    assert earlier_soups(tmp_path, "greedy")[0]["val"] == soup["val"]
+    assert [r["cell"] for r in earlier_soups(tmp_path, "uniform")] == [greedy_row["cell"]] == ["soup-greedy"]
