@@ -36,6 +36,7 @@ from lightning_modules.figures import as_tensor, png_bytes, reliability_diagram
 from lightning_modules.run_safety import AtomicCheckpointIO
 from lightning_modules.tensorboard_views import tensorboard_writer
 from pipeline.statistics import mcnemar, wilson_interval
+from pipeline.trainer_factory import intended_warnings
 
 METRIC_KEYS = ("acc", "loss", "f1", "auroc", "ece", "count")
 INTERVALS = "acc_ci95: 95% Wilson score interval of the accuracy over the split's images"
@@ -73,7 +74,7 @@ def evaluate_best(
         best = best_checkpoint(trainer)
     if best is None:
         rank_zero_info("no best checkpoint (checkpointing off or no validation): evaluating the final weights")
-    with attached(trainer, CollectOutputs()) as collected:
+    with attached(trainer, CollectOutputs()) as collected, intended_warnings():
         val = summarise(trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False), "val")
         test = summarise(trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False), "test")
     val_pred, test_pred = collected.outputs.get("val"), collected.outputs.get("test")

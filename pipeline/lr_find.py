@@ -21,7 +21,7 @@ from lightning_modules.figures import as_tensor, line_plot, png_bytes
 from lightning_modules.tensorboard_views import tensorboard_writer
 from pipeline.build import Build
 from pipeline.config import plan_from_config
-from pipeline.trainer_factory import make_trainer
+from pipeline.trainer_factory import intended_warnings, make_trainer
 
 
 def run_lr_find(cfg: DictConfig, build: Build) -> dict[str, Any]:
@@ -39,15 +39,16 @@ def run_lr_find(cfg: DictConfig, build: Build) -> dict[str, Any]:
     trainer = make_trainer(
         cfg, run.path, [], model=model, max_epochs=1, enable_checkpointing=False, default_root_dir=str(run)
     )
-    finder = Tuner(trainer).lr_find(
-        model,
-        datamodule=data,
-        min_lr=cfg.lr_find.min_lr,
-        max_lr=cfg.lr_find.max_lr,
-        num_training=steps,
-        early_stop_threshold=4.0,
-        update_attr=False,
-    )
+    with intended_warnings():
+        finder = Tuner(trainer).lr_find(
+            model,
+            datamodule=data,
+            min_lr=cfg.lr_find.min_lr,
+            max_lr=cfg.lr_find.max_lr,
+            num_training=steps,
+            early_stop_threshold=4.0,
+            update_attr=False,
+        )
     lrs, losses = list(finder.results["lr"]), list(finder.results["loss"])
     # Lightning skips the first 10 points (its smoothed loss starts from the first batches' values)
     # and the last; with few steps, fewer. The plot shows what the suggestion was chosen from.

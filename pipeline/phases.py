@@ -4,9 +4,6 @@ runner writes itself at the end of every phase (whatever ``trainer.*`` says abou
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +23,7 @@ from lightning_modules.time_estimate import TimeEstimate
 from pipeline.build import Build
 from pipeline.config import MONITORS, plan_from_config
 from pipeline.run_dir import RunFolder
-from pipeline.trainer_factory import make_trainer, on_gpu
+from pipeline.trainer_factory import intended_warnings, make_trainer, on_gpu
 from pipeline.wise import save_theta0
 
 
@@ -123,7 +120,7 @@ def run_phases(cfg: DictConfig, build: Build, plan: Plan) -> PhasesDone:
 def fit(trainer: Trainer, model, datamodule, ckpt: str | None) -> None:
     """``trainer.fit``; an interrupt (SIGINT/SIGTERM) that saved a checkpoint becomes RunInterrupted."""
     try:
-        with _expected_warnings():
+        with intended_warnings():
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
     except SystemExit as exc:  # Lightning turns SIGINT and SIGTERM into SystemExit
         saver = next(c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt))
@@ -166,13 +163,3 @@ def _early_stopping(cfg: DictConfig, index: int, run: RunFolder) -> PhaseEarlySt
     monitor = cfg.early_stop.monitor
     best = run.checkpoints / f"phase{index}-best.ckpt"
     return PhaseEarlyStopping(index, best, monitor=monitor, mode=MONITORS[monitor], patience=patience)
-
-
-@contextlib.contextmanager
-def _expected_warnings() -> Iterator[None]:
-    """Warnings that are intended here: frozen blocks are in eval mode at the start of training,
-    and every phase's fit reuses the run's checkpoint folder."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-        warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
-        yield

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +142,16 @@ def _checkpoint_callbacks(run_dir: Path) -> list[ModelCheckpoint]:
     # checkpoint; an unmonitored top-1 checkpoint named "last" is rewritten every epoch.
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False)
     return [best, last]
+
+
+@contextlib.contextmanager
+def intended_warnings() -> Iterator[None]:
+    """Lightning's warnings that this project's design triggers on purpose, around its fits and the
+    evaluation of a best checkpoint: frozen blocks are in eval mode at the start of training; every
+    phase's fit reuses the run's checkpoint folder; a checkpoint saved in an earlier phase names that
+    phase's early stopping, which later fits and the evaluation do not have (each phase has its own)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+        warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+        warnings.filterwarnings("ignore", message=r".*callbacks used to create the checkpoint need to be provided.*")
+        yield

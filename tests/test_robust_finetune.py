@@ -107,8 +107,8 @@ def test_l2sp_gradient_is_the_formula_and_only_on_trained_blocks():
     penalty.backward()
     trained = [(n, p) for n, p in model.backbone.named_parameters() if p.requires_grad]
     assert trained and len(trained) < len(list(model.backbone.parameters()))
-    want = 0.25 * sum(float(((p - reference[n]) ** 2).sum()) for n, p in trained)
-    assert float(penalty) == pytest.approx(want, rel=1e-5)
+    want = 0.25 * sum(float(((p.detach() - reference[n]) ** 2).sum()) for n, p in trained)
+    assert float(penalty.detach()) == pytest.approx(want, rel=1e-5)
     for name, param in trained:
         assert torch.allclose(param.grad, 0.5 * (param.detach() - reference[name]), atol=1e-6), name
     assert all(p.grad is None for p in model.backbone.parameters() if not p.requires_grad)
