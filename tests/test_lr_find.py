@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from PIL import Image
@@ -18,7 +19,11 @@ def test_lr_find_writes_a_plot_and_a_suggestion_inside_its_range(toy_root, tmp_p
         stage="lr_find",
         **{"data.batch_size": "4", "lr_find.min_lr": "1e-5", "lr_find.max_lr": "1.0", "lr_find.num_steps": "500"},
     )
-    result = run_train(args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_train(args)
+    # the frozen backbone is in eval mode on purpose: Lightning's note about it is not shown
+    assert not [w for w in caught if "eval mode" in str(w.message)], [str(w.message) for w in caught]
     folder = Path(result["run_dir"])
     assert folder.parent.name == f"lr_find_{BACKBONE}"
     assert result["steps"] <= 12  # 48 training images / 4: one epoch, although 500 were asked for
