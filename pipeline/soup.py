@@ -72,27 +72,23 @@ def average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def greedy(
-    ingredients: list[tuple[str, float, dict[str, torch.Tensor]]],
-    evaluate: Callable[[dict], float],
-    steps: list[dict[str, Any]] | None = None,
-) -> tuple[list[str], dict[str, torch.Tensor], float]:
+    ingredients: list[tuple[str, float, dict[str, torch.Tensor]]], evaluate: Callable[[dict], float]
+) -> tuple[list[str], dict[str, torch.Tensor], float, list[dict[str, Any]]]:
     """Greedy soup: ``(name, val_acc, state)`` sorted by validation accuracy (best first, ties in the
     given order); each next one joins only if ``evaluate`` (validation accuracy) does not drop.
-    ``steps``, if given, receives each try: the ingredient, the soup's validation accuracy with it,
-    and whether it was kept (so a soup of one run says why the others were left out)."""
+    Also returns each try: the ingredient, the soup's validation accuracy with it, and whether it was
+    kept (so a soup of one run says why the others were left out)."""
     order = sorted(ingredients, key=lambda ing: -ing[1])
     kept, soup = [order[0]], order[0][2]
     best = evaluate(soup)
-    if steps is not None:
-        steps.append({"add": order[0][0], "val_acc": best, "kept": True})
+    steps = [{"add": order[0][0], "val_acc": best, "kept": True}]
     for ingredient in order[1:]:
         candidate = average([state for _, _, state in kept] + [ingredient[2]])
         accuracy = evaluate(candidate)
-        if steps is not None:
-            steps.append({"add": ingredient[0], "val_acc": accuracy, "kept": accuracy >= best})
+        steps.append({"add": ingredient[0], "val_acc": accuracy, "kept": accuracy >= best})
         if accuracy >= best:
             kept, soup, best = [*kept, ingredient], candidate, accuracy
-    return [name for name, _, _ in kept], soup, best
+    return [name for name, _, _ in kept], soup, best, steps
 
 
 def make_soup(kind: str, base_argv: list[str], rows: list[dict[str, Any]], parent: Path) -> dict[str, Any]:
@@ -119,7 +115,7 @@ def make_soup(kind: str, base_argv: list[str], rows: list[dict[str, Any]], paren
     if kind == "uniform":
         kept, soup = names, average(states)
     else:
-        kept, soup, _ = greedy([(n, r["val"]["acc"], s) for n, r, s in zip(names, ok, states)], evaluate, steps)
+        kept, soup, _, steps = greedy([(n, r["val"]["acc"], s) for n, r, s in zip(names, ok, states)], evaluate)
     model.load_state_dict(soup)
     val = summarise(trainer.validate(model, datamodule=data, verbose=False), "val")
     test = summarise(trainer.test(model, datamodule=data, verbose=False), "test")

@@ -33,8 +33,7 @@ def test_greedy_soup_skips_an_ingredient_that_lowers_validation_accuracy():
         return float(1.0 - abs(0.9 - state["w"].item()) / 10)
 
     ingredients = [("bad", 0.50, states["bad"]), ("good", 0.95, states["good"]), ("ok", 0.90, states["ok"])]
-    steps = []
-    kept, soup, accuracy = greedy(ingredients, evaluate, steps)
+    kept, soup, accuracy, steps = greedy(ingredients, evaluate)
     assert kept == ["good", "ok"]  # sorted by validation accuracy, "bad" left out
     assert [(t["add"], t["kept"]) for t in steps] == [("good", True), ("ok", True), ("bad", False)]
     assert steps[-1]["val_acc"] < steps[-2]["val_acc"]  # why "bad" was left out: it lowered validation accuracy
