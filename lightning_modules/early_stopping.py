@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ class PhaseEarlyStopping(EarlyStopping):
         self.index = index
         self.best_path = Path(best_path)
         self.best_epoch: int | None = None
+        self.best_loss = math.inf  # validation loss of best_epoch
         self.stopped = False
 
     @property
@@ -34,8 +36,14 @@ class PhaseEarlyStopping(EarlyStopping):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         previous = self.best_score.clone()
         super().on_validation_end(trainer, pl_module)
-        if not torch.equal(self.best_score, previous):  # this epoch is the phase's best so far
-            self.best_epoch = trainer.current_epoch
+        loss = float(trainer.callback_metrics.get("val/loss", math.inf))
+        improved = not torch.equal(self.best_score, previous)
+        # validation accuracy ties: the lower loss is the better model (lightning_modules.best_checkpoint),
+        # though only a real improvement resets the patience
+        current = trainer.callback_metrics.get(self.monitor)
+        tied = current is not None and self.monitor == "val/acc" and float(current) == float(self.best_score)
+        if improved or (tied and loss < self.best_loss):
+            self.best_epoch, self.best_loss = trainer.current_epoch, loss
             trainer.save_checkpoint(self.best_path)
         self.stopped = bool(trainer.should_stop)
 
@@ -55,10 +63,11 @@ class PhaseEarlyStopping(EarlyStopping):
         return self.best_epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {"best_epoch": self.best_epoch}
+        return super().state_dict() | {"best_epoch": self.best_epoch, "best_loss": self.best_loss}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         patience = self.patience  # the configured patience wins over a resumed checkpoint's
         super().load_state_dict(state_dict)
         self.patience = patience
         self.best_epoch = state_dict.get("best_epoch")
+        self.best_loss = float(state_dict.get("best_loss", math.inf))

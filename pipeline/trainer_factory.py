@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from datamodules.image_folder import available_cores
+from lightning_modules.best_checkpoint import BestCheckpoint
 from lightning_modules.errors import ConfigError
 from lightning_modules.replica_check import ReplicaAgreement
 from lightning_modules.run_safety import AtomicCheckpointIO, SaveOnInterrupt, StepSeed
@@ -131,13 +132,7 @@ def make_trainer(
 
 
 def _checkpoint_callbacks(run_dir: Path) -> list[ModelCheckpoint]:
-    best = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best-epoch{epoch:03d}-acc{val/acc:.4f}",
-        auto_insert_metric_name=False,
-        monitor="val/acc",
-        mode="max",
-    )
+    best = BestCheckpoint(run_dir / "checkpoints")  # validation accuracy, ties: the lower validation loss
     # Lightning 2.6's save_last only rewrites last.ckpt in epochs that also saved a top-k
     # checkpoint; an unmonitored top-1 checkpoint named "last" is rewritten every epoch.
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False)

@@ -19,8 +19,8 @@ from toy_data import make_image_tree
 
 KILL_AT = Path(__file__).resolve().parent / "kill_at.py"
 # 6 steps per epoch; epoch 0 trains the head, epochs 1-2 the top block too. Checkpoint files in
-# order: epoch 0's best and last (1, 2), the phase hand-over (3), then each epoch's last, after its
-# best where validation accuracy rose (the toy model is at 100% from epoch 0: 4, 5 are epochs 1, 2's last)
+# order: epoch 0's best and last (1, 2), the phase hand-over (3), then each epoch's best (where it is
+# better: the toy model is at 100% from epoch 0, so where its validation loss fell) and last (4, 5: epoch 1)
 POINTS = [
     "step:2",  # inside the head phase
     "val:0",  # during the first validation
