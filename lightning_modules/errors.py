@@ -31,3 +31,9 @@ class RunInterrupted(UserError, RuntimeError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """An exception as one line: its message's first line (its type's name when it has none)."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:limit]

@@ -9,6 +9,7 @@ process resuming the same run is refused instead of writing over it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import json
@@ -22,7 +23,7 @@ from omegaconf import DictConfig
 
 from lightning_modules.atomic_io import json_text, write_bytes_atomic, write_json_atomic, write_text_atomic
 from lightning_modules.choices import file_safe
-from lightning_modules.errors import ConfigError
+from lightning_modules.errors import ConfigError, first_line
 from lightning_modules.rank import is_rank_zero
 from pipeline.identity import differences
 
@@ -108,11 +109,19 @@ def _recorded_runs(cfg: DictConfig) -> list[tuple[Path, dict[str, Any]]]:
 
 
 def latest_run(cfg: DictConfig, identity: dict[str, Any]) -> Path:
-    """``ckpt_path=last``: the newest run (by its recorded start) whose identity equals this run's."""
+    """``ckpt_path=last``: the newest run (by its recorded start) whose identity equals this run's.
+
+    A newer run that was refused before its first checkpoint (``run.json`` ``refused``: a bad
+    checkpoint, weights it could not load, a full disk) holds nothing to resume: an older run with a
+    checkpoint is taken instead, and the refused one only when no run of this identity has one."""
     runs = _recorded_runs(cfg)
-    for run_dir, record in runs:
-        if record.get("identity") == identity:
-            return run_dir
+    same = [run_dir for run_dir, record in runs if record.get("identity") == identity]
+    usable = [d for d in same if (d / "checkpoints" / "last.ckpt").is_file() or not read_record(d).get("refused")]
+    if usable and usable[0] != same[0]:
+        passed = same[: same.index(usable[0])]
+        print(f"ckpt_path=last: passing over {len(passed)} newer run(s) refused before a checkpoint: {passed[0]}")
+    if same:
+        return (usable or same)[0]
     if not runs:
         raise ConfigError(f"ckpt_path=last: no run of {cfg.stage}_{cfg.model.backbone} under {cfg.out_dir}")
     newest, record = runs[0]
@@ -131,6 +140,9 @@ def _restart_in_place(run_dir: Path) -> None:
         for path in run_dir.iterdir():
             if path.name != RUN_RECORD:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
+        record = read_record(run_dir) or {}
+        if "refused" in record:  # it runs again: no longer a refused run
+            write_json_atomic(run_dir / RUN_RECORD, {k: v for k, v in record.items() if k not in ("refused", "ended")})
 
 
 def _requeued_run(cfg: DictConfig) -> Path | None:
@@ -196,6 +208,17 @@ def claim(run_dir: Path) -> None:
             f"run folder {run_dir} is in use by another process; wait for it to finish, or start a new run"
         ) from None
     _claimed[run_dir] = fd
+
+
+def note_refusal(err: BaseException) -> None:
+    """Record in ``run.json`` of every folder this process holds that the run ended with ``err``
+    before its first checkpoint, so ``ckpt_path=last`` does not take it for the run to resume."""
+    for run_dir in _claimed:
+        record = read_record(run_dir)
+        if record is None or (run_dir / "checkpoints" / "last.ckpt").is_file():
+            continue
+        with contextlib.suppress(OSError):  # a full disk must not hide the error being recorded
+            write_json_atomic(run_dir / RUN_RECORD, record | {"refused": first_line(err), "ended": time.time()})
 
 
 def release_all() -> None:

@@ -22,7 +22,7 @@ from pipeline.evaluation import best_checkpoint, evaluate_best, summarise
 from pipeline.lr_find import run_lr_find
 from pipeline.phases import plan_for_run, run_phases
 from pipeline.results import record_predictions, speed_report, write_config, write_plan, write_results
-from pipeline.run_dir import release_all
+from pipeline.run_dir import note_refusal, release_all
 from pipeline.shift_report import report_robustness, shift_accuracy
 from pipeline.test_stage import run_test
 from pipeline.wise import run_wise
@@ -35,6 +35,9 @@ def run_stage(cfg: DictConfig, run_name: str | None = None) -> dict[str, Any]:
         if cfg.stage == "test":
             return run_test(cfg, run_name)
         return _train(cfg, run_name)
+    except Exception as err:
+        note_refusal(err)  # so that ckpt_path=last does not pick a folder that holds nothing
+        raise
     finally:
         release_all()  # the run folder's lock (pipeline/run_dir.py)
 

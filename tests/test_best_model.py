@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from lightning_modules.best_checkpoint import better
+
 from conftest import fast_args
 from helpers import read_metrics, run_dir, run_train, scalar_tags
-
-from lightning_modules.best_checkpoint import better
 
 
 def test_better_breaks_accuracy_ties_by_loss():
