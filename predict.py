@@ -17,13 +17,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(__doc__)
         return None
     from lightning_modules.errors import UserError
+    from pipeline.console import exit_on
     from pipeline.prediction import main as predict_main
 
     try:
         return predict_main(argv)
-    except UserError as err:  # e.g. a timm checkpoint without timm installed
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(err.exit_code) from None
+    except (UserError, OSError) as err:  # e.g. a timm checkpoint without timm installed
+        exit_on(err, resume_hint=False)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(help_text())
         return None
-    from lightning_modules.errors import RunInterrupted, UserError
+    from lightning_modules.errors import UserError
     from pipeline.api import run_argv
-    from pipeline.console import quiet_console, result_block
+    from pipeline.console import exit_on, quiet_console, result_block
     from pipeline.run_dir import is_rank_zero
 
     quiet_console()
@@ -25,12 +25,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         if is_rank_zero() and metrics.get("stage") not in (None, "all", "lr_find"):  # a sweep has none
             print(result_block(metrics))
         return metrics
-    except RunInterrupted as err:  # not an error: the state is saved and the same command continues
-        print(str(err), file=sys.stderr)
-        raise SystemExit(err.exit_code) from None
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(err.exit_code) from None
+    except (UserError, OSError) as err:  # one line and an exit code; anything else is a bug (traceback)
+        exit_on(err)
 
 
 if __name__ == "__main__":

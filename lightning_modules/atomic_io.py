@@ -22,9 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lightning_modules.errors import DiskFullError
-
-_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+from lightning_modules.errors import FULL_DISK as _FULL
+from lightning_modules.errors import ConfigError, DiskFullError, first_line, os_error_line
 
 
 def temp_path(path: str | os.PathLike) -> Path:
@@ -86,8 +85,22 @@ def atomic_target(path: str | os.PathLike, needed: int | None = None) -> Iterato
             raise disk_full(err, path, needed) from None
         raise
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder gone read-only: the first error is the one to tell
+            tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """Before the work that fills it: ``folder`` (``what``, as the user named it) exists or can be
+    made, and this process can create a file in it; otherwise one ``ConfigError`` line."""
+    folder = Path(folder)
+    probe = temp_path(folder / "write-check")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write in {what}: {os_error_line(err, with_file=False)}") from None
 
 
 def preallocate(fd: int, size: int, path: Path) -> None:
@@ -138,8 +151,10 @@ def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
     with atomic_target(path, needed) as tmp:
         try:
             torch.save(obj, tmp)
-        except RuntimeError:
+        except RuntimeError as err:
             raise_if_full(tmp, path, needed)
+            if "PytorchStreamWriter" in str(err) or "write" in str(err):  # its C++ writer hides the errno
+                raise OSError(errno.EIO, f"writing failed ({first_line(err, 120)})", str(path)) from None
             raise
 
 

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class UserError(Exception):
     """A mistake in the input or the environment that the user can fix; the message is one line."""
@@ -37,3 +39,23 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     """An exception as one line: its message's first line (its type's name when it has none)."""
     text = str(err).strip()
     return (text.splitlines()[0] if text else type(err).__name__)[:limit]
+
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def os_error_line(err: OSError, with_file: bool = True) -> str:
+    """An operating-system error (a full disk, EIO, a read-only folder) as one line with what to do.
+
+    These reach the entry points from anywhere a file is read or written, a library's writer
+    included (TensorBoard's event file, a data loader), so they are described here once."""
+    name = errno.errorcode.get(err.errno or 0, "")
+    text = f"{err.strerror or first_line(err)}" + (f" ({name})" if name else "")
+    where = f": {err.filename}" if err.filename and with_file else ""
+    if err.errno in FULL_DISK:
+        advice = "free some space or point the run at another folder (out_dir=, data.cache_dir=)"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        advice = "choose a folder this user can write to"
+    else:
+        advice = "the operating system failed a read or write; check the disk or mount"
+    return f"{text}{where}; {advice}"

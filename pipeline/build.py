@@ -21,6 +21,7 @@ from datamodules.manifest import record_split
 from datamodules.near_duplicates import HASH_NAME, tsv_text
 from datamodules.stratified_split import parse_split_sizes
 from datamodules.subsets import train_subset
+from lightning_modules.atomic_io import check_writable
 from lightning_modules.backbones import backbone_spec, build_backbone
 from lightning_modules.classifier import TransferClassifier
 from lightning_modules.errors import ConfigError
@@ -54,6 +55,7 @@ class Build:
 def build_stage(cfg: DictConfig, run_name: str | None = None) -> Build:
     """Data, run folder, model and datamodule; a resume or an init checkpoint is checked against
     this run's data identity before the run folder exists."""
+    check_writable(cfg.out_dir, f"out_dir={cfg.out_dir}")  # before the scan: a read-only out_dir is found in a second
     index, cache_dir = scan_data(cfg)
     _check_shards(index, expected_world_size(cfg))
     class_weights = _class_weights(cfg, index)

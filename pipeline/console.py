@@ -4,9 +4,15 @@ one line each, and a run ends with its result and the commands to type next."""
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import threading
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from lightning_modules.errors import FULL_DISK, RunInterrupted, UserError, os_error_line
 
 # Library messages that carry nothing a user of this project can act on, each with why:
 QUIET_WARNINGS = (
@@ -37,11 +43,58 @@ def _one_line(message, category, filename, lineno, file=None, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def say(line: str, attempts: int = 30) -> None:
+    """Write ``line`` to stderr, retried for up to 3 s if the write fails: it is the line that says
+    how a run ended, and a transient I/O fault (or a full pipe) must not swallow it."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+        return
+    except (OSError, ValueError):
+        pass
+    data = (line.rstrip("\n") + "\n").encode("utf-8", errors="replace")
+    for _ in range(attempts):
+        try:
+            while data:
+                data = data[os.write(2, data) :]
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def exit_on(err: BaseException, resume_hint: bool = True) -> NoReturn:
+    """End the process on ``err`` with one line and its exit code: a ``UserError``'s own (2; 128 +
+    signal for an interrupted run), 2 for a full disk, 3 for any other operating-system error.
+    ``resume_hint``: the command saves checkpoints, so it says how to continue."""
+    if isinstance(err, RunInterrupted):  # not an error: the state is saved and the same command continues
+        say(str(err))
+        raise SystemExit(err.exit_code) from None
+    if isinstance(err, UserError):
+        say(f"error: {err}")
+        raise SystemExit(err.exit_code) from None
+    assert isinstance(err, OSError)
+    hint = "; the run folder keeps its last checkpoint: the same command with ckpt_path=last continues" * resume_hint
+    say(f"error: {os_error_line(err)}{hint}")
+    raise SystemExit(2 if err.errno in FULL_DISK else 3) from None
+
+
+def _background_failure(args: threading.ExceptHookArgs) -> None:
+    """A library's writer thread (TensorBoard's event writer) that fails on an I/O error hands the
+    error to the main thread, which ends the run with one line (``exit_on``); printing the thread's
+    traceback as well would bury that line."""
+    if isinstance(args.exc_value, OSError):
+        return
+    _default_excepthook(args)
+
+
+_default_excepthook = threading.excepthook
+
+
 def quiet_console() -> None:
     """For the command line only (train.py, predict.py): a library importer keeps its own settings."""
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     warnings.formatwarning = _one_line
+    threading.excepthook = _background_failure
     for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNotes) for f in logger.filters):

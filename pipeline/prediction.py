@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import io
 import json
 import os
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -22,10 +24,10 @@ from tqdm import tqdm
 from datamodules.image_folder import default_num_workers
 from datamodules.image_io import IMAGE_EXTENSIONS, load_rgb
 from datamodules.transforms import eval_transform
-from lightning_modules.atomic_io import write_text_atomic
+from lightning_modules.atomic_io import check_writable, write_text_atomic
 from lightning_modules.cam import cam_available, gradcam, overlay
 from lightning_modules.classifier import TransferClassifier
-from lightning_modules.errors import ConfigError
+from lightning_modules.errors import ConfigError, UserError, os_error_line
 from pipeline.checkpoints import model_from_checkpoint
 from pipeline.config import parse_overrides
 from pipeline.export import EXPORT_FORMATS, export_model
@@ -65,7 +67,10 @@ def collect_files(inputs: str) -> list[str]:
     """A file; every image file under a folder (recursively); or the matches of a glob."""
     path = Path(inputs)
     if path.is_dir():
-        return sorted(str(p) for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
+        found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
+        if not found:
+            raise ConfigError(f"inputs={inputs} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), in any subfolder")
+        return found
     if path.is_file():
         return [str(path)]
     matches = sorted(p for p in glob.glob(inputs, recursive=True) if os.path.isfile(p))
@@ -146,6 +151,40 @@ def _write_cam(folder: Path, file: str, mask, written: set[str]) -> None:
     Image.fromarray(overlay(np.asarray(load_rgb(file)), mask)).save(folder / name)
 
 
+class PredictionsMoved(UserError):
+    """``output=`` could not be written at the end; the predictions went to another file (named)."""
+
+    exit_code = 3
+
+
+def check_output(output: str) -> None:
+    """Before any image is classified: ``output=`` names a file in a folder this process can write."""
+    target = Path(output)
+    if target.is_dir():
+        raise ConfigError(f"output={output} is a folder; name a file in it, e.g. output={target / 'predictions.csv'}")
+    check_writable(target.parent, f"{target.parent or '.'} (output={output})")
+
+
+def save_predictions(output: str, class_names: list[str], rows: list[tuple[str, str, list[float], str]]) -> None:
+    """``write_csv`` to ``output``; if that fails now (the folder went read-only, the disk filled),
+    the predictions are written to the working folder or the temporary folder instead, and the
+    error names that file: hours of classification are not lost to the last write."""
+    try:
+        write_csv(output, class_names, rows)
+        return
+    except OSError as err:
+        failure = err
+    name = f"predictions-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.csv"
+    for folder in (Path.cwd(), Path(tempfile.gettempdir())):
+        with contextlib.suppress(OSError):
+            write_csv(folder / name, class_names, rows)
+            raise PredictionsMoved(
+                f"cannot write output={output}: {os_error_line(failure)}; "
+                f"the {len(rows)} predictions were written to {folder / name} instead"
+            )
+    raise failure
+
+
 def write_csv(path: str | Path, class_names: list[str], rows: list[tuple[str, str, list[float], str]]) -> None:
     """The predictions CSV, written whole or not at all; a file name that is not UTF-8 keeps its bytes."""
     out = io.StringIO()
@@ -158,6 +197,9 @@ def write_csv(path: str | Path, class_names: list[str], rows: list[tuple[str, st
 
 def main(argv: list[str]) -> dict:
     cfg = load_predict_config(argv)
+    if cfg.inputs:  # before the model is loaded: a bad output or an empty folder is found in a second
+        check_output(cfg.output)
+        files = collect_files(cfg.inputs)
     model = load_model(cfg.ckpt_path)
     result: dict = {}
     if cfg.export:
@@ -169,13 +211,12 @@ def main(argv: list[str]) -> dict:
         print(f"class names, in output order: {json.dumps(list(model.class_names))}")
         result["export"] = {"path": str(path), "max_abs_diff": diff, "class_names": list(model.class_names)}
     if cfg.inputs:
-        files = collect_files(cfg.inputs)
         device = pick_device(cfg.device)
         started = time.time()
         workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
         rows = predict_files(model, files, cfg.batch_size, workers, device, cfg.cam_dir, progress=True)
         seconds = time.time() - started
-        write_csv(cfg.output, model.class_names, rows)
+        save_predictions(cfg.output, model.class_names, rows)
         counts = Counter(r[1] for r in rows if not r[3])
         errors = sum(1 for r in rows if r[3])
         per_class = ", ".join(f"{c} {counts.get(c, 0)}" for c in model.class_names)

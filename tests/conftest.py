@@ -125,3 +125,13 @@ def finetune_args(root: Path, out_dir: Path, **extra: str) -> list[str]:
     """``fast_args`` for a two-phase fine-tune: one head epoch, then the top block trains."""
     schedule = {"finetune.warmup_epochs": "1", "finetune.unfreeze_blocks": "1"}
     return fast_args(root, out_dir, stage="finetune", **(schedule | extra))
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(tmp_path_factory) -> str:
+    """The best checkpoint of a three-epoch frozen toy run (32 px): for predict.py and export tests."""
+    from helpers import run_train
+
+    root = make_image_tree(tmp_path_factory.mktemp("pred_data"), size=32)
+    out = tmp_path_factory.mktemp("pred_run")
+    return run_train(fast_args(root, out, stage="frozen", **{"trainer.max_epochs": "3"}))["best_ckpt"]

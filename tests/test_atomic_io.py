@@ -125,8 +125,10 @@ def test_torch_save_runtime_errors_are_told_apart_by_the_disk(tmp_path, monkeypa
         raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
 
     monkeypatch.setattr(torch, "save", writer_fails)
-    with pytest.raises(RuntimeError, match="file write failed"):  # the disk has room: not a full disk
+    # the disk has room: not a full disk, an I/O error (one line at the entry points, exit 3)
+    with pytest.raises(OSError, match="file write failed") as caught:
         torch_save_atomic({"x": torch.zeros(1000)}, path)
+    assert caught.value.errno == errno.EIO and not isinstance(caught.value, DiskFullError)
     assert list(tmp_path.iterdir()) == []
 
     def no_room(fd, offset, size):

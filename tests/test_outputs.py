@@ -105,13 +105,6 @@ def test_stage_all_writes_a_three_row_comparison(toy_root, tmp_path):
     assert "comparison" in _events(folder).Tags()["tensors"][0]
 
 
-@pytest.fixture(scope="module")
-def trained_ckpt(tmp_path_factory) -> str:
-    root = make_image_tree(tmp_path_factory.mktemp("pred_data"), size=32)
-    out = tmp_path_factory.mktemp("pred_run")
-    return run_train(fast_args(root, out, stage="frozen", **{"trainer.max_epochs": "3"}))["best_ckpt"]
-
-
 def test_predict_folder_with_a_corrupt_file(trained_ckpt, tmp_path, capsys):
     images = make_image_tree(tmp_path / "new", per_class={"train": 0, "validation": 0, "test": 10}, size=40, seed=5)
     nested = images / "test" / "dogs" / "deeper"
