@@ -16,14 +16,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(__doc__)
         return None
-    from lightning_modules.errors import UserError
-    from pipeline.console import exit_on
+    from pipeline.console import exit_on_known
     from pipeline.prediction import main as predict_main
 
     try:
         return predict_main(argv)
-    except (UserError, OSError) as err:  # e.g. a timm checkpoint without timm installed
-        exit_on(err, resume_hint=False)
+    except Exception as err:
+        exit_on_known(err, resume_hint=False)  # e.g. a timm checkpoint without timm installed: one line
+        raise  # anything else is a bug: its traceback
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(help_text())
         return None
-    from lightning_modules.errors import UserError
     from pipeline.api import run_argv
-    from pipeline.console import exit_on, quiet_console, result_block
+    from pipeline.console import exit_on_known, quiet_console, result_block
     from pipeline.run_dir import is_rank_zero
 
     quiet_console()
@@ -25,8 +24,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         if is_rank_zero() and metrics.get("stage") not in (None, "all", "lr_find"):  # a sweep has none
             print(result_block(metrics))
         return metrics
-    except (UserError, OSError) as err:  # one line and an exit code; anything else is a bug (traceback)
-        exit_on(err)
+    except Exception as err:
+        exit_on_known(err)  # the user's and the machine's errors: one line and an exit code
+        raise  # anything else is a bug: its traceback
 
 
 if __name__ == "__main__":

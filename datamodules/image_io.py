@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 
 from datamodules.near_duplicates import dhash
 from lightning_modules.atomic_io import write_text_atomic
+from lightning_modules.errors import first_line
 
 # Up to ~180 megapixels is decoded (PIL warns above 89 MP); beyond that the file is skipped.
 MAX_PIXELS = 180_000_000
@@ -105,6 +106,9 @@ class Check(NamedTuple):
 
     reason: str | None  # None: the file decodes
     dhash: int | None  # its 64-bit difference hash (None when it does not decode)
+    # the operating system failed to open or read it (EIO, EACCES, ...): skipped this time, but
+    # not remembered as undecodable, since the next run may read it (a transient fault)
+    io_error: bool = False
 
 
 def check_image(path: str) -> Check:
@@ -112,8 +116,8 @@ def check_image(path: str) -> Check:
     try:
         return Check(None, dhash(load_rgb(path, min_size=16)))
     except Exception as err:  # noqa: BLE001 - any decoder failure means "unreadable"
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return Check(text[:200], None)
+        io_error = isinstance(err, OSError) and err.errno is not None  # PIL's decode errors carry none
+        return Check(first_line(err, 200), None, io_error)
 
 
 def scan_files(paths: list[str], threads: int = 4, memory: str | Path | None = None) -> dict[str, Check]:
@@ -131,7 +135,8 @@ def scan_files(paths: list[str], threads: int = 4, memory: str | Path | None = N
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         checks |= dict(zip(todo, pool.map(check_image, todo, chunksize=32)))
     if memory is not None and (todo or len(known) != len(paths)):
-        _write_memory(memory, {path: [*stamps[path], *_storable(checks[path])] for path in paths})
+        kept = [path for path in paths if not checks[path].io_error]
+        _write_memory(memory, {path: [*stamps[path], *_storable(checks[path])] for path in kept})
     return {path: checks[path] for path in paths}
 
 

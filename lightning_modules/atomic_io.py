@@ -153,7 +153,8 @@ def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, tmp)
         except RuntimeError as err:
             raise_if_full(tmp, path, needed)
-            if "PytorchStreamWriter" in str(err) or "write" in str(err):  # its C++ writer hides the errno
+            # its C++ writer (a std::ofstream) hides the errno: "file write failed", "basic_ios::clear: iostream error"
+            if any(word in str(err) for word in ("PytorchStreamWriter", "write", "iostream")):
                 raise OSError(errno.EIO, f"writing failed ({first_line(err, 120)})", str(path)) from None
             raise
 

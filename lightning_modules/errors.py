@@ -59,3 +59,16 @@ def os_error_line(err: OSError, with_file: bool = True) -> str:
     else:
         advice = "the operating system failed a read or write; check the disk or mount"
     return f"{text}{where}; {advice}"
+
+
+def os_error_cause(err: BaseException) -> OSError | None:
+    """The operating-system error that ``err`` is, or was raised from (``raise ... from``): libraries
+    re-raise them as their own types (Lightning's TensorBoard logger turns a failed event write into a
+    ``ValueError`` "you tried to log 1.0 ..."), which would hide a full disk behind a traceback."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__
+    return None

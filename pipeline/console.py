@@ -10,9 +10,9 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from lightning_modules.errors import FULL_DISK, RunInterrupted, UserError, os_error_line
+from lightning_modules.errors import FULL_DISK, RunInterrupted, UserError, os_error_cause, os_error_line
 
 # Library messages that carry nothing a user of this project can act on, each with why:
 QUIET_WARNINGS = (
@@ -61,25 +61,29 @@ def say(line: str, attempts: int = 30) -> None:
             time.sleep(0.1)
 
 
-def exit_on(err: BaseException, resume_hint: bool = True) -> NoReturn:
-    """End the process on ``err`` with one line and its exit code: a ``UserError``'s own (2; 128 +
-    signal for an interrupted run), 2 for a full disk, 3 for any other operating-system error.
-    ``resume_hint``: the command saves checkpoints, so it says how to continue."""
+def exit_on_known(err: BaseException, resume_hint: bool = True) -> None:
+    """End the process with one line and an exit code if ``err`` is the user's or the machine's: a
+    ``UserError`` (its own code: 2, 3, 128 + signal for an interrupted run), or an operating-system
+    error, also one a library re-raised as its own type (2 for a full disk, 3 for any other). Returns
+    for anything else (a bug: the caller re-raises it, with its traceback). ``resume_hint``: the
+    command saves checkpoints, so its line says how to continue."""
     if isinstance(err, RunInterrupted):  # not an error: the state is saved and the same command continues
         say(str(err))
         raise SystemExit(err.exit_code) from None
     if isinstance(err, UserError):
         say(f"error: {err}")
         raise SystemExit(err.exit_code) from None
-    assert isinstance(err, OSError)
+    cause = os_error_cause(err)
+    if cause is None:
+        return
     hint = "; the run folder keeps its last checkpoint: the same command with ckpt_path=last continues" * resume_hint
-    say(f"error: {os_error_line(err)}{hint}")
-    raise SystemExit(2 if err.errno in FULL_DISK else 3) from None
+    say(f"error: {os_error_line(cause)}{hint}")
+    raise SystemExit(2 if cause.errno in FULL_DISK else 3) from None
 
 
 def _background_failure(args: threading.ExceptHookArgs) -> None:
     """A library's writer thread (TensorBoard's event writer) that fails on an I/O error hands the
-    error to the main thread, which ends the run with one line (``exit_on``); printing the thread's
+    error to the main thread, which ends the run with one line (``exit_on_known``); printing the thread's
     traceback as well would bury that line."""
     if isinstance(args.exc_value, OSError):
         return
@@ -95,6 +99,7 @@ def quiet_console() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     warnings.formatwarning = _one_line
     threading.excepthook = _background_failure
+    logging.raiseExceptions = False  # a log line that cannot be written (a failing stderr) is dropped, no traceback
     for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNotes) for f in logger.filters):

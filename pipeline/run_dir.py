@@ -108,12 +108,14 @@ def _recorded_runs(cfg: DictConfig) -> list[tuple[Path, dict[str, Any]]]:
     return sorted(found, key=lambda item: item[1].get("started", 0), reverse=True)
 
 
-def latest_run(cfg: DictConfig, identity: dict[str, Any]) -> Path:
+def latest_run(cfg: DictConfig, identity: dict[str, Any]) -> Path | None:
     """``ckpt_path=last``: the newest run (by its recorded start) whose identity equals this run's.
 
     A newer run that was refused before its first checkpoint (``run.json`` ``refused``: a bad
     checkpoint, weights it could not load, a full disk) holds nothing to resume: an older run with a
-    checkpoint is taken instead, and the refused one only when no run of this identity has one."""
+    checkpoint is taken instead, and the refused one only when no run of this identity has one.
+    None when there is no run of this stage and backbone at all (one that failed before its folder
+    was made): the caller starts one, as Lightning's ``ckpt_path="last"`` does."""
     runs = _recorded_runs(cfg)
     same = [run_dir for run_dir, record in runs if record.get("identity") == identity]
     usable = [d for d in same if (d / "checkpoints" / "last.ckpt").is_file() or not read_record(d).get("refused")]
@@ -123,7 +125,8 @@ def latest_run(cfg: DictConfig, identity: dict[str, Any]) -> Path:
     if same:
         return (usable or same)[0]
     if not runs:
-        raise ConfigError(f"ckpt_path=last: no run of {cfg.stage}_{cfg.model.backbone} under {cfg.out_dir}")
+        print(f"ckpt_path=last: no run of {cfg.stage}_{cfg.model.backbone} under {cfg.out_dir} yet; starting one")
+        return None
     newest, record = runs[0]
     found = differences(record.get("identity") or {}, identity)
     raise ConfigError(
@@ -250,8 +253,8 @@ def resolve_run(
     restart = False
     if training and ckpt == "last":
         run_dir = run_dir or latest_run(cfg, identity or {})
-        ckpt = str(run_dir / "checkpoints" / "last.ckpt")
-        if not Path(ckpt).is_file():
+        ckpt = str(run_dir / "checkpoints" / "last.ckpt") if run_dir else None
+        if run_dir and not Path(ckpt).is_file():
             ckpt, restart = None, True
     elif ckpt is not None:
         if not Path(ckpt).is_file():

@@ -18,7 +18,16 @@ one instant), then runs train.main and kills itself, without any clean-up, when 
 - ``temperature``: as the fitted temperature is about to be stored in the best checkpoint;
 - ``metrics``: just before ``metrics.json`` is written.
 
+- ``scan``: as the data is about to be scanned;
+- ``cache``: as the decoded-image cache is about to be built (``data.decoded_cache=true``);
+- ``tensorboard:N``: before TensorBoard's N-th flush of its event file.
+
 The points are hooks, not timers, so each kill lands where it is named on any machine.
+
+With ``$KILL_AT_PAUSE`` set (the fault-injection tests), the process is not killed: at the point
+it writes its pid to the file ``$KILL_AT_PAUSE`` and waits (at most 300 s) until
+``$KILL_AT_PAUSE.go`` exists, then carries on (``writing:N`` pauses before the N-th checkpoint
+write). The tests switch faults on from outside meanwhile.
 """
 
 from __future__ import annotations
@@ -32,8 +41,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+PAUSE = os.environ.get("KILL_AT_PAUSE")
+_paused: list[bool] = []
+
+
 def _die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+    if PAUSE:
+        _pause()
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pause() -> None:
+    """Once per process: say where we are, then wait to be released (see the module docstring)."""
+    if _paused:
+        return
+    _paused.append(True)
+    Path(PAUSE).write_text(str(os.getpid()))
+    go, deadline = Path(f"{PAUSE}.go"), time.time() + 300
+    while not go.exists() and time.time() < deadline:
+        time.sleep(0.01)
 
 
 def install(point: str) -> None:
@@ -81,7 +108,9 @@ def install(point: str) -> None:
 
         def torch_save_atomic(obj, path):
             count["saves"] += 1
-            if name == "writing" and count["saves"] == n:
+            if PAUSE and name == "writing" and count["saves"] == n:
+                _pause()
+            elif name == "writing" and count["saves"] == n:
                 with atomic_io.atomic_target(path) as tmp:
                     torch.save(obj, tmp)
                     with open(tmp, "r+b") as f:
@@ -106,7 +135,13 @@ def install(point: str) -> None:
     elif name == "temperature":
         import pipeline.evaluation as evaluation
 
-        evaluation.store_temperature = lambda path, temperature: _die()
+        original_store = evaluation.store_temperature
+
+        def store_temperature(path, temperature):
+            _die()
+            return original_store(path, temperature)
+
+        evaluation.store_temperature = store_temperature
     elif name == "metrics":
         from pipeline.run_dir import RunFolder
 
@@ -118,6 +153,39 @@ def install(point: str) -> None:
             return original_json(folder, name, data)
 
         RunFolder.write_json = write_json
+    elif name == "scan":
+        import pipeline.build as build
+
+        original_scan = build.scan_data
+
+        def scan_data(cfg):
+            _die()
+            return original_scan(cfg)
+
+        build.scan_data = scan_data
+    elif name == "cache":
+        import datamodules.decoded_cache as decoded
+
+        original_build = decoded._build
+
+        def _build(*args, **kwargs):
+            _die()
+            return original_build(*args, **kwargs)
+
+        decoded._build = _build
+    elif name == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        original_flush = TensorBoardLogger.save
+        flushes = {"n": 0}
+
+        def save(self):
+            flushes["n"] += 1
+            if flushes["n"] == n:
+                _die()
+            return original_flush(self)
+
+        TensorBoardLogger.save = save
     elif name != "none":
         raise SystemExit(f"unknown kill point {point!r}")
 
