@@ -6,6 +6,7 @@ folder of class folders): nothing here reads an image.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -77,19 +78,58 @@ def not_an_image(name: str) -> str | None:
     return None
 
 
+def entry_problem(entry: os.DirEntry) -> str | None:
+    """Why a directory entry is not a regular file that can be read (None: it is one). A symbolic
+    link is followed: a loop (``a.jpg -> b.jpg -> a.jpg``) or a link to nothing is a reason to skip
+    and list it, never an OSError out of the scan."""
+    try:
+        if entry.is_file():
+            return None
+        os.stat(entry.path)  # not a file: find out why
+    except OSError as err:
+        if err.errno == errno.ENOENT and entry.is_symlink():
+            return "dangling symbolic link (its target does not exist)"
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop (too many levels of symbolic links)"
+        return f"cannot be read ({err.strerror or type(err).__name__})"
+    return "not a regular file"
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symbolic link loop: not a folder to descend into
+        return False
+
+
+def folder_files(folder: Path) -> tuple[list[str], dict[str, str]]:
+    """The sorted names of the regular files in ``folder`` and ``{name: reason}`` of the other
+    entries that are not folders (symbolic link loops, dangling links, sockets): skips to list.
+    Subfolders are not files and not listed."""
+    files, problems = [], {}
+    for entry in os.scandir(folder):
+        if _is_dir(entry):
+            continue
+        if (reason := entry_problem(entry)) is None:
+            files.append(entry.name)
+        else:
+            problems[entry.name] = reason
+    return sorted(files), problems
+
+
 def class_dirs(split_dir: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(split_dir) if _is_dir(e) and not e.name.startswith("."))
 
 
 def root_dirs(root: Path) -> list[str]:
     """Folders directly under the data root, except split folders and those starting with ``.``
     or ``_`` (the download keeps its archive in ``_download/``)."""
     ignored = set(SPLIT_DIRS.values())
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] not in "._" and e.name not in ignored)
+    return sorted(e.name for e in os.scandir(root) if _is_dir(e) and e.name[0] not in "._" and e.name not in ignored)
 
 
 def _has_images(folder: Path) -> bool:
-    return any(e.is_file() and not not_an_image(e.name) for e in os.scandir(folder))
+    return any(not not_an_image(name) for name in folder_files(folder)[0])
 
 
 def data_layout(root: str | Path, splits: Sequence[str] = ("train", "val", "test")) -> str:
