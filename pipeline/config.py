@@ -152,9 +152,16 @@ def validate(cfg: DictConfig) -> None:
     the checks owned by the implementing modules."""
     check_values(cfg)
     try:
-        backbone_spec(cfg.model.backbone)  # a timm:<name> is built once here (random weights) and cut
+        spec = backbone_spec(cfg.model.backbone)  # a timm:<name> is built once here (random weights) and cut
     except BackboneError as err:
         raise ConfigError(str(err)) from None
+    # stage=test evaluates at its checkpoint's own size
+    if cfg.stage != "test" and cfg.data.image_size < spec.min_image_size:
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} is too small for model.backbone={spec.name}: its smallest "
+            f"input is {spec.min_image_size} px (its poolings and strides leave nothing below); "
+            f"use data.image_size>={spec.min_image_size}"
+        )
     try:
         if cfg.data.split_sizes is not None:
             parse_split_sizes(list(cfg.data.split_sizes))

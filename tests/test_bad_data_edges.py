@@ -5,8 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+import torch
+
 from datamodules.data_index import scan_splits
 from datamodules.layout import SplitSpec
+from lightning_modules.backbones import BACKBONES, backbone_spec, build_backbone
+from lightning_modules.errors import ConfigError
+from pipeline.config import load_config
 
 from conftest import fast_args
 from helpers import run_dir, run_train
@@ -48,3 +54,33 @@ def test_a_run_lists_the_symlink_loop_in_skipped_files(tmp_path):
     run = run_dir(run_train(fast_args(root, tmp_path / "out", stage="features", **{"trainer.max_epochs": "1"})))
     listed = (run / "skipped_files.tsv").read_text()
     assert all(name in listed for name in ("a.jpg", "b.jpg", "dangling.jpg"))
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "convnext_tiny", "efficientnet_lite0"])
+def test_an_image_size_below_the_backbones_minimum_is_one_config_line(backbone):
+    minimum = backbone_spec(backbone).min_image_size
+    with pytest.raises(
+        ConfigError, match=rf"data.image_size=7 is too small for model.backbone={backbone}: .* {minimum}"
+    ):
+        load_config([f"model.backbone={backbone}", "data.image_size=7"])
+    load_config([f"model.backbone={backbone}", f"data.image_size={minimum}"])
+
+
+# Every built-in that builds in seconds with random weights (resnet50 is resnet18's family: minimum 1).
+@pytest.mark.parametrize("name", sorted(set(BACKBONES) - {"resnet50"}))
+def test_each_declared_minimum_input_works_and_one_pixel_less_fails(name):
+    backbone = build_backbone(name, pretrained=False).eval()
+    minimum = BACKBONES[name].min_image_size
+    with torch.no_grad():
+        assert backbone(torch.zeros(1, 3, minimum, minimum)).shape[-1] >= 1
+        if minimum > 1:
+            with pytest.raises(RuntimeError):
+                backbone(torch.zeros(1, 3, minimum - 1, minimum - 1))
+
+
+def test_a_timm_backbones_minimum_is_measured_when_its_spec_is_made():
+    pytest.importorskip("timm")
+    spec = backbone_spec("timm:convnext_atto")  # a 4x4 stem and three 2x2 downsamplings, unpadded: 32 px
+    assert spec.min_image_size == 32
+    with pytest.raises(ConfigError, match=r"data.image_size=31 is too small .* 32 px"):
+        load_config(["model.backbone=timm:convnext_atto", "data.image_size=31"])
