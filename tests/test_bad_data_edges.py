@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from datamodules.data_index import scan_splits
 from datamodules.layout import SplitSpec
 from lightning_modules.backbones import BACKBONES, backbone_spec, build_backbone
 from lightning_modules.errors import ConfigError
-from pipeline.config import load_config
+from pipeline.config import CONFIG_DIR, load_config
 
 from conftest import fast_args
 from helpers import run_dir, run_train
@@ -84,3 +85,21 @@ def test_a_timm_backbones_minimum_is_measured_when_its_spec_is_made():
     assert spec.min_image_size == 32
     with pytest.raises(ConfigError, match=r"data.image_size=31 is too small .* 32 px"):
         load_config(["model.backbone=timm:convnext_atto", "data.image_size=31"])
+
+
+@pytest.mark.parametrize(
+    ("preset", "text", "where"),
+    [
+        ("stage/finetune.yaml", "model:\n  dropout: 0.5\n   head_hidden: 3\n", "line 3, column 15"),
+        ("backbone/efficientnet_lite0.yaml", "model:\n  dropout: [0.5\noptim:\n  lr: 1e-3\n", "line 3, column 6"),
+        ("stage/frozen.yaml", "- 1\n- 2\n", "not a mapping"),
+    ],
+)
+def test_a_broken_preset_is_one_line_naming_the_file_and_the_place(tmp_path, preset, text, where):
+    shutil.copytree(CONFIG_DIR, tmp_path / "configs")
+    (tmp_path / "configs" / preset).write_text(text)
+    stage = "frozen" if preset.startswith("stage/frozen") else "finetune"
+    with pytest.raises(ConfigError) as err:
+        load_config([f"stage={stage}", "model.backbone=efficientnet_lite0"], config_dir=tmp_path / "configs")
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / "configs" / preset) in message and where in message, message
