@@ -23,6 +23,7 @@ from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
 
 from lightning_modules.backbone_base import Backbone, BackboneError, BackboneSpec, WeightsError
+from lightning_modules.errors import load_problem
 from lightning_modules.timm_backbones import SUPPORTED, TIMM_PREFIX, timm_spec
 
 
@@ -242,10 +243,7 @@ def load_weights_file(net: nn.Module, path: str | Path, backbone: str, required:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a plain state dict"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsError(
-            f"model.weights={path} is not a plain state dict that loads with weights_only=True ({first})"
-        ) from None
+        raise WeightsError(f"model.weights={path} {load_problem(path, err)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import train
 from datamodules.data_index import scan_splits
 from datamodules.layout import SplitSpec
 from lightning_modules.backbones import BACKBONES, backbone_spec, build_backbone
@@ -103,3 +104,33 @@ def test_a_broken_preset_is_one_line_naming_the_file_and_the_place(tmp_path, pre
         load_config([f"stage={stage}", "model.backbone=efficientnet_lite0"], config_dir=tmp_path / "configs")
     message = str(err.value)
     assert "\n" not in message and str(tmp_path / "configs" / preset) in message and where in message, message
+
+
+@pytest.fixture(scope="module")
+def trained_run(toy_root, tmp_path_factory) -> Path:
+    """A one-epoch features run on the toy data (its checkpoints are cut or damaged by the tests)."""
+    out = tmp_path_factory.mktemp("trained")
+    return run_dir(run_train(fast_args(toy_root, out, stage="features", **{"trainer.max_epochs": "1"})))
+
+
+def _error_line(capsys, args: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        train.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err  # one line, no traceback
+    return err
+
+
+def test_a_truncated_checkpoint_is_reported_as_truncated_in_one_whole_line(trained_run, tmp_path, capsys, toy_root):
+    cut = tmp_path / "last.ckpt"
+    data = (trained_run / "checkpoints" / "last.ckpt").read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    for args, what in (
+        (fast_args(toy_root, tmp_path / "out", stage="test", ckpt_path=str(cut)), f"checkpoint {cut}"),
+        (fast_args(toy_root, tmp_path / "out", **{"model.weights": str(cut)}), f"model.weights={cut}"),
+    ):
+        err = _error_line(capsys, args)
+        assert f"{what} is truncated or corrupt ({len(data) // 2} bytes): " in err, err
+        # torch's first sentence, whole: not a weights_only safety refusal, not cut mid-sentence
+        assert "weights_only" not in err and err.endswith("failed finding central directory"), err
