@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import torch
 
 import train
 from datamodules.data_index import scan_splits
-from datamodules.layout import SplitSpec
+from datamodules.layout import DataLayoutError, SplitSpec
 from lightning_modules.backbones import BACKBONES, backbone_spec, build_backbone
 from lightning_modules.errors import ConfigError
 from pipeline.config import CONFIG_DIR, load_config
@@ -134,3 +136,38 @@ def test_a_truncated_checkpoint_is_reported_as_truncated_in_one_whole_line(train
         assert f"{what} is truncated or corrupt ({len(data) // 2} bytes): " in err, err
         # torch's first sentence, whole: not a weights_only safety refusal, not cut mid-sentence
         assert "weights_only" not in err and err.endswith("failed finding central directory"), err
+
+
+def _flat(tmp_path: Path, counts: dict[str, int]) -> Path:
+    """ROOT/<class>/ with ``counts`` images per class (a flat folder: split automatically)."""
+    root = make_image_tree(tmp_path / "d", per_class={"train": max(counts.values()), "validation": 0, "test": 0})
+    for name, count in counts.items():
+        for extra in sorted((root / "train" / name).iterdir())[count:]:
+            extra.unlink()
+    return root / "train"
+
+
+@pytest.mark.parametrize(
+    ("sizes", "counts"),
+    [
+        ((10, 3, 2), {"cats": 20, "dogs": 14}),  # counts too large for dogs
+        ((12, 4, 4), {"cats": 20, "dogs": 5}),
+        ((0.1, 0.1, 0.1), {"cats": 4, "dogs": 4}),  # fractions that leave no training image
+    ],
+)
+def test_the_split_size_hint_suggests_sizes_that_work(tmp_path, sizes, counts):
+    root = _flat(tmp_path, counts)
+    with pytest.raises(DataLayoutError) as err:
+        scan_splits(root, split=SplitSpec(sizes))
+    hint = re.search(r"e\.g\. data\.split_sizes=(\[[^\]]*\])", str(err.value))
+    assert hint, str(err.value)
+    suggested = tuple(json.loads(hint.group(1)))
+    assert suggested != tuple(sizes)
+    assert all(n > 0 for n in scan_splits(root, split=SplitSpec(suggested)).counts().values())
+
+
+def test_a_class_too_small_for_any_split_says_so_without_a_size_hint(tmp_path):
+    root = _flat(tmp_path, {"cats": 20, "dogs": 2})
+    with pytest.raises(DataLayoutError, match=r"class 'dogs' has 2 readable image\(s\).* at least 3") as err:
+        scan_splits(root, split=SplitSpec((0.8, 0.1, 0.1)))
+    assert "data.split_sizes=[0.8,0.1,0.1]" not in str(err.value).split("too few for")[1]
