@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import train
-from datamodules.data_index import scan_splits
+from datamodules.class_balance import describe_counts
+from datamodules.data_index import SplitIndex, scan_splits
 from datamodules.layout import DataLayoutError, SplitSpec
 from lightning_modules.backbones import BACKBONES, backbone_spec, build_backbone
 from lightning_modules.errors import ConfigError
@@ -171,3 +172,22 @@ def test_a_class_too_small_for_any_split_says_so_without_a_size_hint(tmp_path):
     with pytest.raises(DataLayoutError, match=r"class 'dogs' has 2 readable image\(s\).* at least 3") as err:
         scan_splits(root, split=SplitSpec((0.8, 0.1, 0.1)))
     assert "data.split_sizes=[0.8,0.1,0.1]" not in str(err.value).split("too few for")[1]
+
+
+def _index(train_counts: list[int]) -> SplitIndex:
+    classes = [f"c{i:03d}" for i in range(len(train_counts))]
+    samples = [(f"{classes[c]}/{k}.png", c) for c, n in enumerate(train_counts) for k in range(n)]
+    return SplitIndex(Path("root"), classes, {"train": samples})
+
+
+def test_many_balanced_classes_get_no_imbalance_warning():
+    assert describe_counts(_index([3] * 200))[1] == []
+    assert describe_counts(_index([2, 3] * 100))[1] == []  # 2 against a mean of 2.5: ordinary
+
+
+def test_rare_classes_are_one_warning_line_naming_the_worst():
+    counts = [40] * 197 + [1, 2, 3] + [5] * 5  # eight classes far below the mean (about 37 per class)
+    _, warnings = describe_counts(_index(counts))
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith("8 of 205 classes have under a quarter of the mean share"), warnings[0]
+    assert "'c197' 1 (0.013%)" in warnings[0] and "and 3 more" in warnings[0]
