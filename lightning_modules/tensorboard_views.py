@@ -95,7 +95,7 @@ class TensorBoardViews(Callback):
             self.wrong.append(
                 (
                     float(confidence[i]),
-                    inputs[i].detach().cpu(),
+                    inputs[i].detach().cpu().clone(),  # a copy: a view would keep its whole batch alive
                     int(target[i]),
                     int(predicted[i]),
                     float(confidence[i]),

@@ -15,12 +15,13 @@ import train
 from datamodules.class_balance import describe_counts
 from datamodules.data_index import SplitIndex, scan_splits
 from datamodules.layout import DataLayoutError, SplitSpec
+from lightning_modules import figures, tensorboard_views
 from lightning_modules.backbones import BACKBONES, backbone_spec, build_backbone
 from lightning_modules.errors import ConfigError
 from pipeline.config import CONFIG_DIR, load_config
 
 from conftest import fast_args
-from helpers import run_dir, run_train
+from helpers import image_sizes, run_dir, run_train
 from toy_data import make_image_tree
 
 
@@ -191,3 +192,29 @@ def test_rare_classes_are_one_warning_line_naming_the_worst():
     assert len(warnings) == 1 and "\n" not in warnings[0]
     assert warnings[0].startswith("8 of 205 classes have under a quarter of the mean share"), warnings[0]
     assert "'c197' 1 (0.013%)" in warnings[0] and "and 3 more" in warnings[0]
+
+
+def test_many_classes_keep_the_tensorboard_views_bounded(tmp_path, recwarn, monkeypatch):
+    classes = tuple(f"c{i:02d}" for i in range(60))
+    root = make_image_tree(tmp_path / "d", classes, per_class={"train": 3, "validation": 2, "test": 2}, size=16)
+    drawn: list[int] = []
+    original = figures.confusion_matrix_image
+
+    def counting(matrix, names, *args, **kwargs):
+        drawn.append(len(names))
+        return original(matrix, names, *args, **kwargs)
+
+    monkeypatch.setattr(tensorboard_views, "confusion_matrix_image", counting)
+    args = fast_args(root, tmp_path / "out", stage="frozen", **{"trainer.max_epochs": "1"})
+    run = run_dir(run_train([*args, "log.images_every_n_epochs=1", "log.max_images=64"]))
+    assert not [w for w in recwarn if "training images" in str(w.message)]  # balanced: no imbalance warning
+    sizes = image_sizes(run)
+    assert drawn == [60] and sizes["val/confusion_matrix"][1] <= 110 + 30 * 48 + 10  # the 30 most confused
+    assert all(max(w, h) <= 2000 for w, h in sizes.values()), sizes  # every grid capped (log.max_images)
+
+
+def test_a_large_confusion_matrix_shows_the_most_confused_classes():
+    matrix = torch.diag(torch.full((200,), 3))
+    matrix[5, 150] = matrix[150, 5] = matrix[7, 8] = 2
+    assert {5, 7, 8, 150} <= set(figures.most_confused(matrix, 30))
+    assert figures.confusion_matrix_image(matrix, [f"c{i}" for i in range(200)]).shape[-1] <= 110 + 30 * 48 + 10
