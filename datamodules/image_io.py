@@ -107,13 +107,21 @@ class Check(NamedTuple):
     dhash: int | None  # its 64-bit difference hash (None when it does not decode)
 
 
+def unreadable_reason(err: BaseException) -> str:
+    """Why an image did not decode, for a skip list: the error's first line (at most 200 characters);
+    for a system error its text alone (the path is listed beside it)."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+
+
 def check_image(path: str) -> Check:
     """Decode ``path`` (at a reduced scale) and hash the picture, or say why it does not decode."""
     try:
         return Check(None, dhash(load_rgb(path, min_size=16)))
     except Exception as err:  # noqa: BLE001 - any decoder failure means "unreadable"
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return Check(text[:200], None)
+        return Check(unreadable_reason(err), None)
 
 
 def scan_files(paths: list[str], threads: int = 4, memory: str | Path | None = None) -> dict[str, Check]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datamodules.image_io import IMAGE_EXTENSIONS
+from datamodules.image_io import IMAGE_EXTENSIONS, unreadable_reason
 from lightning_modules.errors import UserError
 
 # The one mapping of split names: our key (train/val/test) -> its folder, and its name in a manifest.
@@ -30,6 +30,32 @@ DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 class DataLayoutError(UserError, ValueError):
     """The data folder does not have the expected layout; the message is one line."""
+
+
+class ChangedSinceScan(DataLayoutError):
+    """An image the scan read is gone or unreadable where it must be used (evaluation, cached
+    features or decoded images: each image has its place there). One line, also when a loader
+    worker raised it: torch re-raises it with the worker's traceback as the message."""
+
+    def __init__(self, message: str):
+        if message.startswith("Caught ") and "\n" in message:  # torch's ExceptionWrapper.reraise
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+def stat_scanned(path: str) -> os.stat_result:
+    """``os.stat`` of a scanned image (for a cache key); ChangedSinceScan if it is gone."""
+    try:
+        return os.stat(path)
+    except OSError as err:
+        raise changed_since_scan(path, unreadable_reason(err)) from None
+
+
+def changed_since_scan(path: str, reason: str) -> ChangedSinceScan:
+    return ChangedSinceScan(
+        f"{path} became unreadable after the data scan ({reason}); evaluation and cached images need every "
+        "scanned image: restore it, or run again (the scan then skips and lists it)"
+    )
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from datamodules.layout import DataLayoutError, SplitSpec
 from lightning_modules import figures, tensorboard_views
 from lightning_modules.backbones import BACKBONES, backbone_spec, build_backbone
 from lightning_modules.errors import ConfigError
+from pipeline import build
 from pipeline.config import CONFIG_DIR, load_config
 
 from conftest import fast_args
@@ -218,3 +219,47 @@ def test_a_large_confusion_matrix_shows_the_most_confused_classes():
     matrix[5, 150] = matrix[150, 5] = matrix[7, 8] = 2
     assert {5, 7, 8, 150} <= set(figures.most_confused(matrix, 30))
     assert figures.confusion_matrix_image(matrix, [f"c{i}" for i in range(200)]).shape[-1] <= 110 + 30 * 48 + 10
+
+
+def _delete_after_scan(monkeypatch, split: str) -> list[str]:
+    """The next run's scan is followed by the deletion of the first image of ``split`` (a file
+    removed while the run starts); returns [its path]."""
+    original, gone = build.scan_splits, []
+
+    def scan_then_delete(*args, **kwargs):
+        index = original(*args, **kwargs)
+        gone.append(index.samples[split][0][0])
+        os.unlink(gone[0])
+        return index
+
+    monkeypatch.setattr(build, "scan_splits", scan_then_delete)
+    return gone
+
+
+def test_a_training_image_deleted_after_the_scan_is_a_listed_skip(tmp_path, monkeypatch, recwarn):
+    root = make_image_tree(tmp_path / "d", per_class={"train": 6, "validation": 2, "test": 2}, size=16)
+    gone = _delete_after_scan(monkeypatch, "train")
+    args = fast_args(root, tmp_path / "out", stage="frozen", **{"trainer.max_epochs": "1"})
+    metrics = run_train([*args, "log.images_every_n_epochs=1"])  # the views read the first images first
+    listed = [str(w.message) for w in recwarn if gone[0] in str(w.message)]
+    assert listed and "became unreadable after the data scan" in listed[0], listed
+    assert metrics["val"]["count"] == 4 and metrics["test"]["count"] == 4
+
+
+@pytest.mark.parametrize(
+    ("split", "extra"),
+    [
+        ("val", {"stage": "frozen"}),
+        ("val", {"stage": "frozen", "data.num_workers": "1"}),  # raised in a loader worker: still one line
+        ("train", {"stage": "features"}),  # cached features: each image has its place
+        ("train", {"stage": "frozen", "data.decoded_cache": "true"}),
+    ],
+)
+def test_an_image_deleted_after_the_scan_where_each_has_its_place_is_one_line(
+    tmp_path, monkeypatch, capsys, split, extra
+):
+    root = make_image_tree(tmp_path / "d", per_class={"train": 6, "validation": 2, "test": 2}, size=16)
+    gone = _delete_after_scan(monkeypatch, split)
+    args = fast_args(root, tmp_path / "out", **{"trainer.max_epochs": "1", **extra})
+    err = _error_line(capsys, args)
+    assert err.startswith(f"error: {gone[0]} became unreadable after the data scan"), err
