@@ -127,6 +127,15 @@ def _error_line(capsys, args: list[str]) -> str:
     return err
 
 
+def test_a_truncated_last_checkpoint_stops_a_resume_with_one_line(toy_root, tmp_path, capsys):
+    args = fast_args(toy_root, tmp_path / "out", stage="features", **{"trainer.max_epochs": "1"})
+    last = run_dir(run_train(args)) / "checkpoints" / "last.ckpt"
+    size = last.stat().st_size // 2
+    os.truncate(last, size)
+    err = _error_line(capsys, [*args, "ckpt_path=last"])
+    assert f"is truncated or corrupt ({size} bytes): " in err and "weights_only" not in err, err
+
+
 def test_a_truncated_checkpoint_is_reported_as_truncated_in_one_whole_line(trained_run, tmp_path, capsys, toy_root):
     cut = tmp_path / "last.ckpt"
     data = (trained_run / "checkpoints" / "last.ckpt").read_bytes()
