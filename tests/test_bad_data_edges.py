@@ -206,7 +206,7 @@ def test_rare_classes_are_one_warning_line_naming_the_worst():
 
 def test_many_classes_keep_the_tensorboard_views_bounded(tmp_path, recwarn, monkeypatch):
     classes = tuple(f"c{i:02d}" for i in range(60))
-    root = make_image_tree(tmp_path / "d", classes, per_class={"train": 3, "validation": 2, "test": 2}, size=16)
+    root = make_image_tree(tmp_path / "d", classes, per_class={"train": 2, "validation": 1, "test": 1}, size=16)
     drawn: list[int] = []
     original = figures.confusion_matrix_image
 
