@@ -85,7 +85,7 @@ def folder_listing(root: Path, splits: Sequence[str]) -> Listing:
             prefix = str(class_dir) + os.sep  # string joins: a Path per file costs more than the stat
             names, problems = folder_files(class_dir)
             for f in names + sorted(problems):
-                if reason := problems.get(f) or not_an_image(f):
+                if reason := not_an_image(f) or problems.get(f):
                     bad[prefix + f] = reason
                     split_of[prefix + f] = split
             files = [f for f in names if not not_an_image(f)]

@@ -54,7 +54,7 @@ def list_flat(root: Path) -> tuple[list[str], dict[str, list[str]], dict[str, st
     for name in classes:
         entries, problems = folder_files(root / name)
         for f in entries + sorted(problems):
-            if reason := problems.get(f) or not_an_image(f):
+            if reason := not_an_image(f) or problems.get(f):
                 not_images[str(root / name / f)] = reason
         files[name] = [f"{name}/{f}" for f in entries if not not_an_image(f)]
         if not files[name]:
