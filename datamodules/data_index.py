@@ -20,6 +20,7 @@ from datamodules.layout import (
     SplitSpec,
     class_dirs,
     data_layout,
+    folder_files,
     not_an_image,
 )
 from datamodules.near_duplicates import HASH_NAME, MAX_DISTANCE, NearDuplicate, cross_split_pairs, evaluation_drops
@@ -82,9 +83,9 @@ def folder_listing(root: Path, splits: Sequence[str]) -> Listing:
         for label, name in enumerate(classes):
             class_dir = root / SPLIT_DIRS[split] / name
             prefix = str(class_dir) + os.sep  # string joins: a Path per file costs more than the stat
-            names = sorted(e.name for e in os.scandir(class_dir) if e.is_file())
-            for f in names:
-                if reason := not_an_image(f):
+            names, problems = folder_files(class_dir)
+            for f in names + sorted(problems):
+                if reason := not_an_image(f) or problems.get(f):
                     bad[prefix + f] = reason
                     split_of[prefix + f] = split
             files = [f for f in names if not not_an_image(f)]

@@ -16,7 +16,8 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
-from datamodules.image_io import DECODE_VERSION, load_rgb
+from datamodules.image_io import DECODE_VERSION, load_rgb, unreadable_reason
+from datamodules.layout import changed_since_scan, stat_scanned
 from lightning_modules.atomic_io import atomic_target, file_lock, preallocate
 
 # Cached side length relative to data.image_size: room for random crops of image_size.
@@ -28,13 +29,17 @@ def cached_size(image_size: int) -> int:
 
 
 def _key(samples: list[tuple[str, int]], side: int) -> str:
-    stats = [(p, label, st.st_size, st.st_mtime_ns) for p, label in samples for st in [os.stat(p)]]
+    stats = [(p, label, st.st_size, st.st_mtime_ns) for p, label in samples for st in [stat_scanned(p)]]
     # DECODE_VERSION: a cache decoded by an older load_rgb (e.g. without EXIF orientation) is not reused
     return hashlib.sha256(json.dumps([side, DECODE_VERSION, stats]).encode()).hexdigest()[:20]
 
 
 def _decode(path: str, side: int) -> np.ndarray:
-    return np.asarray(load_rgb(path, side).resize((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0))
+    try:
+        image = load_rgb(path, side)
+    except Exception as err:  # noqa: BLE001 - as the scan's check: any decoder failure; each row has its image
+        raise changed_since_scan(path, unreadable_reason(err)) from None
+    return np.asarray(image.resize((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0))
 
 
 def decoded_cache(samples: list[tuple[str, int]], image_size: int, cache_dir: str | Path, threads: int = 4) -> Path:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules import image_io, transforms
 from datamodules.image_folder import CPU_EVAL_BATCH, ImageFolderDataModule
+from datamodules.layout import stat_scanned
 from datamodules.sampling import eval_sampler, train_sampler
 from lightning_modules.atomic_io import file_lock, torch_save_atomic
 from lightning_modules.backbones import weights_fingerprint
@@ -43,7 +44,7 @@ def cache_key(images: ImageFolderDataModule, model: torch.nn.Module, pool: str, 
     files = []
     for split, samples in sorted(index.samples.items()):
         for path, label in samples:
-            stat = os.stat(path)
+            stat = stat_scanned(path)
             files.append((split, os.path.relpath(path, index.root), label, stat.st_size, stat.st_mtime_ns))
     description = {
         "backbone": model.backbone.name,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,15 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.image_io import bad_reasons
-from datamodules.layout import MANIFEST, DataLayoutError, Listing, SplitSpec, not_an_image, root_dirs
+from datamodules.layout import (
+    MANIFEST,
+    DataLayoutError,
+    Listing,
+    SplitSpec,
+    folder_files,
+    not_an_image,
+    root_dirs,
+)
 from datamodules.manifest import GROUPS, Row, kept_together, read_groups, read_manifest, write_groups, write_manifest
 from datamodules.near_duplicates import MAX_DISTANCE, near_duplicate_groups
 from datamodules.stratified_split import assign_folds, carve
@@ -45,9 +52,9 @@ def list_flat(root: Path) -> tuple[list[str], dict[str, list[str]], dict[str, st
     files: dict[str, list[str]] = {}
     not_images: dict[str, str] = {}
     for name in classes:
-        entries = sorted(e.name for e in os.scandir(root / name) if e.is_file())
-        for f in entries:
-            if reason := not_an_image(f):
+        entries, problems = folder_files(root / name)
+        for f in entries + sorted(problems):
+            if reason := not_an_image(f) or problems.get(f):
                 not_images[str(root / name / f)] = reason
         files[name] = [f"{name}/{f}" for f in entries if not not_an_image(f)]
         if not files[name]:
@@ -162,7 +169,7 @@ def flat_listing(
                     f"{manifest} lists {len(missing)} file(s) missing under {root}, e.g. {missing[0]}; "
                     "fix or remove the manifest"
                 )
-        in_folders = {f"{name}/{e.name}" for name in root_dirs(root) for e in os.scandir(root / name) if e.is_file()}
+        in_folders = {f"{name}/{f}" for name in root_dirs(root) for f in folder_files(root / name)[0]}
         unused = {f for f in in_folders if not not_an_image(f.rsplit("/", 1)[1])} - {r.file for r in rows}
         if unused:
             rank_zero_warn(f"{len(unused)} image file(s) under {root} are not in {manifest} and are not used")

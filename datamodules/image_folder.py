@@ -4,18 +4,21 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.accelerators import CPUAccelerator
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from datamodules.data_index import SplitIndex
 from datamodules.decoded_cache import decoded_cache, open_decoded
-from datamodules.image_io import load_rgb
+from datamodules.image_io import load_rgb, unreadable_reason
+from datamodules.layout import changed_since_scan
 from datamodules.sampling import ResumableLoader, eval_sampler, sample_seed, train_sampler
 from datamodules.transforms import eval_transform, train_transform
 
@@ -34,6 +37,7 @@ class LabeledImages(Dataset):
         min_size: int | None = None,
         seed: int = 0,
         decoded: str | Path | None = None,
+        skip_unreadable: bool = False,
     ):
         self.samples = samples
         self.transform = transform
@@ -41,21 +45,41 @@ class LabeledImages(Dataset):
         self.seed = seed
         self.decoded = decoded  # a decoded-image cache file: read from it instead of decoding
         self._array = None
+        # An image that became unreadable after the scan (deleted, truncated while the run starts):
+        # training leaves it out (``None``, see ``collate_readable``) and lists it here and in a
+        # warning; elsewhere every image has its place, so it is a ChangedSinceScan error.
+        self.skip_unreadable = skip_unreadable
+        self.unreadable: dict[str, str] = {}  # this process's skips: path -> reason
 
     def _image(self, index: int):
         if self.decoded is None:
-            return load_rgb(self.samples[index][0], self.min_size)
+            path = self.samples[index][0]
+            try:
+                return load_rgb(path, self.min_size)
+            except Exception as err:  # noqa: BLE001 - as the scan's check: any decoder failure
+                return self._unreadable(path, unreadable_reason(err))
         if self._array is None:  # opened lazily, once per loader worker
             self._array = open_decoded(self.decoded)
         return torch.from_numpy(np.array(self._array[index])).permute(2, 0, 1)
 
+    def _unreadable(self, path: str, reason: str) -> None:
+        if not self.skip_unreadable:
+            raise changed_since_scan(path, reason)
+        if path not in self.unreadable:  # each process lists its own skips (every DDP rank, every worker)
+            self.unreadable[path] = reason
+            warnings.warn(
+                f"{path} became unreadable after the data scan ({reason}): left out of training", stacklevel=2
+            )
+
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int] | None:
         epoch, index = key if isinstance(key, tuple) else (None, key)
         label = self.samples[index][1]
         image = self._image(index)
+        if image is None:
+            return None
         if epoch is None:
             return self.transform(image), label
         with torch.random.fork_rng(devices=[]):
@@ -64,6 +88,14 @@ class LabeledImages(Dataset):
             # CPU), and change the GPU's RNG stream, which fork_rng(devices=[]) does not restore.
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             return self.transform(image), label
+
+
+def collate_readable(items: list[tuple[torch.Tensor, int] | None]) -> Any:
+    """The batch of the readable samples (``None``: an image left out, see ``LabeledImages``); None
+    when none is left, which Lightning's training loop skips. (Under DDP that rank then misses one
+    gradient synchronisation: with a whole batch gone, restore the files and run again.)"""
+    readable = [item for item in items if item is not None]
+    return default_collate(readable) if readable else None
 
 
 def available_cores() -> int:
@@ -148,7 +180,9 @@ class ImageFolderDataModule(LightningDataModule):
         )
         for split, samples in self.index.samples.items():
             transform = train_tf if split == "train" else self.eval_transform()
-            self.datasets[split] = LabeledImages(samples, transform, self.image_size, self.seed, self._decoded(split))
+            self.datasets[split] = LabeledImages(
+                samples, transform, self.image_size, self.seed, self._decoded(split), skip_unreadable=split == "train"
+            )
 
     def eval_dataset(self, split: str) -> LabeledImages:
         """A split with the deterministic transform (also for ``train``): for feature extraction."""
@@ -168,6 +202,7 @@ class ImageFolderDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            collate_fn=collate_readable,
         )
         if train and self.trainer is not None:
             trainer = self.trainer

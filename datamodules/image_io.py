@@ -24,7 +24,6 @@ from PIL import Image, ImageOps
 
 from datamodules.near_duplicates import dhash
 from lightning_modules.atomic_io import write_text_atomic
-from lightning_modules.errors import first_line
 
 # Up to ~180 megapixels is decoded (PIL warns above 89 MP); beyond that the file is skipped.
 MAX_PIXELS = 180_000_000
@@ -111,13 +110,21 @@ class Check(NamedTuple):
     io_error: bool = False
 
 
+def unreadable_reason(err: BaseException) -> str:
+    """Why an image did not decode, for a skip list: the error's first line (at most 200 characters);
+    for a system error its text alone (the path is listed beside it)."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return first_line(err, 200)
+
+
 def check_image(path: str) -> Check:
     """Decode ``path`` (at a reduced scale) and hash the picture, or say why it does not decode."""
     try:
         return Check(None, dhash(load_rgb(path, min_size=16)))
     except Exception as err:  # noqa: BLE001 - any decoder failure means "unreadable"
         io_error = isinstance(err, OSError) and err.errno is not None  # PIL's decode errors carry none
-        return Check(first_line(err, 200), None, io_error)
+        return Check(unreadable_reason(err), None, io_error)
 
 
 def scan_files(paths: list[str], threads: int = 4, memory: str | Path | None = None) -> dict[str, Check]:

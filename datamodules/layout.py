@@ -6,13 +6,14 @@ folder of class folders): nothing here reads an image.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datamodules.image_io import IMAGE_EXTENSIONS
+from datamodules.image_io import IMAGE_EXTENSIONS, unreadable_reason
 from lightning_modules.errors import UserError
 
 # The one mapping of split names: our key (train/val/test) -> its folder, and its name in a manifest.
@@ -29,6 +30,32 @@ DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 class DataLayoutError(UserError, ValueError):
     """The data folder does not have the expected layout; the message is one line."""
+
+
+class ChangedSinceScan(DataLayoutError):
+    """An image the scan read is gone or unreadable where it must be used (evaluation, cached
+    features or decoded images: each image has its place there). One line, also when a loader
+    worker raised it: torch re-raises it with the worker's traceback as the message."""
+
+    def __init__(self, message: str):
+        if message.startswith("Caught ") and "\n" in message:  # torch's ExceptionWrapper.reraise
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+def stat_scanned(path: str) -> os.stat_result:
+    """``os.stat`` of a scanned image (for a cache key); ChangedSinceScan if it is gone."""
+    try:
+        return os.stat(path)
+    except OSError as err:
+        raise changed_since_scan(path, unreadable_reason(err)) from None
+
+
+def changed_since_scan(path: str, reason: str) -> ChangedSinceScan:
+    return ChangedSinceScan(
+        f"{path} became unreadable after the data scan ({reason}); evaluation and cached images need every "
+        "scanned image: restore it, or run again (the scan then skips and lists it)"
+    )
 
 
 @dataclass(frozen=True)
@@ -77,19 +104,58 @@ def not_an_image(name: str) -> str | None:
     return None
 
 
+def entry_problem(entry: os.DirEntry) -> str | None:
+    """Why a directory entry is not a regular file that can be read (None: it is one). A symbolic
+    link is followed: a loop (``a.jpg -> b.jpg -> a.jpg``) or a link to nothing is a reason to skip
+    and list it, never an OSError out of the scan."""
+    try:
+        if entry.is_file():
+            return None
+        os.stat(entry.path)  # not a file: find out why
+    except OSError as err:
+        if err.errno == errno.ENOENT and entry.is_symlink():
+            return "dangling symbolic link (its target does not exist)"
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop (too many levels of symbolic links)"
+        return f"cannot be read ({err.strerror or type(err).__name__})"
+    return "not a regular file"
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symbolic link loop: not a folder to descend into
+        return False
+
+
+def folder_files(folder: Path) -> tuple[list[str], dict[str, str]]:
+    """The sorted names of the regular files in ``folder`` and ``{name: reason}`` of the other
+    entries that are not folders (symbolic link loops, dangling links, sockets): skips to list.
+    Subfolders are not files and not listed."""
+    files, problems = [], {}
+    for entry in os.scandir(folder):
+        if _is_dir(entry):
+            continue
+        if (reason := entry_problem(entry)) is None:
+            files.append(entry.name)
+        else:
+            problems[entry.name] = reason
+    return sorted(files), problems
+
+
 def class_dirs(split_dir: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(split_dir) if _is_dir(e) and not e.name.startswith("."))
 
 
 def root_dirs(root: Path) -> list[str]:
     """Folders directly under the data root, except split folders and those starting with ``.``
     or ``_`` (the download keeps its archive in ``_download/``)."""
     ignored = set(SPLIT_DIRS.values())
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] not in "._" and e.name not in ignored)
+    return sorted(e.name for e in os.scandir(root) if _is_dir(e) and e.name[0] not in "._" and e.name not in ignored)
 
 
 def _has_images(folder: Path) -> bool:
-    return any(e.is_file() and not not_an_image(e.name) for e in os.scandir(folder))
+    return any(not not_an_image(name) for name in folder_files(folder)[0])
 
 
 def data_layout(root: str | Path, splits: Sequence[str] = ("train", "val", "test")) -> str:

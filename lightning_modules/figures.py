@@ -27,7 +27,9 @@ def _font() -> ImageFont.ImageFont:
 
 
 def captioned_grid(images: torch.Tensor, captions: list[str], tile: int = 128, nrow: int = 4) -> torch.Tensor:
-    """uint8 ``(N, 3, H, W)`` images, each resized to ``tile`` px with its caption below: ``(3, H, W)``."""
+    """uint8 ``(N, 3, H, W)`` images, each resized to ``tile`` px with its caption below: ``(3, H, W)``;
+    at least ``nrow`` per row, more for many images (a square grid, not a tall strip)."""
+    nrow = max(nrow, math.ceil(math.sqrt(len(images))))
     font = _font()
     tiles = []
     for image, caption in zip(images, captions):
@@ -39,16 +41,37 @@ def captioned_grid(images: torch.Tensor, captions: list[str], tile: int = 128, n
     return make_grid(torch.stack(tiles), nrow=nrow, padding=4, pad_value=200)
 
 
-def confusion_matrix_image(matrix: torch.Tensor, class_names: list[str], cell: int = 48) -> torch.Tensor:
-    """A confusion matrix (rows: true class, columns: predicted) as a ``(3, H, W)`` uint8 picture."""
+# Beyond this many classes the matrix shows the most-confused ones only: a full one is unreadable,
+# and its cost grows with the square (200 classes: a 10,000 px square, gigabytes in TensorBoard's encoder).
+MAX_MATRIX_CLASSES = 30
+
+
+def most_confused(matrix: torch.Tensor, limit: int) -> list[int]:
+    """The ``limit`` classes with the most errors (their images predicted wrong, or other images
+    predicted as them), in class order; ties keep the lower index."""
+    errors = matrix.sum(0) + matrix.sum(1) - 2 * matrix.diagonal()
+    return sorted(torch.argsort(errors, descending=True, stable=True)[:limit].tolist())
+
+
+def confusion_matrix_image(
+    matrix: torch.Tensor, class_names: list[str], cell: int = 48, max_classes: int = MAX_MATRIX_CLASSES
+) -> torch.Tensor:
+    """A confusion matrix (rows: true class, columns: predicted) as a ``(3, H, W)`` uint8 picture; of
+    more than ``max_classes`` classes, the ``max_classes`` most confused (shares stay of the whole row)."""
     font = _font()
+    counts = matrix.cpu().numpy()
+    row_sums = counts.sum(axis=1, keepdims=True).clip(min=1)
+    title = "predicted ->   (rows: true class)"
+    if len(class_names) > max_classes:
+        keep = most_confused(matrix.cpu(), max_classes)
+        title = f"the {max_classes} most-confused of {len(class_names)} classes; " + title
+        counts, row_sums = counts[np.ix_(keep, keep)], row_sums[keep]
+        class_names = [class_names[i] for i in keep]
     n = len(class_names)
     label_w, top = 110, 40
     canvas = Image.new("RGB", (max(label_w + n * cell + 10, 320), top + n * cell + 10), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    counts = matrix.cpu().numpy()
-    row_sums = counts.sum(axis=1, keepdims=True).clip(min=1)
-    draw.text((label_w, 4), "predicted ->   (rows: true class)", fill=(0, 0, 0), font=font)
+    draw.text((label_w, 4), title, fill=(0, 0, 0), font=font)
     for j, name in enumerate(class_names):
         draw.text((label_w + j * cell + 2, top - 16), name[:7], fill=(0, 0, 0), font=font)
     for i, name in enumerate(class_names):

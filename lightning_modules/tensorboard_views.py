@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any
 
 import torch
@@ -68,11 +69,15 @@ class TensorBoardViews(Callback):
         train = datasets.get("train")
         if train is None or pl_module.inputs == "features" or self.every_n_epochs == 0:  # image views off
             return
-        count = min(self.max_images, len(train))
-        images = torch.stack([train[(trainer.current_epoch, i)][0] for i in range(count)])
+        # the first readable images (an image unreadable since the scan is None: listed by the dataset);
+        # at most twice the grid's images are tried, so a folder that vanished is not read through
+        tried = ((i, train[(trainer.current_epoch, i)]) for i in range(min(len(train), 2 * self.max_images)))
+        picked = list(islice(((i, item[0]) for i, item in tried if item is not None), self.max_images))
+        if not picked:
+            return
         grid = captioned_grid(
-            denormalise(images, pl_module.backbone.mean, pl_module.backbone.std),
-            [pl_module.class_names[train.samples[i][1]] for i in range(count)],
+            denormalise(torch.stack([image for _, image in picked]), pl_module.backbone.mean, pl_module.backbone.std),
+            [pl_module.class_names[train.samples[i][1]] for i, _ in picked],
         )
         writer.add_image("train/augmented_inputs", grid, trainer.global_step)
 
@@ -95,7 +100,7 @@ class TensorBoardViews(Callback):
             self.wrong.append(
                 (
                     float(confidence[i]),
-                    inputs[i].detach().cpu(),
+                    inputs[i].detach().cpu().clone(),  # a copy: a view would keep its whole batch alive
                     int(target[i]),
                     int(predicted[i]),
                     float(confidence[i]),

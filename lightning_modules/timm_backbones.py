@@ -24,7 +24,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_modules.backbone_base import BackboneError, BackboneSpec, WeightsError, randomise_norms
+from lightning_modules.backbone_base import (
+    BackboneError,
+    BackboneSpec,
+    WeightsError,
+    randomise_norms,
+    smallest_input,
+)
 
 TIMM_PREFIX = "timm:"
 # Bump when the cut of any family changes what the blocks compute (feature cache key).
@@ -275,6 +281,7 @@ def timm_spec(name: str) -> BackboneSpec:
         default_image_size=int(data["input_size"][-1]),
         interpolation=str(data["interpolation"]),
         crop_pct=float(data["crop_pct"]),
+        min_image_size=smallest_input(net),  # a timm network is not declared here: measured once
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lightning_modules.classifier import TransferClassifier
-from lightning_modules.errors import ConfigError
+from lightning_modules.errors import ConfigError, load_problem
 
 
 def load_checkpoint(path: str) -> dict:
@@ -17,10 +17,16 @@ def load_checkpoint(path: str) -> dict:
     if not Path(path).is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap can only be used" not in str(err):
+                raise
+            # not a zip archive: an older format, a plain pickle or garbage; read without mmap, so
+            # that the error (if any) says which
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure: refuse the file
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise ConfigError(f"checkpoint {path} cannot be loaded safely with weights_only=True ({first})") from None
+        raise ConfigError(f"checkpoint {path} {load_problem(path, err)}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ConfigError(f"{path} is not a checkpoint of this project (no state_dict)")
     return ckpt

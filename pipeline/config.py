@@ -18,6 +18,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+import yaml  # omegaconf's own YAML parser (a dependency of it)
 from lightning.pytorch import Trainer
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -73,7 +74,22 @@ def _one_line(err: OmegaConfBaseException) -> str:
 
 
 def _read_yaml(path: Path) -> DictConfig:
-    return OmegaConf.load(path) if path.is_file() else OmegaConf.create({})
+    """A preset file (empty where there is none); a broken one is one ConfigError line naming the
+    file and, for a syntax error, where YAML stopped."""
+    if not path.is_file():
+        return OmegaConf.create({})
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} cannot be read: {err}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path} is not a mapping of config keys (e.g. 'model:' with 'backbone: vgg16' below)")
+    return node
 
 
 def cache_dir(cfg: DictConfig) -> str:
@@ -152,9 +168,16 @@ def validate(cfg: DictConfig) -> None:
     the checks owned by the implementing modules."""
     check_values(cfg)
     try:
-        backbone_spec(cfg.model.backbone)  # a timm:<name> is built once here (random weights) and cut
+        spec = backbone_spec(cfg.model.backbone)  # a timm:<name> is built once here (random weights) and cut
     except BackboneError as err:
         raise ConfigError(str(err)) from None
+    # stage=test evaluates at its checkpoint's own size
+    if cfg.stage != "test" and cfg.data.image_size < spec.min_image_size:
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} is too small for model.backbone={spec.name}: its smallest "
+            f"input is {spec.min_image_size} px (its poolings and strides leave nothing below); "
+            f"use data.image_size>={spec.min_image_size}"
+        )
     try:
         if cfg.data.split_sizes is not None:
             parse_split_sizes(list(cfg.data.split_sizes))

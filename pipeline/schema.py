@@ -171,7 +171,8 @@ class LogConfig:
     images_every_n_epochs: int = opt(
         1, "confusion matrix, error images, PR curve every N epochs (0: no images at all)", range=NON_NEGATIVE
     )
-    max_images: int = opt(16, "images per TensorBoard grid", range="[1, inf)")
+    # bounded: each grid image is decoded, drawn and held until the grid is written
+    max_images: int = opt(16, "images per TensorBoard grid (at most 64)", range="[1, 64]")
     mlflow: bool = opt(False, "also log params, metrics and the best checkpoint to MLflow (pip install -e '.[mlflow]')")
     mlflow_uri: str | None = opt(None, "MLflow tracking URI (null: the local folder <out_dir>/mlruns)")
 

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.image_folder import CPU_EVAL_BATCH
-from datamodules.image_io import load_rgb
+from datamodules.image_io import load_rgb, unreadable_reason
 from datamodules.shifts import SEVERITIES, SHIFTS, apply_shift, variant_name
 from datamodules.transforms import eval_transform
 from lightning_modules.calibration import ece, to_probabilities
@@ -46,8 +46,7 @@ class _Copies(Dataset):
         try:
             image = load_rgb(path, self.size)  # as the test loader decodes it
         except Exception as err:  # noqa: BLE001 - unreadable: left out of every variant's counts
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            return torch.zeros(len(self.variants), 3, self.size, self.size), label, index, reason
+            return torch.zeros(len(self.variants), 3, self.size, self.size), label, index, unreadable_reason(err)
         copies = [
             self.transform(image if shift == CLEAN else apply_shift(image, shift, sev, self.seed, index))
             for shift, sev in self.variants

@@ -70,6 +70,15 @@ def image_counts(path: Path) -> dict[str, int]:
     return {tag: len(acc.Images(tag)) for tag in acc.Tags()["images"]}
 
 
+def image_sizes(path: Path) -> dict[str, tuple[int, int]]:
+    """The (width, height) of the last step of each image tag of the run folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path), size_guidance={"images": 0})
+    acc.Reload()
+    return {tag: (acc.Images(tag)[-1].width, acc.Images(tag)[-1].height) for tag in acc.Tags()["images"]}
+
+
 def sigterm_at_step(monkeypatch, step: int, signum: int | None = None) -> None:
     """The next training run in this process gets SIGTERM (or ``signum``) when it reaches global
     step ``step`` (``monkeypatch.undo()`` or the test's end removes it)."""

@@ -122,7 +122,7 @@ def test_choice_names_are_the_implementing_registries():
         (["optim.class_weights=x"], "optim.class_weights='x' is not valid; choose one of: auto, null or a list"),
         (["data.num_workers=-1"], "data.num_workers must be zero or positive"),
         (["finetune.l2sp=inf"], "finetune.l2sp must be a finite number"),
-        (["log.max_images=0"], "log.max_images must be at least 1, got 0"),
+        (["log.max_images=0"], "log.max_images must be in [1, 64], got 0"),
         (["lr_find.min_lr=2"], "lr_find needs lr_find.min_lr < lr_find.max_lr"),
         (["model.pool=max"], "model.pool='max' is not valid; choose one of: avg, flatten"),
     ],

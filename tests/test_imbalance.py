@@ -66,7 +66,7 @@ def test_rare_classes_are_counted_and_warned(tmp_path):
         path.unlink()
     line, warnings = describe_counts(scan_splits(root))
     assert line == "images per class (train/val/test): cats 20/2/2, dogs 2/2/2"
-    assert len(warnings) == 1 and "class 'dogs' is 9.1% of the training images" in warnings[0]
+    assert len(warnings) == 1 and "1 of 2 classes" in warnings[0] and "'dogs' 2 (9.1%)" in warnings[0]
 
 
 def _labels(n0: int, n1: int) -> TensorDataset:
