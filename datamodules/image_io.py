@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 
 from datamodules.near_duplicates import dhash
 from lightning_modules.atomic_io import write_text_atomic
+from lightning_modules.errors import first_line
 
 # Up to ~180 megapixels is decoded (PIL warns above 89 MP); beyond that the file is skipped.
 MAX_PIXELS = 180_000_000
