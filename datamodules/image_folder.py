@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from datamodules.data_index import SplitIndex
 from datamodules.decoded_cache import decoded_cache, open_decoded
 from datamodules.image_io import load_rgb, unreadable_reason
-from datamodules.layout import changed_since_scan
+from datamodules.layout import ChangedSinceScan, changed_since_scan
 from datamodules.sampling import ResumableLoader, eval_sampler, sample_seed, train_sampler
 from datamodules.transforms import eval_transform, train_transform
 
@@ -38,6 +39,7 @@ class LabeledImages(Dataset):
         seed: int = 0,
         decoded: str | Path | None = None,
         skip_unreadable: bool = False,
+        skip_log: str | Path | None = None,
     ):
         self.samples = samples
         self.transform = transform
@@ -50,6 +52,7 @@ class LabeledImages(Dataset):
         # warning; elsewhere every image has its place, so it is a ChangedSinceScan error.
         self.skip_unreadable = skip_unreadable
         self.unreadable: dict[str, str] = {}  # this process's skips: path -> reason
+        self.skip_log = skip_log  # every process (loader workers, DDP ranks) appends its skips here
 
     def _image(self, index: int):
         if self.decoded is None:
@@ -67,6 +70,8 @@ class LabeledImages(Dataset):
             raise changed_since_scan(path, reason)
         if path not in self.unreadable:  # each process lists its own skips (every DDP rank, every worker)
             self.unreadable[path] = reason
+            if self.skip_log is not None:
+                append_line(self.skip_log, f"{path}\t{reason}")
             warnings.warn(
                 f"{path} became unreadable after the data scan ({reason}): left out of training", stacklevel=2
             )
@@ -90,12 +95,30 @@ class LabeledImages(Dataset):
             return self.transform(image), label
 
 
+def append_line(path: str | Path, line: str) -> None:
+    """One line appended with a single ``O_APPEND`` write: lines from several processes (loader
+    workers, DDP ranks) never interleave. A line that cannot be written (a full disk) is dropped:
+    the warning that goes with it still says what happened."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8", errors="surrogateescape"))
+        finally:
+            os.close(fd)
+
+
 def collate_readable(items: list[tuple[torch.Tensor, int] | None]) -> Any:
-    """The batch of the readable samples (``None``: an image left out, see ``LabeledImages``); None
-    when none is left, which Lightning's training loop skips. (Under DDP that rank then misses one
-    gradient synchronisation: with a whole batch gone, restore the files and run again.)"""
+    """The batch of the readable samples (``None``: an image left out, see ``LabeledImages``). A batch
+    with none left stops the run with one line: a step that never happens would shift the plan's
+    learning rates (a function of the global step) against the epochs, and under DDP leave that rank
+    out of a gradient synchronisation. The same command with ``ckpt_path=last`` continues."""
     readable = [item for item in items if item is not None]
-    return default_collate(readable) if readable else None
+    if not readable:
+        raise ChangedSinceScan(
+            f"every image of a training batch ({len(items)}) became unreadable after the data scan: is the disk "
+            "or mount failing? Fix it, then the same command with ckpt_path=last continues"
+        )
+    return default_collate(readable)
 
 
 def available_cores() -> int:
@@ -151,6 +174,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.pin_memory = pin_memory
         self.index = index
         self.datasets: dict[str, LabeledImages] = {}
+        self.skip_log: Path | None = None  # where training appends the images it had to skip (the run sets it)
 
     @property
     def classes(self) -> list[str]:
@@ -180,8 +204,15 @@ class ImageFolderDataModule(LightningDataModule):
         )
         for split, samples in self.index.samples.items():
             transform = train_tf if split == "train" else self.eval_transform()
+            train = split == "train"
             self.datasets[split] = LabeledImages(
-                samples, transform, self.image_size, self.seed, self._decoded(split), skip_unreadable=split == "train"
+                samples,
+                transform,
+                self.image_size,
+                self.seed,
+                self._decoded(split),
+                skip_unreadable=train,
+                skip_log=self.skip_log if train else None,
             )
 
     def eval_dataset(self, split: str) -> LabeledImages:

@@ -107,7 +107,8 @@ class EpochTimer(Callback):
         self._started, self._images = time.perf_counter(), 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._images += int(batch[1].shape[0]) * trainer.world_size
+        if batch is not None:  # None: every image of the batch became unreadable (image_folder.collate_readable)
+            self._images += int(batch[1].shape[0]) * trainer.world_size
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._close(trainer)

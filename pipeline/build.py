@@ -87,6 +87,7 @@ def build_stage(cfg: DictConfig, run_name: str | None = None) -> Build:
         balanced_sampler=cfg.data.balanced_sampler,
         interpolation=model.backbone.interpolation,
     )
+    images.skip_log = run / TRAINING_SKIPS
     if cfg.stage != "features":
         return Build(run, resume, resume_ckpt, model, images, extra)
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator", "auto") != "cpu" else "cpu"
@@ -228,6 +229,31 @@ def report_skipped(index: SplitIndex, run: RunFolder) -> None:
         if items:
             names = ", ".join(Path(p).name for p, _ in items[:5]) + (" ..." if len(items) > 5 else "")
             rank_zero_warn(f"{split}: skipped {len(items)} unreadable image file(s): {names} (all listed in {listing})")
+
+
+TRAINING_SKIPS = ".skipped_in_training.tsv"  # appended by every process during training (datamodules.image_folder)
+
+
+def report_training_skips(run: RunFolder) -> dict[str, Any]:
+    """Training images that became unreadable after the scan (deleted, an I/O error): added to
+    ``skipped_files.tsv`` (split ``train``, reason "... during training") and counted in
+    ``metrics.json`` (``skipped_in_training``), with one warning line."""
+    try:
+        lines = (run / TRAINING_SKIPS).read_text(errors="surrogateescape").splitlines()
+    except OSError:
+        return {}
+    skips = dict(line.split("\t", 1) for line in reversed(lines) if "\t" in line)  # first reason per file
+    if not skips or not is_rank_zero():
+        return {"skipped_in_training": len(skips)} if skips else {}
+    try:
+        listed = (run / "skipped_files.tsv").read_text(errors="surrogateescape")
+    except OSError:
+        listed = "split\tfile\treason\n"
+    rows = "".join(f"train\t{path}\t{reason} (during training)\n" for path, reason in sorted(skips.items()))
+    listing = run.write_text("skipped_files.tsv", listed + rows)
+    names = ", ".join(Path(p).name for p in sorted(skips)[:5]) + (" ..." if len(skips) > 5 else "")
+    rank_zero_warn(f"train: {len(skips)} image file(s) unreadable during training were left out: {names} ({listing})")
+    return {"skipped_in_training": len(skips)}
 
 
 def _identity(cfg: DictConfig, index: SplitIndex, class_weights: list[float] | None) -> dict[str, Any]:

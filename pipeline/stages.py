@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
 from datamodules.feature_cache import FeatureDataModule
-from pipeline.build import build_stage
+from pipeline.build import build_stage, report_training_skips
 from pipeline.evaluation import best_checkpoint, evaluate_best, summarise
 from pipeline.lr_find import run_lr_find
 from pipeline.phases import plan_for_run, run_phases
@@ -69,6 +69,7 @@ def _train(cfg: DictConfig, run_name: str | None) -> dict[str, Any]:
     extra |= report_robustness(cfg, trainer, model, test_samples, run, (result.test or {}).get("acc"))
     if isinstance(build.datamodule, FeatureDataModule):
         extra["feature_cache"] = {"path": str(build.datamodule.path), "built": build.datamodule.computed}
+    extra |= report_training_skips(run)
     extra |= {"best_ckpt": result.best, "calibration": result.calibration, "phases": done.phases}
     extra |= speed_report(done.timer)
     return write_results(cfg, run, trainer, model, started, result.val, result.test, extra)

@@ -27,7 +27,9 @@ The points are hooks, not timers, so each kill lands where it is named on any ma
 With ``$KILL_AT_PAUSE`` set (the fault-injection tests), the process is not killed: at the point
 it writes its pid to the file ``$KILL_AT_PAUSE`` and waits (at most 300 s) until
 ``$KILL_AT_PAUSE.go`` exists, then carries on (``writing:N`` pauses before the N-th checkpoint
-write). The tests switch faults on from outside meanwhile.
+write). The tests switch faults on from outside meanwhile. With ``$KILL_AT_UNTIL=M`` as well, it
+pauses again before training step M (``$KILL_AT_PAUSE.until``, released by ``.until.go``), so that
+the faults cover exactly the steps in between.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 PAUSE = os.environ.get("KILL_AT_PAUSE")
-_paused: list[bool] = []
+_paused: list[str] = []
 
 
 def _die() -> None:
@@ -52,19 +54,44 @@ def _die() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _pause() -> None:
-    """Once per process: say where we are, then wait to be released (see the module docstring)."""
-    if _paused:
+def _pause(name: str = "") -> None:
+    """Once per name and process: say where we are, then wait to be released (module docstring)."""
+    if name in _paused:
         return
-    _paused.append(True)
-    Path(PAUSE).write_text(str(os.getpid()))
-    go, deadline = Path(f"{PAUSE}.go"), time.time() + 300
+    _paused.append(name)
+    Path(f"{PAUSE}{name}").write_text(str(os.getpid()))
+    go, deadline = Path(f"{PAUSE}{name}.go"), time.time() + 300
     while not go.exists() and time.time() < deadline:
         time.sleep(0.01)
 
 
+def _pause_until(step: int) -> None:
+    """The second pause of ``$KILL_AT_UNTIL`` (see the module docstring); also at the next validation
+    after the first pause, should the step never come (a batch whose images all failed trains no step)."""
+    from lightning_modules.run_safety import EpochTimer, StepSeed
+
+    original = StepSeed.on_train_batch_start
+    original_val = EpochTimer.on_validation_start
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step >= step and "" in _paused:
+            _pause(".until")
+        return original(self, trainer, *args)
+
+    def on_validation_start(self, trainer, pl_module):
+        if "" in _paused:
+            _pause(".until")
+        return original_val(self, trainer, pl_module)
+
+    StepSeed.on_train_batch_start = on_train_batch_start
+    EpochTimer.on_validation_start = on_validation_start
+
+
 def install(point: str) -> None:
     import torch
+
+    if PAUSE and os.environ.get("KILL_AT_UNTIL"):
+        _pause_until(int(os.environ["KILL_AT_UNTIL"]))
 
     import lightning_modules.atomic_io as atomic_io
     from lightning_modules.classifier import TransferClassifier

@@ -14,6 +14,7 @@ torch's CUDA libraries (see that file).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -64,6 +65,12 @@ TRIALS = [
 ]
 
 
+READ = "posix/io/rw/read"
+# EIO on reads while training reads its images from their files (no decoded cache), from the first
+# step named to the second: (first, until, probability)
+READ_TRIALS = [(2, 4, 0.3), (9, 11, 0.6), (13, 15, 0.5)]
+
+
 def _ids(trial) -> str:
     point, fault, code, p, _ = trial
     return f"{point}-{fault.split('/')[-1]}-{'ENOSPC' if code == ENOSPC else 'EIO'}-p{p}"
@@ -73,6 +80,39 @@ def _args(root: Path, out: Path) -> list[str]:
     # the decoded cache: images are read from one memory-mapped file in training, so faults hit
     # the run's own files; data.cache_dir inside out_dir: each trial builds (and may break) its own
     return finetune_args(root, out, **{"data.decoded_cache": "true", "data.cache_dir": str(out / "cache")})
+
+
+def _fiu_run(fiu_lib: Path, fifo: Path) -> tuple[str, ...]:
+    return ("fiu-run", "-x", "-l", str(fiu_lib), "-f", str(fifo))
+
+
+def _wait_for(proc: subprocess.Popen, marker: Path) -> bool:
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    return marker.exists()
+
+
+def _pause_and_inject(
+    proc, pause: Path, fifo: Path, fault: str, code: int, probability: float, seconds: float = 0, until: Path = None
+) -> str:
+    """Wait for ``proc`` to reach its pause point, switch ``fault`` on, release it, switch the fault
+    off ``seconds`` later or when it pauses at ``until`` (or when it ends); returns its stderr."""
+    assert _wait_for(proc, pause), f"the pause point was never reached: {proc.communicate()[1][-3000:]}"
+    pid = int(pause.read_text())
+    _ctrl(fifo, pid, f"enable_random name={fault},probability={probability},failinfo={code}")
+    Path(f"{pause}.go").touch()
+    if until is not None:
+        _wait_for(proc, until)
+    else:
+        try:
+            proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            pass
+    _ctrl(fifo, pid, f"disable name={fault}")
+    if until is not None:
+        Path(f"{until}.go").touch()
+    return proc.communicate(timeout=600)[1]
 
 
 def _run(args: list[str], cwd: Path, env: dict | None = None, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -122,20 +162,8 @@ def test_fault_anywhere_ends_in_one_line_and_resumes_to_the_same_result(fiu_lib,
     out, pause, fifo = tmp_path / "out", tmp_path / "pause", tmp_path / "fiu-ctrl"
     args = _args(reference["root"], out)
     env = os.environ | {"KILL_AT_PAUSE": str(pause)}
-    proc = _run([point, "0", *args], tmp_path, env, prefix=("fiu-run", "-x", "-l", str(fiu_lib), "-f", str(fifo)))
-    deadline = time.time() + 300
-    while not pause.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert pause.exists(), f"{point} was never reached: {proc.communicate()[1][-3000:]}"
-    pid = int(pause.read_text())
-    _ctrl(fifo, pid, f"enable_random name={fault},probability={probability},failinfo={code}")
-    Path(f"{pause}.go").touch()
-    try:
-        proc.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        pass
-    _ctrl(fifo, pid, f"disable name={fault}")
-    _, stderr = proc.communicate(timeout=600)
+    proc = _run([point, "0", *args], tmp_path, env, prefix=_fiu_run(fiu_lib, fifo))
+    stderr = _pause_and_inject(proc, pause, fifo, fault, code, probability, seconds)
     _assert_one_line_or_finished(proc.returncode, stderr, trial)
 
     resumed = _run(["none", "0", *args, "ckpt_path=last"], tmp_path)
@@ -151,3 +179,25 @@ def test_fault_anywhere_ends_in_one_line_and_resumes_to_the_same_result(fiu_lib,
     for got, want in ((best, want_best), (last, want_last)):
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in want), trial
+
+
+@pytest.mark.parametrize("first, until, probability", READ_TRIALS)
+def test_image_read_errors_in_training_are_listed_skips(fiu_lib, reference, tmp_path, first, until, probability):
+    out, pause, fifo = tmp_path / "out", tmp_path / "pause", tmp_path / "fiu-ctrl"
+    args = finetune_args(reference["root"], out)
+    env = os.environ | {"KILL_AT_PAUSE": str(pause), "KILL_AT_UNTIL": str(until)}
+    proc = _run([f"step:{first}", "0", *args], tmp_path, env, prefix=_fiu_run(fiu_lib, fifo))
+    stderr = _pause_and_inject(proc, pause, fifo, READ, EIO, probability, until=Path(f"{pause}.until"))
+    _assert_one_line_or_finished(proc.returncode, stderr, (first, until, probability))
+    if proc.returncode:  # every image of a batch failed (possible at these rates): stopped with one line
+        assert "every image of a training batch" in stderr
+        resumed = _run(["none", "0", *args, "ckpt_path=last"], tmp_path)
+        _, stderr = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, stderr[-3000:]
+    (folder,) = [p for p in (out / f"finetune_{BACKBONE}").iterdir() if p.is_dir()]
+    rows = [r.split("\t") for r in (folder / "skipped_files.tsv").read_text().splitlines()[1:]]
+    skipped = [path for split, path, reason in rows if reason.endswith("(during training)")]
+    assert skipped and all(split == "train" for split, _, _ in rows), rows
+    assert all(Path(p).is_file() for p in skipped)  # real images, readable again now
+    assert json.loads((folder / "metrics.json").read_text())["skipped_in_training"] == len(skipped)
+    assert "unreadable during training were left out" in stderr
