@@ -14,7 +14,7 @@ from lightning_modules.backbones import BackboneError, WeightsError, backbone_sp
 from lightning_modules.errors import ConfigError  # noqa: E402
 from lightning_modules.freeze_schedule import set_trainable  # noqa: E402
 from lightning_modules.heads import make_pool  # noqa: E402
-from lightning_modules.timm_backbones import randomise_norms, timm_spec  # noqa: E402
+from lightning_modules.timm_backbones import cut, pre_logits, randomise_norms, timm_spec  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.export import export_model, run_exported  # noqa: E402
 from pipeline.prediction import load_model  # noqa: E402
@@ -66,6 +66,52 @@ def test_blocks_compute_timms_pre_logits_features(name, tmp_path):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+# The smallest config of each family timm cuts, shrunk further where timm allows (img_size, depth,
+# width): (timm.create_model's arguments, the number of blocks). Tokens at 32 px: a few per image.
+TINY = {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 2}
+SMALL_FAMILIES = {
+    "vit_tiny_patch16_224": ({"img_size": 32, "depth": 3}, 4),  # class token; stem, blocks 0-2 (+ norm)
+    "vit_small_patch14_reg4_dinov2": ({**TINY, "img_size": 28}, 3),  # register tokens, layer scale
+    "vit_base_patch16_clip_224": (TINY, 3),  # norm_pre
+    "vit_base_patch16_siglip_224": (TINY, 3),  # attention pool ("map")
+    "vit_base_patch16_siglip_gap_224": (TINY, 3),  # average pool, no class token
+    "deit3_small_patch16_224": (TINY, 3),  # position embedding without the class token's
+    "beit_base_patch16_224": (TINY, 3),  # relative position bias per block, average pool + fc_norm
+    "swin_tiny_patch4_window7_224": (
+        {"img_size": 56, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1), "embed_dim": 24},
+        5,
+    ),  # NHWC stages
+    "convnextv2_atto": ({"depths": (1, 1, 1, 1)}, 5),  # GRN
+    "tf_efficientnetv2_b0": ({}, 7),
+    "regnety_002": ({}, 5),  # squeeze-excitation
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_FAMILIES))
+@torch.no_grad()
+def test_each_family_is_cut_into_blocks_that_compute_timms_pre_logits_features(name):
+    """Blocks in order, then the head's average pooling, equal timm's
+    forward_head(forward_features(x), pre_logits=True), with random norms; the top block holds the
+    final norm and whatever timm's head has before its classifier (fc_norm, attention pool)."""
+    kwargs, n_blocks = SMALL_FAMILIES[name]
+    torch.manual_seed(0)
+    net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
+    blocks = cut(net, f"timm:{name}")
+    randomise_norms(net, seed=1)
+    size = kwargs.get("img_size", 64)
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    expected = pre_logits(net, images)
+    features = images
+    for block in blocks:
+        features = block(features)
+    assert len(blocks) == n_blocks
+    assert features.dim() == 4  # (B, D, 1, 1) from a top unit; a CNN's map, which the head pools
+    torch.testing.assert_close(make_pool("avg")(features), expected, rtol=1e-5, atol=1e-5)
+    top = {id(p) for p in blocks[-1].parameters()}
+    final = [n for n, p in net.named_parameters() if n.startswith(("norm.", "fc_norm.", "head.", "attn_pool."))]
+    assert all(id(p) in top for n, p in net.named_parameters() if n in final)
+
+
 def test_preprocessing_comes_from_timms_pretrained_config():
     spec = backbone_spec("timm:resnet18")
     assert spec.mean == (0.485, 0.456, 0.406) and spec.std == (0.229, 0.224, 0.225)
@@ -94,10 +140,10 @@ def _error(args: list[str]) -> str:
     return message
 
 
-def test_vit_is_refused_with_the_supported_families():
-    message = _error(["model.backbone=timm:vit_tiny_patch16_224"])
-    assert "VisionTransformer is not supported" in message
-    for family in ("ResNet", "ConvNeXt", "EfficientNet", "MobileNetV3", "RegNet"):
+def test_other_families_are_refused_with_the_supported_ones():
+    message = _error(["model.backbone=timm:levit_128s"])
+    assert "LevitDistilled is not supported" in message
+    for family in ("ResNet", "ConvNeXt", "EfficientNet", "MobileNetV3", "RegNet", "VisionTransformer", "Swin"):
         assert family in message
 
 
