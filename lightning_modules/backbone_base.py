@@ -43,6 +43,7 @@ class BackboneSpec:
     default_image_size: int | None = None
     interpolation: str = "bilinear"
     crop_pct: float | None = None
+    size_multiple: int = 1  # input sizes must be multiples of this (a ViT's patch size)
 
 
 class Backbone(nn.Module):
@@ -57,7 +58,7 @@ class Backbone(nn.Module):
         version: int = 1,
         default_image_size: int | None = None,
         interpolation: str = "bilinear",
-    ):
+    ) -> None:
         super().__init__()
         self.name = name
         self.version = version

@@ -97,6 +97,8 @@ class TransferClassifier(LightningModule):
         label_smoothing: float,
         class_weights: list[float] | None = None,
         l2sp: float = 0.0,
+        mean: list[float] | None = None,  # the input normalisation, if not the backbone's own
+        std: list[float] | None = None,
         # run settings, not part of the trained model (not saved as hyperparameters):
         inputs: str = "images",
         channels_last: bool = False,
@@ -116,6 +118,9 @@ class TransferClassifier(LightningModule):
         self.channels_last = channels_last
         self.plan = plan
         self.backbone = build_backbone(backbone)
+        # saved with the hyperparameters: predict.py, the export and stage=test normalise as training did
+        self.backbone.mean = tuple(mean) if mean is not None else self.backbone.mean
+        self.backbone.std = tuple(std) if std is not None else self.backbone.std
         self.binary = len(self.class_names) == 2
         outputs = 1 if self.binary else len(self.class_names)
         shape = self.backbone.output_shape(image_size)

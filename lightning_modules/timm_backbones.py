@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -78,13 +78,13 @@ class _Family:
     cls: str
     names: str  # shown in the refusal
     units: Callable[[nn.Module], Units]
-    # timm.create_model's extra arguments for models of these timm.models modules
-    create_kwargs: tuple[tuple[str, ...], dict] = ((), {})
+    create_kwargs: dict = field(default_factory=dict)  # timm.create_model's extra arguments
     check_size: int | None = 64  # the fidelity check's input size (None: the model's own input size)
+    also_from: tuple[str, ...] = ()  # other timm.models modules that register models of this class
 
 
-# Token networks take any input size a multiple of their patch: timm resamples the position embedding.
-_DYNAMIC = (("vision_transformer", "deit"), {"dynamic_img_size": True})
+# Any input size that is a multiple of the patch: timm resamples the position embedding (Swin: pads windows).
+_DYNAMIC = {"dynamic_img_size": True}
 FAMILIES = (
     _Family("resnet", "ResNet", "resnet*/resnext*/seresnet*/wide_resnet*", _resnet_units),
     _Family("convnext", "ConvNeXt", "convnext*/convnextv2*", _convnext_units),
@@ -104,9 +104,10 @@ FAMILIES = (
         token_units,
         _DYNAMIC,
         None,
+        ("deit",),
     ),
     _Family("beit", "Beit", "beit_*/beitv2_*", token_units, check_size=None),
-    _Family("swin_transformer", "SwinTransformer", "swin_*", swin_units, check_size=None),
+    _Family("swin_transformer", "SwinTransformer", "swin_*", swin_units, _DYNAMIC, None),
 )
 SUPPORTED = "; ".join(f"{f.cls} ({f.names})" for f in FAMILIES)
 
@@ -136,7 +137,7 @@ def _create_kwargs(model_name: str) -> dict:
     from timm.models._registry import model_entrypoint
 
     module = model_entrypoint(model_name).__module__.rsplit(".", 1)[-1]
-    return next((dict(f.create_kwargs[1]) for f in FAMILIES if module in f.create_kwargs[0]), {})
+    return next((dict(f.create_kwargs) for f in FAMILIES if module in (f.module, *f.also_from)), {})
 
 
 def _create(model_name: str, name: str, pretrained: bool = False) -> nn.Module:
@@ -288,7 +289,14 @@ def timm_spec(name: str) -> BackboneSpec:
         default_image_size=int(data["input_size"][-1]),
         interpolation=str(data["interpolation"]),
         crop_pct=float(data["crop_pct"]),
+        size_multiple=_patch_size(net),
     )
+
+
+def _patch_size(net: nn.Module) -> int:
+    """The input size must be a multiple of a token network's patch (timm asserts it); 1 for a CNN."""
+    patch_embed = getattr(net, "patch_embed", None)
+    return int(getattr(patch_embed, "patch_size", (1,))[0])
 
 
 def _split(net: nn.Module, name: str) -> list[nn.Module]:

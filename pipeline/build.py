@@ -124,6 +124,8 @@ def build_model(
         plan=plan,
         class_weights=class_weights,
         l2sp=cfg.finetune.l2sp if cfg.stage == "finetune" else 0.0,
+        mean=_listed(cfg.data.mean),
+        std=_listed(cfg.data.std),
     )
     if cfg.model.weights or cfg.model.pretrained:
         pretrained = build_backbone(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights)
@@ -235,12 +237,17 @@ def _identity(cfg: DictConfig, index: SplitIndex, class_weights: list[float] | N
         index.classes,
         index.samples,
         cfg.data.image_size,
-        spec.mean,
-        spec.std,
+        _listed(cfg.data.mean) or spec.mean,
+        _listed(cfg.data.std) or spec.std,
         cfg.data.augment,
         class_weights,
     )
     return identity | {"layout": index.source}
+
+
+def _listed(value: Any) -> list[float] | None:
+    """A list key of the config as plain floats (None stays None)."""
+    return None if value is None else [float(x) for x in value]
 
 
 def _class_weights(cfg: DictConfig, index: SplitIndex) -> list[float] | None:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from datamodules.stratified_split import parse_split_sizes
-from lightning_modules.backbone_base import BackboneError
+from lightning_modules.backbone_base import BackboneError, BackboneSpec
 from lightning_modules.backbones import backbone_spec
 from lightning_modules.choices import MONITORS
 from lightning_modules.errors import ConfigError
@@ -57,6 +57,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # here costs nothing extra: the checks below (shift report, MLflow) import it anyway.
 TRAINER_KEYS = frozenset(inspect.signature(Trainer.__init__).parameters) - {"self", "callbacks", "logger"}
 WISE_DEFAULT = (0.0, 0.25, 0.5, 0.75, 1.0)
+SEED_IMAGE_SIZE = 150  # the seed's 150x150 inputs: data.image_size for backbones without a size of their own
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
@@ -152,9 +153,10 @@ def validate(cfg: DictConfig) -> None:
     the checks owned by the implementing modules."""
     check_values(cfg)
     try:
-        backbone_spec(cfg.model.backbone)  # a timm:<name> is built once here (random weights) and cut
+        spec = backbone_spec(cfg.model.backbone)  # a timm:<name> is built once here (random weights) and cut
     except BackboneError as err:
         raise ConfigError(str(err)) from None
+    _resolve_image_size(cfg, spec)
     try:
         if cfg.data.split_sizes is not None:
             parse_split_sizes(list(cfg.data.split_sizes))
@@ -191,6 +193,20 @@ def validate(cfg: DictConfig) -> None:
         check_mlflow()
     if cfg.stage == "test" and not cfg.ckpt_path:
         raise ConfigError("stage=test needs a checkpoint: add ckpt_path=PATH/TO/run/checkpoints/best.ckpt")
+
+
+def _resolve_image_size(cfg: DictConfig, spec: BackboneSpec) -> None:
+    """``data.image_size=null``: the size the backbone's weights were trained at (timm's pretrained
+    config, Lite's native size), else the seed's; a size the network cannot take is refused."""
+    if cfg.data.image_size is None:
+        cfg.data.image_size = spec.default_image_size or SEED_IMAGE_SIZE
+    size, step = cfg.data.image_size, spec.size_multiple
+    if size % step:
+        raise ConfigError(
+            f"data.image_size={size} is not a multiple of {cfg.model.backbone}'s patch size {step}; "
+            f"use e.g. {size // step * step or step} or {(size // step + 1) * step} "
+            f"(its own: {spec.default_image_size})"
+        )
 
 
 def _validate_trainer(cfg: DictConfig) -> None:

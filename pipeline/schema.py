@@ -33,6 +33,7 @@ TRAINING_STAGES = ("features", "frozen", "finetune")
 TEMPERATURE_MODES = ("auto", "fit", "off")  # pipeline/evaluation.py calibrate
 SHIFT_PRESETS = ("auto", "all", "none")  # pipeline/shift_report.py resolve_shifts
 POSITIVE, NON_NEGATIVE, FRACTION = "(0, inf)", "[0, inf)", "[0, 1)"
+RGB = {"length": 3, "shape": "three numbers, [R, G, B]"}
 
 
 @dataclass
@@ -40,7 +41,16 @@ class DataConfig:
     root: str = opt(
         "data/cats_and_dogs_small", "folder with train/, validation/, test/ (<class>/<images>), or <class>/<images>"
     )
-    image_size: int = opt(150, "square input size in pixels", range=POSITIVE)
+    image_size: int | None = opt(
+        None,
+        "square input size in pixels (null: the backbone's own, from its weights' config; the seed's 150 for "
+        "torchvision backbones)",
+        range=POSITIVE,
+    )
+    mean: list[float] | None = opt(
+        None, "per-channel normalisation mean (null: the backbone's, e.g. CLIP's for a CLIP ViT)", **RGB
+    )
+    std: list[float] | None = opt(None, "per-channel normalisation std (null: the backbone's)", **RGB, range=POSITIVE)
     batch_size: int = opt(
         20, "images per step per device (N devices: N * batch_size per optimizer step)", range=POSITIVE
     )

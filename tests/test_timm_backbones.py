@@ -281,3 +281,46 @@ def test_features_stage_with_a_timm_backbone_caches_features(toy_root, tmp_path,
     assert metrics["feature_cache"]["built"] is True
     assert len(list(cache.glob("*.pt"))) == 1
     assert 0.0 <= metrics["test"]["acc"] <= 1.0
+
+
+# --- each model's own preprocessing ---------------------------------------------------------------
+
+CLIP_MEAN, CLIP_STD = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)
+
+
+def test_a_clip_model_brings_clips_mean_std_and_input_size():
+    cfg = load_config(["model.backbone=timm:vit_base_patch32_clip_224.openai"])
+    assert cfg.data.image_size == 224  # data.image_size=null: the weights' own size
+    spec = backbone_spec(cfg.model.backbone)
+    assert spec.mean == pytest.approx(CLIP_MEAN, abs=1e-4) and spec.std == pytest.approx(CLIP_STD, abs=1e-4)
+    assert (spec.interpolation, spec.crop_pct) == ("bicubic", 0.9)
+    vit = backbone_spec("timm:vit_tiny_patch16_224")  # augreg weights: Inception-style 0.5 / 0.5
+    assert vit.mean == vit.std == (0.5, 0.5, 0.5)
+    assert load_config(["model.backbone=timm:test_vit"]).data.image_size == 160
+    assert load_config(["model.backbone=timm:test_vit", "data.image_size=64"]).data.image_size == 64
+    assert load_config(["model.backbone=vgg16"]).data.image_size == 150  # the seed's
+
+
+def test_an_image_size_that_is_not_a_multiple_of_the_patch_is_one_line():
+    message = _error(["model.backbone=timm:test_vit", "data.image_size=150"])
+    assert "data.image_size=150 is not a multiple of timm:test_vit's patch size 16; use e.g. 144 or 160" in message
+
+
+def test_mean_std_reach_the_transforms_the_checkpoint_and_the_loaded_model(toy_root, tmp_path):
+    """data.mean/std (here CLIP's, on a tiny ViT) normalise the training images, are recorded in the
+    checkpoint's identity and hyperparameters, and come back with the model predict.py loads."""
+    from pipeline.build import build_stage
+
+    clip = {"data.mean": f"[{','.join(map(str, CLIP_MEAN))}]", "data.std": f"[{','.join(map(str, CLIP_STD))}]"}
+    args = fast_args(toy_root, tmp_path, stage="frozen", **{"model.backbone": "timm:test_vit", **clip})
+    args += ["trainer.max_epochs=1", "trainer.limit_train_batches=1"]
+    images = build_stage(load_config(args)).images
+    images.setup("fit")
+    for split in ("train", "val"):
+        normalise = [t for t in images.datasets[split].transform.transforms if hasattr(t, "mean")][-1]
+        assert tuple(normalise.mean) == pytest.approx(CLIP_MEAN) and tuple(normalise.std) == pytest.approx(CLIP_STD)
+    metrics = run_train(args)
+    ckpt = torch.load(metrics["best_ckpt"], map_location="cpu", weights_only=True)
+    assert ckpt["identity"]["mean"] == pytest.approx(CLIP_MEAN) and ckpt["identity"]["std"] == pytest.approx(CLIP_STD)
+    model = load_model(metrics["best_ckpt"])
+    assert model.backbone.mean == pytest.approx(CLIP_MEAN) and model.backbone.std == pytest.approx(CLIP_STD)
