@@ -25,17 +25,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_modules.backbone_base import BackboneError, BackboneSpec, WeightsError, randomise_norms
+from lightning_modules.backbone_base import BackboneError, BackboneSpec, randomise_norms
 from lightning_modules.timm_vit import PreLogitsMap, TopUnit, Units, each, swin_units, token_units
+from lightning_modules.timm_weights import load_pretrained, one_line
 
 TIMM_PREFIX = "timm:"
 # Bump when the cut of any family changes what the blocks compute (feature cache key).
 CUT_VERSION = 1
-TIMM_OFFLINE_HINT = (
-    "use model.weights=PATH/TO/model.safetensors or .pth (a timm state dict, e.g. the model's file from "
-    "huggingface.co/timm, loaded safely), or model.backbone=efficientnet_lite0 (its weights ship with pip), "
-    "or model.pretrained=false"
-)
 
 
 def _named(net: nn.Module, *names: str) -> Units:
@@ -128,11 +124,6 @@ def _family(net: nn.Module) -> _Family | None:
     return None
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:200]
-
-
 def _create_kwargs(model_name: str) -> dict:
     from timm.models._registry import model_entrypoint
 
@@ -148,7 +139,7 @@ def _create(model_name: str, name: str, pretrained: bool = False) -> nn.Module:
     except RuntimeError as err:
         if pretrained:
             raise
-        raise BackboneError(f"model.backbone={name}: {_one_line(err)}") from None
+        raise BackboneError(f"model.backbone={name}: {one_line(err)}") from None
 
 
 def _group_ids(net: nn.Module) -> tuple[dict[str, int], int]:
@@ -225,42 +216,6 @@ def _check_blocks(net: nn.Module, blocks: list[nn.Module], name: str, size: int)
         )
 
 
-def _download_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [OSError, RuntimeError, ConnectionError]  # OSError: hub and URL errors
-    try:
-        from huggingface_hub.errors import EntryNotFoundError
-
-        errors.append(EntryNotFoundError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def _load_pretrained(model_name: str, name: str, net: nn.Module) -> None:
-    """timm's ImageNet weights for ``net`` (downloaded by timm through the Hugging Face Hub, or its cache)."""
-    cfg = dict(getattr(net, "pretrained_cfg", None) or {})
-    if not any(cfg.get(k) for k in ("hf_hub_id", "url", "file", "state_dict")):
-        raise WeightsError(
-            f"timm has no pretrained weights for {name}; pick a tag that has them "
-            f"(timm.list_pretrained('{model_name.split('.')[0]}*')) or use model.pretrained=false"
-        )
-    try:
-        source = _create(model_name, name, pretrained=True)
-    except _download_errors() as err:
-        reason = _one_line(err)
-        try:
-            from huggingface_hub import constants
-            from huggingface_hub.errors import LocalEntryNotFoundError
-
-            if isinstance(err, LocalEntryNotFoundError):
-                how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hugging Face Hub is unreachable"
-                reason = f"{how} and the weights are not in its local cache"
-        except ImportError:
-            pass
-        raise WeightsError(f"could not download ImageNet weights for {name} ({reason}); {TIMM_OFFLINE_HINT}") from None
-    net.load_state_dict(source.state_dict())
-
-
 @functools.cache
 def timm_spec(name: str) -> BackboneSpec:
     """The spec of ``timm:<model name>`` (a tag such as ``resnet50.a1_in1k`` picks the pretrained
@@ -284,7 +239,7 @@ def timm_spec(name: str) -> BackboneSpec:
         len(blocks),
         tuple(data["mean"]),
         tuple(data["std"]),
-        load_pretrained=functools.partial(_load_pretrained, model_name, name),
+        load_pretrained=functools.partial(load_pretrained, functools.partial(_create, model_name, name, True), name),
         version=CUT_VERSION,
         default_image_size=int(data["input_size"][-1]),
         interpolation=str(data["interpolation"]),

@@ -166,7 +166,14 @@ def test_without_timm_the_error_says_how_to_install(monkeypatch):
     timm_spec.cache_clear()
 
 
-def test_offline_pretrained_download_is_one_clear_line(monkeypatch):
+@pytest.mark.parametrize(
+    "name, url",
+    [
+        ("resnet18", "https://huggingface.co/timm/resnet18.a1_in1k/resolve/main/model.safetensors"),
+        ("test_vit", "https://huggingface.co/timm/test_vit.r160_in1k/resolve/main/model.safetensors"),
+    ],
+)
+def test_offline_pretrained_download_is_one_line_naming_the_file_to_fetch(monkeypatch, name, url):
     import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -174,10 +181,10 @@ def test_offline_pretrained_download_is_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # not from a cache another run filled
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", "/nonexistent-hf-home/hub")
     with pytest.raises(WeightsError) as exc:
-        build_backbone("timm:resnet18", pretrained=True)
+        build_backbone(f"timm:{name}", pretrained=True)
     message = str(exc.value)
-    assert "\n" not in message and "timm:resnet18" in message
-    for hint in ("model.weights=", "model.pretrained=false"):
+    assert "\n" not in message and f"timm:{name}" in message and "HF_HUB_OFFLINE is set" in message
+    for hint in (f"fetch {url} elsewhere", "model.weights=PATH/TO/model.safetensors", "model.pretrained=false"):
         assert hint in message
 
 
@@ -195,6 +202,26 @@ def test_local_timm_weights_file_is_loaded(tmp_path, suffix):
     backbone = build_backbone("timm:resnet18", weights=path)
     assert torch.equal(backbone.blocks[0][0].weight, net.conv1.weight)
     assert torch.equal(backbone.blocks[4][1].bn2.running_var, net.layer4[1].bn2.running_var)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@torch.no_grad()
+def test_a_vits_saved_state_dict_loads_back_with_equal_outputs(tmp_path, suffix):
+    """A timm ViT's full state dict (its classifier too), saved by the test as the Hub's
+    model.safetensors or as a .pth, loads through model.weights=PATH: the same pre-logits features."""
+    torch.manual_seed(4)
+    source = timm.create_model("test_vit", pretrained=False).eval()  # 1000 classes, 160 px position grid
+    randomise_norms(source, seed=5)
+    path = tmp_path / f"model{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(source.state_dict(), path)
+    else:
+        torch.save(source.state_dict(), path)
+    backbone = build_backbone("timm:test_vit", weights=path).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(backbone(images).flatten(1), pre_logits(source, images), rtol=1e-5, atol=1e-5)
 
 
 def test_timm_weights_missing_backbone_tensors_are_refused(tmp_path):
