@@ -102,10 +102,11 @@ class TransferClassifier(LightningModule):
         # run settings, not part of the trained model (not saved as hyperparameters):
         inputs: str = "images",
         channels_last: bool = False,
+        grad_checkpointing: bool = False,
         plan: Plan | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["inputs", "channels_last", "plan"])
+        self.save_hyperparameters(ignore=["inputs", "channels_last", "grad_checkpointing", "plan"])
         self.class_names = list(class_names)
         # what the run's numbers mean (data, classes, preprocessing: pipeline/identity.py), set by the
         # runner and saved in every checkpoint so that resuming or reusing it can be checked
@@ -121,6 +122,7 @@ class TransferClassifier(LightningModule):
         # saved with the hyperparameters: predict.py, the export and stage=test normalise as training did
         self.backbone.mean = tuple(mean) if mean is not None else self.backbone.mean
         self.backbone.std = tuple(std) if std is not None else self.backbone.std
+        self.backbone.grad_checkpointing = grad_checkpointing
         self.binary = len(self.class_names) == 2
         outputs = 1 if self.binary else len(self.class_names)
         shape = self.backbone.output_shape(image_size)

@@ -121,6 +121,7 @@ def build_model(
         label_smoothing=cfg.optim.label_smoothing,
         inputs="features" if cfg.stage == "features" else "images",
         channels_last=cfg.speed.channels_last,
+        grad_checkpointing=cfg.model.grad_checkpointing,
         plan=plan,
         class_weights=class_weights,
         l2sp=cfg.finetune.l2sp if cfg.stage == "finetune" else 0.0,

@@ -106,6 +106,9 @@ class ModelConfig:
     head_hidden: int = opt(256, "hidden width of the head (0: a linear head)", range=NON_NEGATIVE)
     dropout: float = opt(0.5, "dropout before the head's output layer", range=FRACTION)
     tta_flip: bool = opt(False, "evaluate each image and its mirror, average the logits")
+    grad_checkpointing: bool = opt(
+        False, "recompute each trained block's activations in the backward pass (less memory, one more forward)"
+    )
 
 
 @dataclass

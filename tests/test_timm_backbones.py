@@ -10,6 +10,8 @@ import torch
 timm = pytest.importorskip("timm", reason="pip install -e '.[timm]'")
 
 
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
 from lightning_modules.backbones import BackboneError, WeightsError, backbone_spec, build_backbone  # noqa: E402
 from lightning_modules.errors import ConfigError  # noqa: E402
 from lightning_modules.freeze_schedule import set_trainable  # noqa: E402
@@ -351,3 +353,32 @@ def test_mean_std_reach_the_transforms_the_checkpoint_and_the_loaded_model(toy_r
     assert ckpt["identity"]["mean"] == pytest.approx(CLIP_MEAN) and ckpt["identity"]["std"] == pytest.approx(CLIP_STD)
     model = load_model(metrics["best_ckpt"])
     assert model.backbone.mean == pytest.approx(CLIP_MEAN) and model.backbone.std == pytest.approx(CLIP_STD)
+
+
+# --- memory: gradient checkpointing -------------------------------------------------------------
+
+
+def test_grad_checkpointing_gives_the_same_gradients(monkeypatch):
+    """model.grad_checkpointing: every block the gradient passes through is recomputed in the
+    backward pass (torch.utils.checkpoint), with exactly the gradients of a plain backward."""
+    import lightning_modules.backbone_base as backbone_base
+
+    backbone = build_backbone("timm:test_vit").train()
+    set_trainable(backbone.blocks, 3, train_bn=True)  # the stem and the lower blocks stay frozen
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    calls = []
+    monkeypatch.setattr(backbone_base, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+
+    def gradients(enabled: bool) -> dict[str, torch.Tensor]:
+        backbone.zero_grad(set_to_none=True)
+        backbone.grad_checkpointing = enabled
+        backbone(images).square().sum().backward()
+        return {n: p.grad.clone() for n, p in backbone.named_parameters() if p.requires_grad}
+
+    plain = gradients(False)
+    assert not calls
+    recomputed = gradients(True)
+    assert len(calls) == 3  # the three trained blocks; frozen ones below keep nothing to recompute
+    assert plain.keys() == recomputed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-6)
