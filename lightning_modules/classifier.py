@@ -27,7 +27,7 @@ from lightning_modules.errors import ConfigError
 from lightning_modules.freeze_schedule import set_frozen_eval, set_trainable
 from lightning_modules.heads import ClassifierHead, HeadOptions
 from lightning_modules.run_safety import NonFiniteLossError
-from lightning_modules.schedule import Plan, param_groups
+from lightning_modules.schedule import Plan, param_groups, top_blocks
 
 SPLITS = ("train", "val", "test")
 
@@ -129,8 +129,8 @@ class TransferClassifier(LightningModule):
         self.head = ClassifierHead(head["pool"], shape, outputs, head["hidden"], head["dropout"])
         if channels_last:
             self.to(memory_format=torch.channels_last)
-        self.trainable_top = 0
-        set_trainable(self.backbone.blocks, 0, train_bn)
+        self.trained_blocks: tuple[int, ...] = ()
+        set_trainable(self.backbone.blocks, (), train_bn)
         # ModuleDict keys may not shadow nn.Module attributes such as ``train``, hence the suffix.
         self.metrics = nn.ModuleDict({f"{s}_m": _metrics(len(self.class_names), s != "train") for s in SPLITS})
         self.losses = nn.ModuleDict({f"{s}_m": MeanMetric() for s in SPLITS})
@@ -149,15 +149,19 @@ class TransferClassifier(LightningModule):
         self.plan = plan
 
     # --- freezing -----------------------------------------------------------------------------
-    def set_trainable_top(self, top: int) -> None:
-        set_trainable(self.backbone.blocks, top, self.hparams.train_bn)
-        self.trainable_top = top
+    def set_trainable_blocks(self, trained: tuple[int, ...]) -> None:
+        """Only the blocks of index ``trained`` (and the head) train; the others are frozen, in eval mode."""
+        set_trainable(self.backbone.blocks, trained, self.hparams.train_bn)
+        self.trained_blocks = tuple(trained)
         self.train(self.training)
+
+    def set_trainable_top(self, top: int) -> None:
+        self.set_trainable_blocks(top_blocks(len(self.backbone.blocks), top))
 
     def train(self, mode: bool = True) -> TransferClassifier:
         super().train(mode)
         if mode:
-            set_frozen_eval(self.backbone.blocks, self.trainable_top, self.hparams.train_bn)
+            set_frozen_eval(self.backbone.blocks, self.trained_blocks, self.hparams.train_bn)
         return self
 
     # --- forward ------------------------------------------------------------------------------

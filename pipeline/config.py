@@ -27,7 +27,7 @@ from lightning_modules.backbone_base import BackboneError, BackboneSpec
 from lightning_modules.backbones import backbone_spec
 from lightning_modules.choices import MONITORS
 from lightning_modules.errors import ConfigError
-from lightning_modules.schedule import Plan, PlanError, build_plan, milestones_from
+from lightning_modules.schedule import Plan, PlanError, build_plan, milestones_from, parse_blocks
 from pipeline.mlflow_logging import check_available as check_mlflow
 from pipeline.schema import STAGES, TRAINING_STAGES, RunConfig, check_value, check_values, schema_rows
 from pipeline.shift_report import validate_shift_config
@@ -118,7 +118,12 @@ def load_config(argv: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
         cfg = OmegaConf.merge(cfg, *per_backbone, cli)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
-    shorthand = [k for k in ("warmup_epochs", "unfreeze_blocks") if OmegaConf.select(cli, f"finetune.{k}") is not None]
+    keys = ("warmup_epochs", "unfreeze_blocks", "blocks")
+    shorthand = [k for k in keys if OmegaConf.select(cli, f"finetune.{k}") is not None]
+    if {"unfreeze_blocks", "blocks"} <= set(shorthand):
+        raise ConfigError(
+            "give either finetune.blocks or finetune.unfreeze_blocks=K (the same as finetune.blocks=top:K)"
+        )
     if shorthand and OmegaConf.select(cli, "finetune.milestones") is not None:
         raise ConfigError(
             f"give either finetune.milestones or finetune.{'/'.join(shorthand)}, not both (milestones replace them)"
@@ -243,16 +248,22 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     """The plan of a training stage (see ``lightning_modules/schedule.py``); ConfigError if it cannot run.
     The keys' own shapes and ranges (``finetune.milestones``, ``finetune.layer_decay``) are the schema's."""
     ft = cfg.finetune
-    milestones = (
-        milestones_from(ft.warmup_epochs, ft.unfreeze_blocks, ft.milestones) if cfg.stage == "finetune" else None
-    )
+    n_blocks = backbone_spec(cfg.model.backbone).num_blocks
     try:
+        blocks = None
+        if cfg.stage == "finetune" and ft.blocks is not None:  # surgical: any blocks, not only the top ones
+            blocks = parse_blocks(
+                OmegaConf.to_object(ft.blocks) if OmegaConf.is_config(ft.blocks) else ft.blocks, n_blocks
+            )
+        count = len(blocks) if blocks is not None else ft.unfreeze_blocks
+        milestones = milestones_from(ft.warmup_epochs, count, ft.milestones) if cfg.stage == "finetune" else None
         return build_plan(
             cfg.stage,
             int(cfg.trainer.max_epochs),
-            backbone_spec(cfg.model.backbone).num_blocks,
+            n_blocks,
             cfg.optim.lr,
             milestones=milestones,
+            blocks=blocks,
             backbone_lr_ratio=ft.backbone_lr_ratio,
             layer_decay=ft.layer_decay,
             scheduler=cfg.optim.scheduler,

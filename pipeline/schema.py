@@ -140,10 +140,18 @@ class OptimConfig:
 @dataclass
 class FinetuneConfig:
     warmup_epochs: int = opt(0, "epochs with the backbone frozen before the unfreeze", range=NON_NEGATIVE)
-    unfreeze_blocks: int = opt(1, "top backbone blocks unfrozen after the warm-up", range=NON_NEGATIVE)
+    unfreeze_blocks: int = opt(
+        1, "top backbone blocks unfrozen after the warm-up (finetune.blocks=top:K)", range=NON_NEGATIVE
+    )
+    # checked by lightning_modules/schedule.py's parse_blocks
+    blocks: Any = opt(
+        None,
+        "the blocks that train after the warm-up, replacing unfreeze_blocks (surgical fine-tuning; 0 = the stem)",
+        other="top:K, bottom:K or a list of block indices, e.g. [0,3]",
+    )
     milestones: list[list[int]] | None = opt(
         None,
-        "gradual unfreezing: [[epoch, top_blocks], ...] (replaces the two above)",
+        "gradual unfreezing: [[epoch, top_blocks], ...] (replaces warmup_epochs and unfreeze_blocks)",
         range=NON_NEGATIVE,
         pairs=True,
         shape="a non-empty list of [epoch, top_blocks] pairs of whole numbers >= 0",

@@ -129,7 +129,7 @@ def test_convnext_top_block_ends_with_the_final_norm_and_trains_with_it():
     assert backbone.output_shape(64) == (320, 1, 1)  # pooled before the norm, as timm does
     top = backbone.blocks[-1]
     norm = top[-1].head.norm
-    set_trainable(backbone.blocks, 1, train_bn=False)
+    set_trainable(backbone.blocks, (4,), train_bn=False)
     assert norm.weight.requires_grad and all(p.requires_grad for p in top.parameters())
     assert not any(p.requires_grad for p in backbone.blocks[-2].parameters())
 
@@ -364,7 +364,7 @@ def test_grad_checkpointing_gives_the_same_gradients(monkeypatch):
     import lightning_modules.backbone_base as backbone_base
 
     backbone = build_backbone("timm:test_vit").train()
-    set_trainable(backbone.blocks, 3, train_bn=True)  # the stem and the lower blocks stay frozen
+    set_trainable(backbone.blocks, (4, 5, 6), train_bn=True)  # the stem and the lower blocks stay frozen
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     calls = []
     monkeypatch.setattr(backbone_base, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
