@@ -97,11 +97,11 @@ class ModelConfig:
         "vgg16",
         "backbone (lightning_modules/backbones.py)",
         choices=BACKBONE_NAMES,
-        other="timm:<name>, a timm CNN, e.g. timm:resnet50.a1_in1k (families: lightning_modules/timm_backbones.py; "
-        "pip install -e '.[timm]')",
+        other="timm:<name>, a timm network, e.g. timm:resnet50.a1_in1k, timm:vit_base_patch16_clip_224.openai "
+        "(families: docs/backbones.md; pip install -e '.[timm]')",
     )
     pretrained: bool = opt(True, "ImageNet weights (false: random initialisation)")
-    weights: str | None = opt(None, "a local state dict of the backbone's network (offline)")
+    weights: str | None = opt(None, "a local state dict of the backbone's network, .pth or .safetensors (offline)")
     pool: str = opt("avg", "pooling before the head (avg: global average; flatten: the seed's)", choices=POOLS)
     head_hidden: int = opt(256, "hidden width of the head (0: a linear head)", range=NON_NEGATIVE)
     dropout: float = opt(0.5, "dropout before the head's output layer", range=FRACTION)
