@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lightning_modules.backbone_base import BackboneError, BackboneSpec, randomise_norms
-from lightning_modules.timm_vit import PreLogitsMap, TopUnit, Units, each, swin_units, token_units
+from lightning_modules.timm_vit import PreLogitsMap, TopUnit, Units, each, eva_units, swin_units, token_units
 from lightning_modules.timm_weights import load_pretrained, one_line
 
 TIMM_PREFIX = "timm:"
@@ -103,6 +103,7 @@ FAMILIES = (
         ("deit",),
     ),
     _Family("beit", "Beit", "beit_*/beitv2_*", token_units, check_size=None),
+    _Family("eva", "Eva", "eva02_* (rotary position embedding), eva_*", eva_units, _DYNAMIC, None),
     _Family("swin_transformer", "SwinTransformer", "swin_*", swin_units, _DYNAMIC, None),
 )
 SUPPORTED = "; ".join(f"{f.cls} ({f.names})" for f in FAMILIES)

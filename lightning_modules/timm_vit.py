@@ -13,6 +13,7 @@ Swin's stages are a chain of modules over NHWC maps; its top unit is ``norm`` an
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -83,6 +84,38 @@ class TokenTop(TopUnit):
 def token_units(net: nn.Module) -> Units:
     """VisionTransformer (ViT, DeiT, CLIP, SigLIP, DINOv2, ...) and BEiT: stem, each block, top."""
     return [("stem", TokenStem(net)), *each("blocks", net.blocks), ("top", TokenTop(net))]
+
+
+class RopeBlock(nn.Module):
+    """An EVA block, given the rotary position embedding that timm's ``forward_features`` computes
+    once and hands every block: here recomputed by timm's rope module from the token grid (square
+    inputs, as the project's are), so a block stays a function of its input alone."""
+
+    def __init__(self, block: nn.Module, net: nn.Module, index: int):
+        super().__init__()
+        self.block = block
+        self.rope = net.rope  # no parameters; shared by the blocks
+        self.prefix = net.num_prefix_tokens
+        self.dynamic = net.dynamic_img_size
+        self.grid = tuple(net.patch_embed.grid_size)
+        self.index = index if getattr(net, "rope_mixed", False) else None  # depth-dependent embeddings
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = math.isqrt(x.shape[1] - self.prefix)
+        # as Eva._pos_embed: RoPE modules without a feat_shape need the grid explicitly
+        fixed = not self.dynamic and hasattr(self.rope, "feat_shape")
+        rope = (
+            self.rope.get_embed() if fixed else self.rope.get_embed(shape=(side, side) if self.dynamic else self.grid)
+        )
+        return self.block(x, rope=rope if self.index is None else rope[self.index])
+
+
+def eva_units(net: nn.Module) -> Units:
+    """EVA (EVA-02 and its CLIP towers): as a ViT, each block with its rotary position embedding."""
+    if net.rope is None:
+        return token_units(net)
+    blocks = [(f"blocks.{i}", RopeBlock(block, net, i)) for i, block in enumerate(net.blocks)]
+    return [("stem", TokenStem(net)), *blocks, ("top", TokenTop(net))]
 
 
 def swin_units(net: nn.Module) -> Units:

@@ -79,6 +79,8 @@ SMALL_FAMILIES = {
     "vit_base_patch16_siglip_gap_224": (TINY, 3),  # average pool, no class token
     "deit3_small_patch16_224": (TINY, 3),  # position embedding without the class token's
     "beit_base_patch16_224": (TINY, 3),  # relative position bias per block, average pool + fc_norm
+    "eva02_tiny_patch14_224": ({"img_size": 28, "depth": 2}, 3),  # rotary position embedding in every block
+    "eva02_base_patch16_clip_224": (TINY, 3),  # EVA-CLIP's image tower
     "swin_tiny_patch4_window7_224": (
         {"img_size": 56, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1), "embed_dim": 24},
         5,
@@ -145,7 +147,7 @@ def _error(args: list[str]) -> str:
 def test_other_families_are_refused_with_the_supported_ones():
     message = _error(["model.backbone=timm:levit_128s"])
     assert "LevitDistilled is not supported" in message
-    for family in ("ResNet", "ConvNeXt", "EfficientNet", "MobileNetV3", "RegNet", "VisionTransformer", "Swin"):
+    for family in ("ResNet", "ConvNeXt", "EfficientNet", "MobileNetV3", "RegNet", "VisionTransformer", "Eva", "Swin"):
         assert family in message
 
 
