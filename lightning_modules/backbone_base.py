@@ -59,6 +59,7 @@ class Backbone(nn.Module):
         version: int = 1,
         default_image_size: int | None = None,
         interpolation: str = "bilinear",
+        crop_pct: float = 1.0,
     ) -> None:
         super().__init__()
         self.name = name
@@ -68,6 +69,7 @@ class Backbone(nn.Module):
         self.std = tuple(std)
         self.default_image_size = default_image_size
         self.interpolation = interpolation
+        self.crop_pct = crop_pct  # evaluation's centre crop: resize to size / crop_pct, keep the centre
         # model.grad_checkpointing: recompute each block's activations in the backward pass instead
         # of keeping them (timm's set_grad_checkpointing runs over its own blocks, which the cut replaces)
         self.grad_checkpointing = False

@@ -276,7 +276,16 @@ def build_backbone(name: str, pretrained: bool = False, weights: str | Path | No
             spec.load_pretrained(net)
         else:
             _load_torchvision_weights(spec, net)
-    return Backbone(name, blocks, spec.mean, spec.std, spec.version, spec.default_image_size, spec.interpolation)
+    return Backbone(
+        name,
+        blocks,
+        spec.mean,
+        spec.std,
+        spec.version,
+        spec.default_image_size,
+        spec.interpolation,
+        spec.crop_pct or 1.0,
+    )
 
 
 def weights_fingerprint(module: nn.Module) -> str:

@@ -99,6 +99,7 @@ class TransferClassifier(LightningModule):
         l2sp: float = 0.0,
         mean: list[float] | None = None,  # the input normalisation, if not the backbone's own
         std: list[float] | None = None,
+        crop_pct: float | None = None,
         # run settings, not part of the trained model (not saved as hyperparameters):
         inputs: str = "images",
         channels_last: bool = False,
@@ -122,6 +123,7 @@ class TransferClassifier(LightningModule):
         # saved with the hyperparameters: predict.py, the export and stage=test normalise as training did
         self.backbone.mean = tuple(mean) if mean is not None else self.backbone.mean
         self.backbone.std = tuple(std) if std is not None else self.backbone.std
+        self.backbone.crop_pct = crop_pct if crop_pct is not None else self.backbone.crop_pct
         self.backbone.grad_checkpointing = grad_checkpointing
         self.binary = len(self.class_names) == 2
         outputs = 1 if self.binary else len(self.class_names)

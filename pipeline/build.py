@@ -84,6 +84,7 @@ def build_stage(cfg: DictConfig, run_name: str | None = None) -> Build:
         decoded_cache_dir=cache_dir if cfg.data.decoded_cache else None,
         balanced_sampler=cfg.data.balanced_sampler,
         interpolation=model.backbone.interpolation,
+        crop_pct=model.backbone.crop_pct,
     )
     if cfg.stage != "features":
         return Build(run, resume, resume_ckpt, model, images, extra)
@@ -127,6 +128,7 @@ def build_model(
         l2sp=cfg.finetune.l2sp if cfg.stage == "finetune" else 0.0,
         mean=_listed(cfg.data.mean),
         std=_listed(cfg.data.std),
+        crop_pct=cfg.data.crop_pct,
     )
     if cfg.model.weights or cfg.model.pretrained:
         pretrained = build_backbone(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights)
@@ -243,7 +245,9 @@ def _identity(cfg: DictConfig, index: SplitIndex, class_weights: list[float] | N
         cfg.data.augment,
         class_weights,
     )
-    return identity | {"layout": index.source}
+    # evaluation's centre crop, recorded only where there is one (identities of earlier runs have none)
+    crop = cfg.data.crop_pct if cfg.data.crop_pct is not None else spec.crop_pct or 1.0
+    return identity | {"layout": index.source} | ({"crop_pct": round(float(crop), 6)} if crop < 1 else {})
 
 
 def _listed(value: Any) -> list[float] | None:
@@ -286,6 +290,7 @@ def evaluation_images(cfg: DictConfig, model: TransferClassifier, index: SplitIn
         std=model.backbone.std,
         pin_memory=torch.cuda.is_available(),
         interpolation=model.backbone.interpolation,
+        crop_pct=model.backbone.crop_pct,
     )
 
 

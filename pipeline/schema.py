@@ -51,6 +51,12 @@ class DataConfig:
         None, "per-channel normalisation mean (null: the backbone's, e.g. CLIP's for a CLIP ViT)", **RGB
     )
     std: list[float] | None = opt(None, "per-channel normalisation std (null: the backbone's)", **RGB, range=POSITIVE)
+    crop_pct: float | None = opt(
+        None,
+        "evaluation resizes to image_size / crop_pct and keeps the centre (null: the backbone's, timm's weights' "
+        "config; 1: no crop, the seed's)",
+        range="(0, 1]",
+    )
     batch_size: int = opt(
         20, "images per step per device (N devices: N * batch_size per optimizer step)", range=POSITIVE
     )

@@ -44,6 +44,7 @@ def test_code_version_changes_the_key(toy_root, monkeypatch, module, constant):
         {"mean": (0.4815, 0.4578, 0.4082)},  # CLIP's, e.g. data.mean=...
         {"std": (0.2686, 0.2613, 0.2758)},
         {"interpolation": "bicubic"},
+        {"crop_pct": 0.9},  # timm's centre crop at evaluation
     ],
 )
 def test_pooling_and_preprocessing_change_the_key(toy_root, change):

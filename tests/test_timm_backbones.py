@@ -339,7 +339,8 @@ def test_an_image_size_that_is_not_a_multiple_of_the_patch_is_one_line():
 
 def test_mean_std_reach_the_transforms_the_checkpoint_and_the_loaded_model(toy_root, tmp_path):
     """data.mean/std (here CLIP's, on a tiny ViT) normalise the training images, are recorded in the
-    checkpoint's identity and hyperparameters, and come back with the model predict.py loads."""
+    checkpoint's identity and hyperparameters, and come back with the model predict.py loads; so
+    does the weights' centre crop at evaluation (test_vit's crop_pct 0.95: 33 px, centre 32)."""
     from pipeline.build import build_stage
 
     clip = {"data.mean": f"[{','.join(map(str, CLIP_MEAN))}]", "data.std": f"[{','.join(map(str, CLIP_STD))}]"}
@@ -350,11 +351,18 @@ def test_mean_std_reach_the_transforms_the_checkpoint_and_the_loaded_model(toy_r
     for split in ("train", "val"):
         normalise = [t for t in images.datasets[split].transform.transforms if hasattr(t, "mean")][-1]
         assert tuple(normalise.mean) == pytest.approx(CLIP_MEAN) and tuple(normalise.std) == pytest.approx(CLIP_STD)
+    evaluation = [type(t).__name__ for t in images.datasets["val"].transform.transforms]
+    assert evaluation[1:3] == ["Resize", "CenterCrop"] and images.datasets["val"].transform.transforms[1].size == [
+        33,
+        33,
+    ]
+    assert "CenterCrop" not in [type(t).__name__ for t in images.datasets["train"].transform.transforms]
     metrics = run_train(args)
     ckpt = torch.load(metrics["best_ckpt"], map_location="cpu", weights_only=True)
     assert ckpt["identity"]["mean"] == pytest.approx(CLIP_MEAN) and ckpt["identity"]["std"] == pytest.approx(CLIP_STD)
     model = load_model(metrics["best_ckpt"])
     assert model.backbone.mean == pytest.approx(CLIP_MEAN) and model.backbone.std == pytest.approx(CLIP_STD)
+    assert ckpt["identity"]["crop_pct"] == model.backbone.crop_pct == 0.95
 
 
 # --- memory: gradient checkpointing -------------------------------------------------------------
