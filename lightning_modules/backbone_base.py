@@ -45,6 +45,7 @@ class BackboneSpec:
     interpolation: str = "bilinear"
     crop_pct: float | None = None
     size_multiple: int = 1  # input sizes must be multiples of this (a ViT's patch size)
+    fixed_size: bool = False  # the network takes default_image_size only (e.g. BEiT's position bias)
 
 
 class Backbone(nn.Module):

@@ -246,6 +246,7 @@ def timm_spec(name: str) -> BackboneSpec:
         interpolation=str(data["interpolation"]),
         crop_pct=float(data["crop_pct"]),
         size_multiple=_patch_size(net),
+        fixed_size=bool(getattr(getattr(net, "patch_embed", None), "strict_img_size", False)),
     )
 
 

@@ -206,6 +206,11 @@ def _resolve_image_size(cfg: DictConfig, spec: BackboneSpec) -> None:
     if cfg.data.image_size is None:
         cfg.data.image_size = spec.default_image_size or SEED_IMAGE_SIZE
     size, step = cfg.data.image_size, spec.size_multiple
+    if spec.fixed_size and size != spec.default_image_size:
+        raise ConfigError(
+            f"{cfg.model.backbone} takes {spec.default_image_size} px images only; "
+            f"use data.image_size={spec.default_image_size} (or null)"
+        )
     if size % step:
         raise ConfigError(
             f"data.image_size={size} is not a multiple of {cfg.model.backbone}'s patch size {step}; "

@@ -6,11 +6,9 @@ import sys
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 timm = pytest.importorskip("timm", reason="pip install -e '.[timm]'")
-
-
-from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from lightning_modules.backbones import BackboneError, WeightsError, backbone_spec, build_backbone  # noqa: E402
 from lightning_modules.errors import ConfigError  # noqa: E402
@@ -332,9 +330,11 @@ def test_a_clip_model_brings_clips_mean_std_and_input_size():
     assert load_config(["model.backbone=vgg16"]).data.image_size == 150  # the seed's
 
 
-def test_an_image_size_that_is_not_a_multiple_of_the_patch_is_one_line():
+def test_an_image_size_the_network_cannot_take_is_one_line():
     message = _error(["model.backbone=timm:test_vit", "data.image_size=150"])
     assert "data.image_size=150 is not a multiple of timm:test_vit's patch size 16; use e.g. 144 or 160" in message
+    message = _error(["model.backbone=timm:beit_base_patch16_224", "data.image_size=160"])
+    assert "timm:beit_base_patch16_224 takes 224 px images only; use data.image_size=224 (or null)" in message
 
 
 def test_mean_std_reach_the_transforms_the_checkpoint_and_the_loaded_model(toy_root, tmp_path):
