@@ -158,9 +158,11 @@ class ImageFolderDataModule(LightningDataModule):
         decoded_cache_dir: str | Path | None = None,
         balanced_sampler: bool = False,
         interpolation: str = "bilinear",
+        crop_pct: float = 1.0,
     ):
         super().__init__()
         self.interpolation = interpolation  # the backbone's resize filter
+        self.crop_pct = crop_pct  # evaluation's centre crop (1: none)
         self.decoded_cache_dir = decoded_cache_dir
         self.balanced_sampler = balanced_sampler
         # Only global rank zero prepares data (downloads): the data root is expected on a shared disk.
@@ -181,7 +183,7 @@ class ImageFolderDataModule(LightningDataModule):
         return self.index.classes
 
     def eval_transform(self):
-        return eval_transform(self.image_size, self.mean, self.std, self.interpolation)
+        return eval_transform(self.image_size, self.mean, self.std, self.interpolation, self.crop_pct)
 
     def prepare_data(self) -> None:
         """With a decoded-image cache: decode the training split once (global rank zero)."""

@@ -1,11 +1,14 @@
 """Image transforms (torchvision transforms v2): augmentation presets and deterministic eval.
 
 Every pipeline squashes the image to ``image_size x image_size`` as the seed's Keras
-``flow_from_directory(target_size=(150, 150))`` did, then normalises with the backbone's mean/std.
+``flow_from_directory(target_size=(150, 150))`` did, then normalises with the backbone's mean/std;
+evaluation with a ``crop_pct`` below 1 (timm's weights' centre crop) squashes to
+``image_size / crop_pct`` and keeps the centre ``image_size`` square.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -116,11 +119,20 @@ PREPROCESSING_VERSION = 1
 
 
 def eval_transform(
-    size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bilinear"
+    size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bilinear", crop_pct: float = 1.0
 ) -> v2.Compose:
-    """Deterministic: squash-resize (with the backbone's filter), scale to [0, 1], normalise."""
-    resize = v2.Resize((size, size), interpolation=_resample(interpolation), antialias=True)
-    return v2.Compose([v2.ToImage(), resize, *_to_normalised(mean, std)])
+    """Deterministic: squash-resize (with the backbone's filter), to ``size / crop_pct`` and then a
+    centre crop of ``size`` when ``crop_pct < 1`` (as timm's eval transform sizes it), scale to
+    [0, 1], normalise."""
+    scaled = math.floor(size / crop_pct) if crop_pct < 1 else size
+    resize = [v2.Resize((scaled, scaled), interpolation=_resample(interpolation), antialias=True)]
+    crop = [v2.CenterCrop(size)] if scaled != size else []
+    return v2.Compose([v2.ToImage(), *resize, *crop, *_to_normalised(mean, std)])
+
+
+def backbone_eval_transform(backbone: Any, size: int) -> v2.Compose:
+    """:func:`eval_transform` with a backbone's preprocessing (mean, std, filter, crop)."""
+    return eval_transform(size, backbone.mean, backbone.std, backbone.interpolation, backbone.crop_pct)
 
 
 def train_transform(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lightning_modules.errors import UserError
 
@@ -43,6 +44,8 @@ class BackboneSpec:
     default_image_size: int | None = None
     interpolation: str = "bilinear"
     crop_pct: float | None = None
+    size_multiple: int = 1  # input sizes must be multiples of this (a ViT's patch size)
+    fixed_size: bool = False  # the network takes default_image_size only (e.g. BEiT's position bias)
     # The smallest square input (px) the blocks accept: below it a pooling or an unpadded (or
     # statically padded) convolution has nothing left to work on and torch stops mid-run.
     min_image_size: int = 1
@@ -78,7 +81,8 @@ class Backbone(nn.Module):
         version: int = 1,
         default_image_size: int | None = None,
         interpolation: str = "bilinear",
-    ):
+        crop_pct: float = 1.0,
+    ) -> None:
         super().__init__()
         self.name = name
         self.version = version
@@ -87,10 +91,17 @@ class Backbone(nn.Module):
         self.std = tuple(std)
         self.default_image_size = default_image_size
         self.interpolation = interpolation
+        self.crop_pct = crop_pct  # evaluation's centre crop: resize to size / crop_pct, keep the centre
+        # model.grad_checkpointing: recompute each block's activations in the backward pass instead
+        # of keeping them (timm's set_grad_checkpointing runs over its own blocks, which the cut replaces)
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled() and _needs_grad(block, x):
+                x = checkpoint(block, x, use_reentrant=False)  # dropout's RNG state is replayed
+            else:
+                x = block(x)
         return x
 
     @torch.no_grad()
@@ -101,6 +112,11 @@ class Backbone(nn.Module):
         shape = self(torch.zeros(1, 3, image_size, image_size)).shape[1:]
         self.train(was_training)
         return tuple(shape)
+
+
+def _needs_grad(block: nn.Module, x: torch.Tensor) -> bool:
+    """A frozen block on an input without gradient keeps no activations: nothing to save by recomputing."""
+    return x.requires_grad or any(p.requires_grad for p in block.parameters())
 
 
 def randomise_norms(net: nn.Module, seed: int) -> None:

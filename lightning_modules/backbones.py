@@ -2,7 +2,7 @@
 
 Each entry knows how to build its network, how to cut it into blocks (bottom to top: the
 fine-tuning schedule unfreezes the top ``K``) and its preprocessing (mean/std), like timm's
-registry; ``model.backbone=timm:<name>`` adds timm CNNs (``lightning_modules.timm_backbones``; look
+registry; ``model.backbone=timm:<name>`` adds timm networks (``lightning_modules.timm_backbones``; look
 any name up with :func:`backbone_spec`). ``Backbone.forward`` returns the last feature map
 ``(B, C, H, W)`` (``1 x 1`` for ConvNeXt, whose source network normalises after pooling).
 ``tests/test_backbones.py`` checks for every entry that the blocks, then global average pooling,
@@ -207,7 +207,7 @@ def backbone_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
         raise BackboneError(
             f"model.backbone={name!r} is not valid; choose one of: {', '.join(sorted(BACKBONES))}, "
-            f"or timm:<name> for a timm CNN ({SUPPORTED})"
+            f"or timm:<name> for a timm network ({SUPPORTED})"
         )
     return BACKBONES[name]
 
@@ -285,7 +285,16 @@ def build_backbone(name: str, pretrained: bool = False, weights: str | Path | No
             spec.load_pretrained(net)
         else:
             _load_torchvision_weights(spec, net)
-    return Backbone(name, blocks, spec.mean, spec.std, spec.version, spec.default_image_size, spec.interpolation)
+    return Backbone(
+        name,
+        blocks,
+        spec.mean,
+        spec.std,
+        spec.version,
+        spec.default_image_size,
+        spec.interpolation,
+        spec.crop_pct or 1.0,
+    )
 
 
 def weights_fingerprint(module: nn.Module) -> str:

@@ -27,7 +27,7 @@ from lightning_modules.errors import ConfigError
 from lightning_modules.freeze_schedule import set_frozen_eval, set_trainable
 from lightning_modules.heads import ClassifierHead, HeadOptions
 from lightning_modules.run_safety import NonFiniteLossError
-from lightning_modules.schedule import Plan, param_groups
+from lightning_modules.schedule import Plan, param_groups, top_blocks
 
 SPLITS = ("train", "val", "test")
 
@@ -97,13 +97,17 @@ class TransferClassifier(LightningModule):
         label_smoothing: float,
         class_weights: list[float] | None = None,
         l2sp: float = 0.0,
+        mean: list[float] | None = None,  # the input normalisation, if not the backbone's own
+        std: list[float] | None = None,
+        crop_pct: float | None = None,
         # run settings, not part of the trained model (not saved as hyperparameters):
         inputs: str = "images",
         channels_last: bool = False,
+        grad_checkpointing: bool = False,
         plan: Plan | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["inputs", "channels_last", "plan"])
+        self.save_hyperparameters(ignore=["inputs", "channels_last", "grad_checkpointing", "plan"])
         self.class_names = list(class_names)
         # what the run's numbers mean (data, classes, preprocessing: pipeline/identity.py), set by the
         # runner and saved in every checkpoint so that resuming or reusing it can be checked
@@ -116,14 +120,19 @@ class TransferClassifier(LightningModule):
         self.channels_last = channels_last
         self.plan = plan
         self.backbone = build_backbone(backbone)
+        # saved with the hyperparameters: predict.py, the export and stage=test normalise as training did
+        self.backbone.mean = tuple(mean) if mean is not None else self.backbone.mean
+        self.backbone.std = tuple(std) if std is not None else self.backbone.std
+        self.backbone.crop_pct = crop_pct if crop_pct is not None else self.backbone.crop_pct
+        self.backbone.grad_checkpointing = grad_checkpointing
         self.binary = len(self.class_names) == 2
         outputs = 1 if self.binary else len(self.class_names)
         shape = self.backbone.output_shape(image_size)
         self.head = ClassifierHead(head["pool"], shape, outputs, head["hidden"], head["dropout"])
         if channels_last:
             self.to(memory_format=torch.channels_last)
-        self.trainable_top = 0
-        set_trainable(self.backbone.blocks, 0, train_bn)
+        self.trained_blocks: tuple[int, ...] = ()
+        set_trainable(self.backbone.blocks, (), train_bn)
         # ModuleDict keys may not shadow nn.Module attributes such as ``train``, hence the suffix.
         self.metrics = nn.ModuleDict({f"{s}_m": _metrics(len(self.class_names), s != "train") for s in SPLITS})
         self.losses = nn.ModuleDict({f"{s}_m": MeanMetric() for s in SPLITS})
@@ -142,15 +151,19 @@ class TransferClassifier(LightningModule):
         self.plan = plan
 
     # --- freezing -----------------------------------------------------------------------------
-    def set_trainable_top(self, top: int) -> None:
-        set_trainable(self.backbone.blocks, top, self.hparams.train_bn)
-        self.trainable_top = top
+    def set_trainable_blocks(self, trained: tuple[int, ...]) -> None:
+        """Only the blocks of index ``trained`` (and the head) train; the others are frozen, in eval mode."""
+        set_trainable(self.backbone.blocks, trained, self.hparams.train_bn)
+        self.trained_blocks = tuple(trained)
         self.train(self.training)
+
+    def set_trainable_top(self, top: int) -> None:
+        self.set_trainable_blocks(top_blocks(len(self.backbone.blocks), top))
 
     def train(self, mode: bool = True) -> TransferClassifier:
         super().train(mode)
         if mode:
-            set_frozen_eval(self.backbone.blocks, self.trainable_top, self.hparams.train_bn)
+            set_frozen_eval(self.backbone.blocks, self.trained_blocks, self.hparams.train_bn)
         return self
 
     # --- forward ------------------------------------------------------------------------------

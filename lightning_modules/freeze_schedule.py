@@ -14,6 +14,7 @@ model, and refuses an epoch outside its phase.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
@@ -23,22 +24,20 @@ from lightning_modules.schedule import Plan, PlanError
 from lightning_modules.tensorboard_views import tensorboard_writer
 
 
-def set_trainable(blocks: nn.ModuleList, top: int, train_bn: bool) -> None:
-    """Let the top ``top`` blocks train; BatchNorm of trainable blocks trains only if ``train_bn``."""
-    first = len(blocks) - top
+def set_trainable(blocks: nn.ModuleList, trained: Collection[int], train_bn: bool) -> None:
+    """Let the blocks of index ``trained`` train; BatchNorm of trainable blocks trains only if ``train_bn``."""
     for index, block in enumerate(blocks):
-        trainable = index >= first
+        trainable = index in trained
         for module in block.modules():
             is_bn = isinstance(module, _BatchNorm)
             for param in module.parameters(recurse=False):
                 param.requires_grad = trainable and (train_bn or not is_bn)
 
 
-def set_frozen_eval(blocks: nn.ModuleList, top: int, train_bn: bool) -> None:
+def set_frozen_eval(blocks: nn.ModuleList, trained: Collection[int], train_bn: bool) -> None:
     """Put frozen blocks (and frozen BatchNorm layers) in eval mode, so they use running stats."""
-    first = len(blocks) - top
     for index, block in enumerate(blocks):
-        if index < first:
+        if index not in trained:
             block.eval()
         elif not train_bn:
             for module in block.modules():
@@ -65,7 +64,7 @@ class ApplyPlan(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            pl_module.set_trainable_top(self.phase.top_blocks)
+            pl_module.set_trainable_blocks(self.phase.trained(self.plan.n_blocks))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Optimizer steps per epoch, counted as Lightning does, once the train loader exists (asking

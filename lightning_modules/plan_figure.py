@@ -22,7 +22,7 @@ def trains(plan: Plan, group: str, phase: Phase) -> bool:
     """Whether optimizer ``group`` trains during ``phase`` (the head always does)."""
     if group == "head":
         return True
-    return int(group.removeprefix("block")) >= plan.n_blocks - phase.top_blocks
+    return int(group.removeprefix("block")) in phase.trained(plan.n_blocks)
 
 
 def plan_curves(plan: Plan, points_per_epoch: int = 20) -> dict[str, list[tuple[float, float | None]]]:
@@ -60,6 +60,8 @@ def plan_figure(plan: Plan, width: int = 720, height: int = 360) -> Image.Image:
         x0, x1 = at(phase.start, 0)[0], at(phase.end, 0)[0]
         draw.rectangle([x0, top, x1, top + plot_h], fill=(shade, shade, 255))
         label = "head only" if phase.top_blocks == 0 else f"top {phase.top_blocks} blocks"
+        if phase.blocks is not None:
+            label = f"blocks {', '.join(map(str, phase.blocks))}"
         draw.text((x0 + 4, top + 4), f"phase {index}: {label}"[: max(4, int((x1 - x0) / 7))], fill=(0, 0, 0), font=font)
     draw.rectangle([left, top, left + plot_w, top + plot_h], outline=(0, 0, 0))
     for k, (group, points) in enumerate(curves.items()):

@@ -8,8 +8,9 @@ group's rate to :meth:`Plan.lr` at the global step). The whole
 
 * head warm-up with the backbone frozen, then the top blocks unfrozen (one step, or gradual
   ``milestones`` as Lightning Flash's ``unfreeze_milestones``);
-* discriminative rates: block ``k`` from the top trains at ``lr * backbone_lr_ratio * layer_decay**k``
-  (timm's layer decay, fastai's ``slice``), one optimizer group per block;
+* discriminative rates: the ``k``-th trained block from the top trains at
+  ``lr * backbone_lr_ratio * layer_decay**k`` (timm's layer decay, fastai's ``slice``), one
+  optimizer group per block; surgical fine-tuning (``finetune.blocks``) trains any set of blocks;
 * one rate multiplier for all groups, a pure function of the position in the stage.
 
 Learning rate granularity: per optimizer step. Step ``s`` uses the plan's rate at the middle of
@@ -38,15 +39,49 @@ class PlanError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Phase:
-    """Epochs ``[start, end)`` during which the top ``top_blocks`` backbone blocks train."""
+    """Epochs ``[start, end)`` during which ``top_blocks`` backbone blocks train: the top ones, or
+    those of ``blocks`` (surgical fine-tuning, e.g. only block 0)."""
 
     start: int
     end: int
-    top_blocks: int
+    top_blocks: int  # how many blocks train
+    blocks: tuple[int, ...] | None = None  # which, when not the top ``top_blocks``
 
     @property
     def epochs(self) -> int:
         return self.end - self.start
+
+    def trained(self, n_blocks: int) -> tuple[int, ...]:
+        """The indices of the blocks that train, bottom to top."""
+        return self.blocks if self.blocks is not None else top_blocks(n_blocks, self.top_blocks)
+
+    def describe(self, n_blocks: int) -> str:
+        if self.top_blocks == 0:
+            return "backbone frozen"
+        if self.blocks is None:
+            return f"top {self.top_blocks} of {n_blocks} blocks train"
+        return f"block{'s' if len(self.blocks) > 1 else ''} {', '.join(map(str, self.blocks))} of {n_blocks} train"
+
+
+def top_blocks(n_blocks: int, count: int) -> tuple[int, ...]:
+    """The indices of the top ``count`` of ``n_blocks`` blocks."""
+    return tuple(range(n_blocks - count, n_blocks))
+
+
+def parse_blocks(value: Any, n_blocks: int) -> tuple[int, ...]:
+    """``finetune.blocks``: ``top:K``, ``bottom:K`` or a list of block indices (0 = the stem), as
+    sorted indices; PlanError (one line) for anything else."""
+    how, _, count = str(value).partition(":")
+    if isinstance(value, str) and how in ("top", "bottom") and count.isdigit() and 0 < int(count) <= n_blocks:
+        k = int(count)
+        return top_blocks(n_blocks, k) if how == "top" else tuple(range(k))
+    listed = list(value) if isinstance(value, (list, tuple)) else None
+    if listed and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_blocks for i in listed):
+        return tuple(sorted(set(listed)))
+    raise PlanError(
+        f"finetune.blocks={value} is not valid; give top:K or bottom:K (K in 1..{n_blocks}) or a list of "
+        f"block indices in 0..{n_blocks - 1}, e.g. [0,3] (the backbone has {n_blocks} blocks, 0 = the stem)"
+    )
 
 
 @dataclass(frozen=True)
@@ -127,9 +162,7 @@ class Plan:
     # --- showing ------------------------------------------------------------------------------
     def phase_text(self, index: int) -> str:
         phase = self.phases[index]
-        top = phase.top_blocks
-        what = "backbone frozen" if top == 0 else f"top {top} of {self.n_blocks} blocks train"
-        return f"phase {index}: epochs {phase.start}-{phase.end - 1}: {what}"
+        return f"phase {index}: epochs {phase.start}-{phase.end - 1}: {phase.describe(self.n_blocks)}"
 
     def describe(self) -> str:
         lines = [
@@ -147,7 +180,9 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         """Plain lists and numbers (safe in a ``weights_only`` checkpoint and in YAML)."""
         d = asdict(self)
-        d["phases"] = [[p["start"], p["end"], p["top_blocks"]] for p in d["phases"]]
+        d["phases"] = [
+            [p.start, p.end, p.top_blocks, *([list(p.blocks)] if p.blocks is not None else [])] for p in self.phases
+        ]
         d["groups"] = [[name, lr] for name, lr in self.groups]
         d["early_stops"] = [list(s) for s in self.early_stops]
         return d
@@ -156,7 +191,7 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         return cls(
             stage=d["stage"],
-            phases=tuple(Phase(*p) for p in d["phases"]),
+            phases=tuple(Phase(*p[:3], tuple(p[3]) if len(p) > 3 else None) for p in d["phases"]),
             n_blocks=d["n_blocks"],
             groups=tuple((name, float(lr)) for name, lr in d["groups"]),
             scheduler=d["scheduler"],
@@ -193,20 +228,25 @@ def build_plan(
     layer_decay: float = 1.0,
     scheduler: str = "none",
     lr_warmup_epochs: float = 0.0,
+    blocks: tuple[int, ...] | None = None,
 ) -> Plan:
-    """The plan of ``stage``; refuses (PlanError) any schedule that would not do what it says."""
+    """The plan of ``stage``; refuses (PlanError) any schedule that would not do what it says.
+    ``blocks``: the blocks that train once unfrozen, when not the top ones (one-step schedule only)."""
     if stage == "finetune":
         pairs = milestones or [(0, 0)]
+        if blocks == top_blocks(n_blocks, len(blocks or ())):
+            blocks = None  # the top K: the same plan as finetune.unfreeze_blocks=K
+        if blocks is not None and any(b not in (0, len(blocks)) for _, b in pairs):
+            raise PlanError("finetune.blocks goes with finetune.warmup_epochs, not with finetune.milestones")
         _check_milestones(pairs, epochs, n_blocks)
         ends = [e for e, _ in pairs[1:]] + [epochs]
-        phases = tuple(Phase(e, end, b) for (e, b), end in zip(pairs, ends))
+        phases = tuple(Phase(e, end, b, blocks if b else None) for (e, b), end in zip(pairs, ends))
     else:  # features, frozen: the backbone never trains
         phases = (Phase(0, epochs, 0),)
-    top_max = max(p.top_blocks for p in phases)
-    groups = [("head", lr)] + [
-        (f"block{n_blocks - 1 - k}", lr * backbone_lr_ratio * layer_decay**k) for k in range(top_max)
-    ]
-    _check_rates(scheduler, lr_warmup_epochs, phases, epochs, layer_decay, backbone_lr_ratio, top_max)
+    # layer decay over the blocks that ever train: the k-th from the top of them at lr * ratio * decay**k
+    trained = sorted({i for p in phases for i in p.trained(n_blocks)}, reverse=True)
+    groups = [("head", lr)] + [(f"block{i}", lr * backbone_lr_ratio * layer_decay**k) for k, i in enumerate(trained)]
+    _check_rates(scheduler, lr_warmup_epochs, phases, epochs, layer_decay, backbone_lr_ratio, len(trained))
     return Plan(stage, phases, n_blocks, tuple(groups), scheduler, float(lr_warmup_epochs))
 
 

@@ -1,17 +1,18 @@
-"""``model.backbone=timm:<name>``: a timm CNN cut into ordered blocks, like the built-in backbones.
+"""``model.backbone=timm:<name>``: a timm network cut into ordered blocks, like the built-in backbones.
 
 The blocks run in sequence (``Backbone.forward``) and the head average-pools their output, so they
 must compute exactly what timm computes up to its pre-logits features,
-``net.forward_head(net.forward_features(x), pre_logits=True)``. That is only true for networks
-whose ``forward_features`` is a plain chain of modules over ``(B, C, H, W)`` maps; each supported
-family lists its chain below (read off timm's ``forward_features`` / ``forward_head``), and where
-timm does more than average pooling after ``forward_features`` (ConvNeXt's final LayerNorm,
-MobileNetV3's pooled head conv) the top block ends with that, pooled to ``(B, D, 1, 1)``, as the
-built-in ConvNeXt does. Where the blocks are cut comes from timm itself:
-``group_matcher(coarse=True)``, the grouping its layer decay uses (stem, then one group per stage).
+``net.forward_head(net.forward_features(x), pre_logits=True)``. Each supported family lists its
+chain below (read off timm's ``forward_features`` / ``forward_head``): CNNs are a plain chain of
+modules over ``(B, C, H, W)`` maps; token networks (ViT and its variants, BEiT) and Swin are cut in
+``lightning_modules.timm_vit``. Where timm does more than average pooling after
+``forward_features`` (ConvNeXt's final LayerNorm, MobileNetV3's pooled head conv, a ViT's final
+norm and token pooling) the top block ends with that, pooled to ``(B, D, 1, 1)``, as the built-in
+ConvNeXt does. Where the blocks are cut comes from timm itself: ``group_matcher(coarse=True)``, the
+grouping its layer decay uses (stem, then one group per stage, or per transformer block).
 Every spec is checked when it is made: the blocks must hold every tensor of the network and, with
-random norm statistics, reproduce timm's pre-logits features. Other networks (ViTs, with their
-class token and position embedding, and any family not listed) are refused with one line.
+random norm statistics, reproduce timm's pre-logits features. Other networks are refused with one
+line naming the supported families.
 """
 
 from __future__ import annotations
@@ -19,46 +20,18 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from lightning_modules.backbone_base import (
-    BackboneError,
-    BackboneSpec,
-    WeightsError,
-    randomise_norms,
-    smallest_input,
-)
+from lightning_modules.backbone_base import BackboneError, BackboneSpec, randomise_norms, smallest_input
+from lightning_modules.timm_vit import PreLogitsMap, TopUnit, Units, each, eva_units, swin_units, token_units
+from lightning_modules.timm_weights import load_pretrained, one_line
 
 TIMM_PREFIX = "timm:"
 # Bump when the cut of any family changes what the blocks compute (feature cache key).
 CUT_VERSION = 1
-TIMM_OFFLINE_HINT = (
-    "use model.weights=PATH/TO/model.safetensors or .pth (a timm state dict, e.g. the model's file from "
-    "huggingface.co/timm, loaded safely), or model.backbone=efficientnet_lite0 (its weights ship with pip), "
-    "or model.pretrained=false"
-)
-
-
-class _PreLogitsMap(nn.Module):
-    """A timm head up to its pre-logits features (pooling, norm, MLP; no classifier), returned as
-    a ``(B, D, 1, 1)`` map so the project's head pooling (avg or flatten) passes it through."""
-
-    def __init__(self, head: nn.Module):
-        super().__init__()
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x, pre_logits=True)[:, :, None, None]
-
-
-Units = list[tuple[str, nn.Module]]
-
-
-def _each(prefix: str, container: nn.Module) -> Units:
-    return [(f"{prefix}.{name}", module) for name, module in container.named_children()]
 
 
 def _named(net: nn.Module, *names: str) -> Units:
@@ -75,20 +48,20 @@ def _convnext_units(net: nn.Module) -> Units:
     # head = NormMlpClassifierHead: pool, then the final LayerNorm (and MLP, if any) on the pooled vector
     return [
         ("stem", net.stem),
-        *_each("stages", net.stages),
+        *each("stages", net.stages),
         ("norm_pre", net.norm_pre),
-        ("head", _PreLogitsMap(net.head)),
+        ("head", PreLogitsMap(net.head)),
     ]
 
 
 def _efficientnet_units(net: nn.Module) -> Units:
-    return [*_named(net, "conv_stem", "bn1"), *_each("blocks", net.blocks), *_named(net, "conv_head", "bn2")]
+    return [*_named(net, "conv_stem", "bn1"), *each("blocks", net.blocks), *_named(net, "conv_head", "bn2")]
 
 
 def _mobilenetv3_units(net: nn.Module) -> Units:
     # forward_head pools, then applies the pretrained 1x1 head conv (+ norm, act) to the pooled map
     head = nn.Sequential(net.global_pool, net.conv_head, net.norm_head, net.act2)
-    return [*_named(net, "conv_stem", "bn1"), *_each("blocks", net.blocks), ("head", head)]
+    return [*_named(net, "conv_stem", "bn1"), *each("blocks", net.blocks), ("head", head)]
 
 
 def _regnet_units(net: nn.Module) -> Units:
@@ -101,14 +74,37 @@ class _Family:
     cls: str
     names: str  # shown in the refusal
     units: Callable[[nn.Module], Units]
+    create_kwargs: dict = field(default_factory=dict)  # timm.create_model's extra arguments
+    check_size: int | None = 64  # the fidelity check's input size (None: the model's own input size)
+    also_from: tuple[str, ...] = ()  # other timm.models modules that register models of this class
 
 
+# Any input size that is a multiple of the patch: timm resamples the position embedding (Swin: pads windows).
+_DYNAMIC = {"dynamic_img_size": True}
 FAMILIES = (
     _Family("resnet", "ResNet", "resnet*/resnext*/seresnet*/wide_resnet*", _resnet_units),
     _Family("convnext", "ConvNeXt", "convnext*/convnextv2*", _convnext_units),
-    _Family("efficientnet", "EfficientNet", "efficientnet*/tf_efficientnet*/mixnet*/mnasnet*", _efficientnet_units),
+    _Family(
+        "efficientnet",
+        "EfficientNet",
+        "efficientnet*/efficientnetv2*/tf_efficientnet*/mixnet*/mnasnet*",
+        _efficientnet_units,
+    ),
     _Family("mobilenetv3", "MobileNetV3", "mobilenetv3*/mobilenetv4*/lcnet*", _mobilenetv3_units),
     _Family("regnet", "RegNet", "regnetx*/regnety*", _regnet_units),
+    _Family(
+        "vision_transformer",
+        "VisionTransformer",
+        "vit_* (class token, average or attention pool, register tokens; *_clip_*, *_siglip_*, *_dinov2), "
+        "deit_*/deit3_*",
+        token_units,
+        _DYNAMIC,
+        None,
+        ("deit",),
+    ),
+    _Family("beit", "Beit", "beit_*/beitv2_*", token_units, check_size=None),
+    _Family("eva", "Eva", "eva02_* (rotary position embedding), eva_*", eva_units, _DYNAMIC, None),
+    _Family("swin_transformer", "SwinTransformer", "swin_*", swin_units, _DYNAMIC, None),
 )
 SUPPORTED = "; ".join(f"{f.cls} ({f.names})" for f in FAMILIES)
 
@@ -129,20 +125,22 @@ def _family(net: nn.Module) -> _Family | None:
     return None
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+def _create_kwargs(model_name: str) -> dict:
+    from timm.models._registry import model_entrypoint
+
+    module = model_entrypoint(model_name).__module__.rsplit(".", 1)[-1]
+    return next((dict(f.create_kwargs) for f in FAMILIES if module in (f.module, *f.also_from)), {})
 
 
 def _create(model_name: str, name: str, pretrained: bool = False) -> nn.Module:
     timm = _import_timm(name)
     try:
         # num_classes=0: no classifier (the project's head replaces it); its weights are skipped on load
-        return timm.create_model(model_name, pretrained=pretrained, num_classes=0)
+        return timm.create_model(model_name, pretrained=pretrained, num_classes=0, **_create_kwargs(model_name))
     except RuntimeError as err:
         if pretrained:
             raise
-        raise BackboneError(f"model.backbone={name}: {_one_line(err)}") from None
+        raise BackboneError(f"model.backbone={name}: {one_line(err)}") from None
 
 
 def _group_ids(net: nn.Module) -> tuple[dict[str, int], int]:
@@ -162,14 +160,16 @@ def cut(net: nn.Module, name: str) -> list[nn.Module]:
     if family is None:
         raise BackboneError(
             f"model.backbone={name}: timm's {type(net).__name__} is not supported (its forward_features is not "
-            f"a chain of modules over (B, C, H, W) maps); supported timm families: {SUPPORTED}"
+            f"cut into blocks here); supported timm families: {SUPPORTED}"
         )
     units = family.units(net)
     param_names = {id(p): n for n, p in net.named_parameters()}
     ids, unmatched = _group_ids(net)
     blocks: list[list] = []  # [timm group id or None, modules]
     for unit_name, module in units:
-        groups = {ids[param_names[id(p)]] for p in module.parameters()} - {unmatched}
+        # the top unit (final norm, pooling) trains with the top block, wherever timm groups it
+        params = [] if isinstance(module, TopUnit) else module.parameters()
+        groups = {ids[param_names[id(p)]] for p in params} - {unmatched}
         if len(groups) > 1:
             raise BackboneError(f"model.backbone={name}: {unit_name} spans timm's groups {sorted(groups)}")
         group = groups.pop() if groups else None
@@ -197,12 +197,12 @@ def pre_logits(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _check_blocks(net: nn.Module, blocks: list[nn.Module], name: str) -> None:
+def _check_blocks(net: nn.Module, blocks: list[nn.Module], name: str, size: int) -> None:
     """Refuse a cut whose blocks, then average pooling, differ from timm's own pre-logits features
     (e.g. a timm version whose forward_features changed)."""
     randomise_norms(net, seed=0)
     net.eval()
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     expected = pre_logits(net, images)
     x = images
     for block in blocks:
@@ -215,42 +215,6 @@ def _check_blocks(net: nn.Module, blocks: list[nn.Module], name: str) -> None:
             f"model.backbone={name}: its blocks do not reproduce timm's features with this timm version; "
             f"supported timm families: {SUPPORTED}"
         )
-
-
-def _download_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [OSError, RuntimeError, ConnectionError]  # OSError: hub and URL errors
-    try:
-        from huggingface_hub.errors import EntryNotFoundError
-
-        errors.append(EntryNotFoundError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def _load_pretrained(model_name: str, name: str, net: nn.Module) -> None:
-    """timm's ImageNet weights for ``net`` (downloaded by timm through the Hugging Face Hub, or its cache)."""
-    cfg = dict(getattr(net, "pretrained_cfg", None) or {})
-    if not any(cfg.get(k) for k in ("hf_hub_id", "url", "file", "state_dict")):
-        raise WeightsError(
-            f"timm has no pretrained weights for {name}; pick a tag that has them "
-            f"(timm.list_pretrained('{model_name.split('.')[0]}*')) or use model.pretrained=false"
-        )
-    try:
-        source = _create(model_name, name, pretrained=True)
-    except _download_errors() as err:
-        reason = _one_line(err)
-        try:
-            from huggingface_hub import constants
-            from huggingface_hub.errors import LocalEntryNotFoundError
-
-            if isinstance(err, LocalEntryNotFoundError):
-                how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hugging Face Hub is unreachable"
-                reason = f"{how} and the weights are not in its local cache"
-        except ImportError:
-            pass
-        raise WeightsError(f"could not download ImageNet weights for {name} ({reason}); {TIMM_OFFLINE_HINT}") from None
-    net.load_state_dict(source.state_dict())
 
 
 @functools.cache
@@ -267,8 +231,9 @@ def timm_spec(name: str) -> BackboneSpec:
     build = functools.partial(_create, model_name, name)
     net = build()
     blocks = cut(net, name)
-    _check_blocks(net, blocks, name)
     data = timm.data.resolve_model_data_config(net)
+    _check_blocks(net, blocks, name, _family(net).check_size or int(data["input_size"][-1]))
+    patch = _patch_size(net)
     return BackboneSpec(
         name,
         build,
@@ -276,13 +241,22 @@ def timm_spec(name: str) -> BackboneSpec:
         len(blocks),
         tuple(data["mean"]),
         tuple(data["std"]),
-        load_pretrained=functools.partial(_load_pretrained, model_name, name),
+        load_pretrained=functools.partial(load_pretrained, functools.partial(_create, model_name, name, True), name),
         version=CUT_VERSION,
         default_image_size=int(data["input_size"][-1]),
         interpolation=str(data["interpolation"]),
         crop_pct=float(data["crop_pct"]),
-        min_image_size=smallest_input(net),  # a timm network is not declared here: measured once
+        size_multiple=patch,
+        fixed_size=bool(getattr(getattr(net, "patch_embed", None), "strict_img_size", False)),
+        # a timm network is not declared here: measured once (a ViT takes any multiple of its patch)
+        min_image_size=patch if patch > 1 else smallest_input(net),
     )
+
+
+def _patch_size(net: nn.Module) -> int:
+    """The input size must be a multiple of a token network's patch (timm asserts it); 1 for a CNN."""
+    patch_embed = getattr(net, "patch_embed", None)
+    return int(getattr(patch_embed, "patch_size", (1,))[0])
 
 
 def _split(net: nn.Module, name: str) -> list[nn.Module]:

@@ -42,7 +42,7 @@ def _stage_argv(stage: str, argv: list[str], epochs: int | None, frozen_best: st
     return [*argv, *extra]
 
 
-SCHEDULE_KEYS = ("warmup_epochs", "unfreeze_blocks", "milestones")
+SCHEDULE_KEYS = ("warmup_epochs", "unfreeze_blocks", "blocks", "milestones")
 
 
 def _without_warmup(argv: list[str], epochs: int | None) -> list[str]:

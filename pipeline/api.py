@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from datamodules.image_folder import default_num_workers
-from datamodules.transforms import eval_transform
+from datamodules.transforms import backbone_eval_transform
 from lightning_modules.classifier import TransferClassifier
 from lightning_modules.errors import ConfigError
 from pipeline.all_stages import run_all
@@ -132,7 +132,7 @@ def _row(model: TransferClassifier, file: str | None, probs: list[float], error:
 def _predict_pil(model: TransferClassifier, pictures: list[Image.Image], batch_size: int, device: str) -> torch.Tensor:
     """Probabilities of in-memory images, resized as the loaders resize decoded files."""
     size = int(model.hparams.image_size)
-    transform = eval_transform(size, model.backbone.mean, model.backbone.std, model.backbone.interpolation)
+    transform = backbone_eval_transform(model.backbone, size)
     model.eval().to(device)
     batches = []
     for start in range(0, len(pictures), batch_size):

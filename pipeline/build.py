@@ -86,6 +86,7 @@ def build_stage(cfg: DictConfig, run_name: str | None = None) -> Build:
         decoded_cache_dir=cache_dir if cfg.data.decoded_cache else None,
         balanced_sampler=cfg.data.balanced_sampler,
         interpolation=model.backbone.interpolation,
+        crop_pct=model.backbone.crop_pct,
     )
     images.skip_log = run / TRAINING_SKIPS
     if cfg.stage != "features":
@@ -124,9 +125,13 @@ def build_model(
         label_smoothing=cfg.optim.label_smoothing,
         inputs="features" if cfg.stage == "features" else "images",
         channels_last=cfg.speed.channels_last,
+        grad_checkpointing=cfg.model.grad_checkpointing,
         plan=plan,
         class_weights=class_weights,
         l2sp=cfg.finetune.l2sp if cfg.stage == "finetune" else 0.0,
+        mean=_listed(cfg.data.mean),
+        std=_listed(cfg.data.std),
+        crop_pct=cfg.data.crop_pct,
     )
     if cfg.model.weights or cfg.model.pretrained:
         pretrained = build_backbone(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights)
@@ -263,12 +268,19 @@ def _identity(cfg: DictConfig, index: SplitIndex, class_weights: list[float] | N
         index.classes,
         index.samples,
         cfg.data.image_size,
-        spec.mean,
-        spec.std,
+        _listed(cfg.data.mean) or spec.mean,
+        _listed(cfg.data.std) or spec.std,
         cfg.data.augment,
         class_weights,
     )
-    return identity | {"layout": index.source}
+    # evaluation's centre crop, recorded only where there is one (identities of earlier runs have none)
+    crop = cfg.data.crop_pct if cfg.data.crop_pct is not None else spec.crop_pct or 1.0
+    return identity | {"layout": index.source} | ({"crop_pct": round(float(crop), 6)} if crop < 1 else {})
+
+
+def _listed(value: Any) -> list[float] | None:
+    """A list key of the config as plain floats (None stays None)."""
+    return None if value is None else [float(x) for x in value]
 
 
 def _class_weights(cfg: DictConfig, index: SplitIndex) -> list[float] | None:
@@ -306,6 +318,7 @@ def evaluation_images(cfg: DictConfig, model: TransferClassifier, index: SplitIn
         std=model.backbone.std,
         pin_memory=torch.cuda.is_available(),
         interpolation=model.backbone.interpolation,
+        crop_pct=model.backbone.crop_pct,
     )
 
 

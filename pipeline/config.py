@@ -24,11 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from datamodules.stratified_split import parse_split_sizes
-from lightning_modules.backbone_base import BackboneError
+from lightning_modules.backbone_base import BackboneError, BackboneSpec
 from lightning_modules.backbones import backbone_spec
 from lightning_modules.choices import MONITORS
 from lightning_modules.errors import ConfigError
-from lightning_modules.schedule import Plan, PlanError, build_plan, milestones_from
+from lightning_modules.schedule import Plan, PlanError, build_plan, milestones_from, parse_blocks
 from pipeline.mlflow_logging import check_available as check_mlflow
 from pipeline.schema import STAGES, TRAINING_STAGES, RunConfig, check_value, check_values, schema_rows
 from pipeline.shift_report import validate_shift_config
@@ -58,6 +58,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # here costs nothing extra: the checks below (shift report, MLflow) import it anyway.
 TRAINER_KEYS = frozenset(inspect.signature(Trainer.__init__).parameters) - {"self", "callbacks", "logger"}
 WISE_DEFAULT = (0.0, 0.25, 0.5, 0.75, 1.0)
+SEED_IMAGE_SIZE = 150  # the seed's 150x150 inputs: data.image_size for backbones without a size of their own
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
@@ -133,7 +134,12 @@ def load_config(argv: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
         cfg = OmegaConf.merge(cfg, *per_backbone, cli)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
-    shorthand = [k for k in ("warmup_epochs", "unfreeze_blocks") if OmegaConf.select(cli, f"finetune.{k}") is not None]
+    keys = ("warmup_epochs", "unfreeze_blocks", "blocks")
+    shorthand = [k for k in keys if OmegaConf.select(cli, f"finetune.{k}") is not None]
+    if {"unfreeze_blocks", "blocks"} <= set(shorthand):
+        raise ConfigError(
+            "give either finetune.blocks or finetune.unfreeze_blocks=K (the same as finetune.blocks=top:K)"
+        )
     if shorthand and OmegaConf.select(cli, "finetune.milestones") is not None:
         raise ConfigError(
             f"give either finetune.milestones or finetune.{'/'.join(shorthand)}, not both (milestones replace them)"
@@ -171,6 +177,7 @@ def validate(cfg: DictConfig) -> None:
         spec = backbone_spec(cfg.model.backbone)  # a timm:<name> is built once here (random weights) and cut
     except BackboneError as err:
         raise ConfigError(str(err)) from None
+    _resolve_image_size(cfg, spec)
     # stage=test evaluates at its checkpoint's own size
     if cfg.stage != "test" and cfg.data.image_size < spec.min_image_size:
         raise ConfigError(
@@ -216,6 +223,25 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("stage=test needs a checkpoint: add ckpt_path=PATH/TO/run/checkpoints/best.ckpt")
 
 
+def _resolve_image_size(cfg: DictConfig, spec: BackboneSpec) -> None:
+    """``data.image_size=null``: the size the backbone's weights were trained at (timm's pretrained
+    config, Lite's native size), else the seed's; a size the network cannot take is refused."""
+    if cfg.data.image_size is None:
+        cfg.data.image_size = spec.default_image_size or SEED_IMAGE_SIZE
+    size, step = cfg.data.image_size, spec.size_multiple
+    if spec.fixed_size and size != spec.default_image_size:
+        raise ConfigError(
+            f"{cfg.model.backbone} takes {spec.default_image_size} px images only; "
+            f"use data.image_size={spec.default_image_size} (or null)"
+        )
+    if size % step:
+        raise ConfigError(
+            f"data.image_size={size} is not a multiple of {cfg.model.backbone}'s patch size {step}; "
+            f"use e.g. {size // step * step or step} or {(size // step + 1) * step} "
+            f"(its own: {spec.default_image_size})"
+        )
+
+
 def _validate_trainer(cfg: DictConfig) -> None:
     """``trainer.*``: Lightning's own arguments, free-form in the schema, so their rules live here."""
     unknown = sorted(set(cfg.trainer) - TRAINER_KEYS)
@@ -250,16 +276,22 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     """The plan of a training stage (see ``lightning_modules/schedule.py``); ConfigError if it cannot run.
     The keys' own shapes and ranges (``finetune.milestones``, ``finetune.layer_decay``) are the schema's."""
     ft = cfg.finetune
-    milestones = (
-        milestones_from(ft.warmup_epochs, ft.unfreeze_blocks, ft.milestones) if cfg.stage == "finetune" else None
-    )
+    n_blocks = backbone_spec(cfg.model.backbone).num_blocks
     try:
+        blocks = None
+        if cfg.stage == "finetune" and ft.blocks is not None:  # surgical: any blocks, not only the top ones
+            blocks = parse_blocks(
+                OmegaConf.to_object(ft.blocks) if OmegaConf.is_config(ft.blocks) else ft.blocks, n_blocks
+            )
+        count = len(blocks) if blocks is not None else ft.unfreeze_blocks
+        milestones = milestones_from(ft.warmup_epochs, count, ft.milestones) if cfg.stage == "finetune" else None
         return build_plan(
             cfg.stage,
             int(cfg.trainer.max_epochs),
-            backbone_spec(cfg.model.backbone).num_blocks,
+            n_blocks,
             cfg.optim.lr,
             milestones=milestones,
+            blocks=blocks,
             backbone_lr_ratio=ft.backbone_lr_ratio,
             layer_decay=ft.layer_decay,
             scheduler=cfg.optim.scheduler,

@@ -88,7 +88,7 @@ def run_phases(cfg: DictConfig, build: Build, plan: Plan) -> PhasesDone:
     while index < len(plan.phases):
         phase = plan.phases[index]
         model.set_plan(plan)
-        model.set_trainable_top(phase.top_blocks)
+        model.set_trainable_blocks(phase.trained(plan.n_blocks))
         stopper = _early_stopping(cfg, index, run)
         callbacks = [ApplyPlan(plan, index), timer, estimate, *([stopper] if stopper else [])]
         if cfg.optim.ema_decay > 0:
@@ -148,6 +148,8 @@ def _phase_records(plan: Plan, best_epochs: dict[int, int | None]) -> list[dict[
     records = []
     for index, phase in enumerate(plan.phases):
         record = {"phase": index, "epochs": [phase.start, phase.end], "top_blocks": phase.top_blocks}
+        if phase.blocks is not None:
+            record["blocks"] = list(phase.blocks)
         if index in stops:
             record["stopped_early_at_epoch"] = phase.start + stops[index] - 1
             if best_epochs.get(index) is not None:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from datamodules.image_folder import default_num_workers
 from datamodules.image_io import IMAGE_EXTENSIONS, load_rgb
-from datamodules.transforms import eval_transform
+from datamodules.transforms import backbone_eval_transform
 from lightning_modules.atomic_io import check_writable, write_text_atomic
 from lightning_modules.cam import cam_available, gradcam, overlay
 from lightning_modules.classifier import TransferClassifier
@@ -130,7 +130,7 @@ def _write_cams(
 ) -> None:
     """Grad-CAM of each readable image for its predicted class (gradients: a pass of its own)."""
     size = int(model.hparams.image_size)
-    transform = eval_transform(size, model.backbone.mean, model.backbone.std, model.backbone.interpolation)
+    transform = backbone_eval_transform(model.backbone, size)
     readable = [(f, model.class_names.index(c)) for f, c in zip(files, predicted) if c]
     written: set[str] = set()
     model.to(device)

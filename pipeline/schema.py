@@ -33,6 +33,7 @@ TRAINING_STAGES = ("features", "frozen", "finetune")
 TEMPERATURE_MODES = ("auto", "fit", "off")  # pipeline/evaluation.py calibrate
 SHIFT_PRESETS = ("auto", "all", "none")  # pipeline/shift_report.py resolve_shifts
 POSITIVE, NON_NEGATIVE, FRACTION = "(0, inf)", "[0, inf)", "[0, 1)"
+RGB = {"length": 3, "shape": "three numbers, [R, G, B]"}
 
 
 @dataclass
@@ -40,7 +41,22 @@ class DataConfig:
     root: str = opt(
         "data/cats_and_dogs_small", "folder with train/, validation/, test/ (<class>/<images>), or <class>/<images>"
     )
-    image_size: int = opt(150, "square input size in pixels", range=POSITIVE)
+    image_size: int | None = opt(
+        None,
+        "square input size in pixels (null: the backbone's own, from its weights' config; the seed's 150 for "
+        "torchvision backbones)",
+        range=POSITIVE,
+    )
+    mean: list[float] | None = opt(
+        None, "per-channel normalisation mean (null: the backbone's, e.g. CLIP's for a CLIP ViT)", **RGB
+    )
+    std: list[float] | None = opt(None, "per-channel normalisation std (null: the backbone's)", **RGB, range=POSITIVE)
+    crop_pct: float | None = opt(
+        None,
+        "evaluation resizes to image_size / crop_pct and keeps the centre (null: the backbone's, timm's weights' "
+        "config; 1: no crop, the seed's)",
+        range="(0, 1]",
+    )
     batch_size: int = opt(
         20, "images per step per device (N devices: N * batch_size per optimizer step)", range=POSITIVE
     )
@@ -87,15 +103,18 @@ class ModelConfig:
         "vgg16",
         "backbone (lightning_modules/backbones.py)",
         choices=BACKBONE_NAMES,
-        other="timm:<name>, a timm CNN, e.g. timm:resnet50.a1_in1k (families: lightning_modules/timm_backbones.py; "
-        "pip install -e '.[timm]')",
+        other="timm:<name>, a timm network, e.g. timm:resnet50.a1_in1k, timm:vit_base_patch16_clip_224.openai "
+        "(families: docs/backbones.md; pip install -e '.[timm]')",
     )
     pretrained: bool = opt(True, "ImageNet weights (false: random initialisation)")
-    weights: str | None = opt(None, "a local state dict of the backbone's network (offline)")
+    weights: str | None = opt(None, "a local state dict of the backbone's network, .pth or .safetensors (offline)")
     pool: str = opt("avg", "pooling before the head (avg: global average; flatten: the seed's)", choices=POOLS)
     head_hidden: int = opt(256, "hidden width of the head (0: a linear head)", range=NON_NEGATIVE)
     dropout: float = opt(0.5, "dropout before the head's output layer", range=FRACTION)
     tta_flip: bool = opt(False, "evaluate each image and its mirror, average the logits")
+    grad_checkpointing: bool = opt(
+        False, "recompute each trained block's activations in the backward pass (less memory, one more forward)"
+    )
 
 
 @dataclass
@@ -127,10 +146,18 @@ class OptimConfig:
 @dataclass
 class FinetuneConfig:
     warmup_epochs: int = opt(0, "epochs with the backbone frozen before the unfreeze", range=NON_NEGATIVE)
-    unfreeze_blocks: int = opt(1, "top backbone blocks unfrozen after the warm-up", range=NON_NEGATIVE)
+    unfreeze_blocks: int = opt(
+        1, "top backbone blocks unfrozen after the warm-up (finetune.blocks=top:K)", range=NON_NEGATIVE
+    )
+    # checked by lightning_modules/schedule.py's parse_blocks
+    blocks: Any = opt(
+        None,
+        "the blocks that train after the warm-up, replacing unfreeze_blocks (surgical fine-tuning; 0 = the stem)",
+        other="top:K, bottom:K or a list of block indices, e.g. [0,3]",
+    )
     milestones: list[list[int]] | None = opt(
         None,
-        "gradual unfreezing: [[epoch, top_blocks], ...] (replaces the two above)",
+        "gradual unfreezing: [[epoch, top_blocks], ...] (replaces warmup_epochs and unfreeze_blocks)",
         range=NON_NEGATIVE,
         pairs=True,
         shape="a non-empty list of [epoch, top_blocks] pairs of whole numbers >= 0",

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.image_folder import CPU_EVAL_BATCH
 from datamodules.image_io import load_rgb, unreadable_reason
 from datamodules.shifts import SEVERITIES, SHIFTS, apply_shift, variant_name
-from datamodules.transforms import eval_transform
+from datamodules.transforms import backbone_eval_transform
 from lightning_modules.calibration import ece, to_probabilities
 from pipeline.statistics import wilson_interval
 
@@ -105,7 +105,7 @@ def predict_variants(
     device = torch.device(device)
     chunk = eval_batch_size(device, batch_size)
     size = int(model.hparams.image_size)
-    transform = eval_transform(size, model.backbone.mean, model.backbone.std, model.backbone.interpolation)
+    transform = backbone_eval_transform(model.backbone, size)
     dataset = _Copies(samples, variants, transform, size, seed)
     per_batch = max(1, math.ceil(chunk / len(variants)))  # images per loader batch, ~ one model batch of copies
     loader = DataLoader(dataset, batch_size=per_batch, num_workers=num_workers, pin_memory=device.type == "cuda")

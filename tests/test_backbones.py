@@ -76,9 +76,9 @@ def test_convnext_top_block_ends_with_the_pretrained_norm_and_trains_with_it():
     top = backbone.blocks[-1]
     assert isinstance(top[-1], nn.LayerNorm) and isinstance(top[-2], nn.AdaptiveAvgPool2d)
     assert backbone.output_shape(64) == (768, 1, 1)  # pooled before the norm, as torchvision does
-    set_trainable(backbone.blocks, 0, train_bn=False)
+    set_trainable(backbone.blocks, (), train_bn=False)
     assert not top[-1].weight.requires_grad
-    set_trainable(backbone.blocks, 1, train_bn=False)
+    set_trainable(backbone.blocks, (7,), train_bn=False)
     assert top[-1].weight.requires_grad and top[-1].bias.requires_grad
     assert not any(p.requires_grad for p in backbone.blocks[-2].parameters())
 

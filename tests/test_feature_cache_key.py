@@ -14,14 +14,15 @@ from datamodules.image_folder import ImageFolderDataModule
 from lightning_modules.backbones import BACKBONES, build_backbone
 
 
-def _key(root, backbone_version: int | None = None) -> str:
+def _key(root, backbone_version: int | None = None, pool: str = "avg", **preprocessing) -> str:
     # rebuilt from scratch every time: equal keys must not depend on reusing objects
-    images = ImageFolderDataModule(scan_splits(root), image_size=24, batch_size=4, num_workers=0, augment="none")
+    settings = {"image_size": 24, "batch_size": 4, "num_workers": 0, "augment": "none"} | preprocessing
+    images = ImageFolderDataModule(scan_splits(root), **settings)
     torch.manual_seed(0)
     backbone = build_backbone("resnet18")
     if backbone_version is not None:
         backbone.version = backbone_version
-    return cache_key(images, SimpleNamespace(backbone=backbone), "avg")
+    return cache_key(images, SimpleNamespace(backbone=backbone), pool)
 
 
 def test_same_inputs_and_code_give_the_same_key(toy_root):
@@ -33,6 +34,21 @@ def test_code_version_changes_the_key(toy_root, monkeypatch, module, constant):
     before = _key(toy_root)
     monkeypatch.setattr(module, constant, getattr(module, constant) + 1)
     assert _key(toy_root) != before
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"pool": "flatten"},
+        {"image_size": 32},
+        {"mean": (0.4815, 0.4578, 0.4082)},  # CLIP's, e.g. data.mean=...
+        {"std": (0.2686, 0.2613, 0.2758)},
+        {"interpolation": "bicubic"},
+        {"crop_pct": 0.9},  # timm's centre crop at evaluation
+    ],
+)
+def test_pooling_and_preprocessing_change_the_key(toy_root, change):
+    assert _key(toy_root, **change) != _key(toy_root)
 
 
 def test_backbone_version_changes_the_key(toy_root):

@@ -61,6 +61,23 @@ def test_finetune_changes_only_the_unfrozen_blocks_and_head(toy_root, tmp_path, 
     assert len(counts) == 3 and counts[0] < counts[1] == counts[2]
 
 
+def test_surgical_finetune_of_the_bottom_block_changes_only_it_and_the_head(toy_root, tmp_path, weights_file):
+    """finetune.blocks=bottom:1 (Lee et al.'s surgical fine-tuning of the first block): block 0's
+    convolutions and the head change, every other backbone tensor (and frozen BatchNorm) stays."""
+    args = _finetune_args(toy_root, tmp_path, weights_file, **{"finetune.blocks": "bottom:1", "optim.lr": "1e-3"})
+    before = initial_state(args)
+    metrics = run_train(args)
+    after = checkpoint_state(run_dir(metrics) / "checkpoints" / "last.ckpt")
+    bn = _bn_keys(before)
+    changed = {k for k in before if not torch.equal(before[k], after[k]) and "num_batches" not in k}
+    backbone_changed = {k for k in changed if k.startswith("backbone.")}
+    assert backbone_changed == set(conv_weights(before, 0)) and not backbone_changed & bn
+    assert all(k in changed for k in before if k.startswith("head.") and k.endswith("weight"))
+    assert metrics["phases"][1]["blocks"] == [0]
+    lr_tags = {t for t in scalar_tags(run_dir(metrics)) if t.startswith("lr/")}
+    assert lr_tags == {"lr/head", "lr/block0"}
+
+
 def test_finetune_with_train_bn_updates_only_unfrozen_batchnorm(toy_root, tmp_path, weights_file):
     before, after, _ = _finetune(toy_root, tmp_path, weights_file, **{"finetune.train_bn": "true"})
     stats = [k for k in before if k.endswith("running_mean")]

@@ -61,3 +61,11 @@ def test_every_training_run_writes_its_plan(toy_root, tmp_path):
     with Image.open(folder / "plan.png") as image:
         assert image.size == (720, 360)
     assert image_counts(folder).get("plan") == 1
+
+
+def test_a_surgical_plan_draws_only_its_blocks():
+    plan = build_plan("finetune", 3, 5, 1e-3, milestones=[(0, 0), (1, 1)], blocks=(0,))
+    curves = plan_curves(plan, points_per_epoch=2)
+    assert set(curves) == {"head", "block0"}
+    assert [lr is not None for _, lr in curves["block0"]] == [False, False, True, True, True, True, True]
+    assert plan_figure(plan).size == (720, 360)

@@ -11,8 +11,9 @@ import torchvision
 from omegaconf import OmegaConf
 
 import train
+from lightning_modules.errors import ConfigError
 from lightning_modules.freeze_schedule import ApplyPlan
-from lightning_modules.schedule import Phase, Plan, build_plan, milestones_from, param_groups
+from lightning_modules.schedule import Phase, Plan, PlanError, build_plan, milestones_from, param_groups, parse_blocks
 from pipeline.config import load_config, plan_from_config
 
 from conftest import fast_args
@@ -414,3 +415,45 @@ def test_command_line_shorthand_replaces_a_presets_milestones():
     mine = load_config(["model.backbone=efficientnet_lite0", "stage=finetune", "finetune.unfreeze_blocks=1"])
     assert mine.finetune.milestones is None
     assert plan_from_config(mine).phases == (Phase(0, 1, 0), Phase(1, 5, 1))
+
+
+# --- surgical fine-tuning: finetune.blocks -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, blocks", [("top:2", (3, 4)), ("bottom:1", (0,)), ([3, 0], (0, 3)), ([4], (4,)), ("top:5", (0, 1, 2, 3, 4))]
+)
+def test_finetune_blocks_are_any_set_of_blocks(value, blocks):
+    assert parse_blocks(value, 5) == blocks
+
+
+@pytest.mark.parametrize("value", ["top:0", "bottom:6", "middle:1", [5], [], "[0,3]", [True]])
+def test_bad_finetune_blocks_are_one_line_naming_the_forms(value):
+    with pytest.raises(PlanError, match=r"give top:K or bottom:K \(K in 1\.\.5\) or a list of block indices in 0\.\.4"):
+        parse_blocks(value, 5)
+
+
+def test_a_surgical_plan_trains_only_its_blocks_with_layer_decay_over_them():
+    plan = _finetune_plan(milestones=milestones_from(1, 2, None), blocks=(0, 3))
+    assert [p.trained(5) for p in plan.phases] == [(), (0, 3)]
+    # the k-th trained block from the top at lr * ratio * decay**k: block 3 first, then block 0
+    assert dict(plan.groups) == pytest.approx({"head": 1e-3, "block3": 1e-4, "block0": 5e-5})
+    assert plan.phase_text(1) == "phase 1: epochs 1-3: blocks 0, 3 of 5 train"
+    assert Plan.from_dict(plan.to_dict()) == plan
+    # the top blocks given as a set are the plan of finetune.unfreeze_blocks
+    assert _finetune_plan(blocks=(3, 4)) == _finetune_plan()
+
+
+def test_finetune_blocks_from_the_config_and_their_conflicts(toy_root, tmp_path):
+    args = fast_args(toy_root, tmp_path, stage="finetune")
+    plan = plan_from_config(load_config([*args, "finetune.blocks=[0,4]"]))
+    assert plan.phases[-1].trained(5) == (0, 4)
+    alias = plan_from_config(load_config([*args, "finetune.unfreeze_blocks=2"]))
+    assert alias == plan_from_config(load_config([*args, "finetune.blocks=top:2"]))
+    for extra, message in [
+        (["finetune.blocks=bottom:1", "finetune.unfreeze_blocks=1"], "give either finetune.blocks or"),
+        (["finetune.blocks=bottom:1", "finetune.milestones=[[1,1]]"], "give either finetune.milestones or"),
+        (["finetune.blocks=left:1"], "finetune.blocks=left:1 is not valid"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config([*args, *extra])
