@@ -8,15 +8,15 @@ import sys
 
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
-    # Imported here, not at the top: --help needs only the schema (pipeline/usage.py), not torch and Lightning.
-    from pipeline.usage import help_text
+    # Imported here, not at the top: --help needs only the schema (pipeline/config/usage.py), not torch and Lightning.
+    from pipeline.config.usage import help_text
 
     if any(a in ("-h", "--help", "help") for a in argv):
         print(help_text())
         return None
     from pipeline.api import run_argv
     from pipeline.console import exit_on_known, quiet_console, result_block
-    from pipeline.run_dir import is_rank_zero
+    from pipeline.runner.run_dir import is_rank_zero
 
     quiet_console()
     try:

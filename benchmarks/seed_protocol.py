@@ -84,9 +84,9 @@ def overhead_and_loader(
     from lightning_modules.classifier import make_optimizer
     from lightning_modules.freeze_schedule import ApplyPlan
     from lightning_modules.schedule import param_groups
-    from pipeline.build import build_model
-    from pipeline.config import load_config, plan_from_config
-    from pipeline.trainer_factory import apply_speed_settings, make_trainer
+    from pipeline.config.load import load_config, plan_from_config
+    from pipeline.runner.build import build_model
+    from pipeline.runner.trainer_factory import apply_speed_settings, make_trainer
 
     cfg = load_config(
         [
@@ -259,7 +259,7 @@ def main() -> None:
     if not Path(args.data, "train").is_dir():
         raise SystemExit(f"no data at {args.data} (expected train/, validation/, test/); pass --data")
 
-    from pipeline.config import load_config
+    from pipeline.config.load import load_config
 
     preset = load_config([f"model.backbone={args.backbone}", "stage=frozen"])
     image_size = args.image_size or preset.data.image_size

@@ -27,8 +27,8 @@ class Step:
 
 def build(backbone: str, image_size: int, pretrained: bool = False, channels_last: bool = True):
     """A TransferClassifier for ``backbone`` (random weights by default) and its fine-tune plan."""
-    from pipeline.build import build_model
-    from pipeline.config import load_config, plan_from_config
+    from pipeline.config.load import load_config, plan_from_config
+    from pipeline.runner.build import build_model
 
     cfg = load_config(
         [

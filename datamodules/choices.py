@@ -1,6 +1,6 @@
 """Names of the choices this package implements, in a module without heavy imports.
 
-The config schema (``pipeline/schema.py``) and ``--help`` read them here without importing
+The config schema (``pipeline/config/schema.py``) and ``--help`` read them here without importing
 torchvision; the implementing modules import them from here, so each list is written once.
 """
 

@@ -16,9 +16,9 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
+from core.atomic_io import atomic_target, file_lock, preallocate
 from datamodules.image_io import DECODE_VERSION, load_rgb, unreadable_reason
 from datamodules.layout import changed_since_scan, stat_scanned
-from lightning_modules.atomic_io import atomic_target, file_lock, preallocate
 
 # Cached side length relative to data.image_size: room for random crops of image_size.
 MARGIN = 1.15

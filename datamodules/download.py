@@ -21,11 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.atomic_io import file_lock, write_bytes_atomic, write_text_atomic
 from datamodules.fetch import OFFLINE_HINT, DownloadError, download_and_extract, file_sha256
 from datamodules.image_io import IMAGE_EXTENSIONS, bad_reasons, scan_files
 from datamodules.layout import MANIFEST, SPLIT_DIRS
 from datamodules.near_duplicates import HASH_NAME, MAX_DISTANCE, NearDuplicate, cross_split_pairs, tsv_text
-from lightning_modules.atomic_io import file_lock, write_bytes_atomic, write_text_atomic
 
 SPLITS = tuple(SPLIT_DIRS.values())  # the seed's folder names
 DOWNLOAD_SPLIT = (1000, 500, 500)  # images per class: the seed's 2,000 / 1,000 / 1,000

@@ -19,11 +19,11 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, TensorDataset
 
+from core.atomic_io import file_lock, torch_save_atomic
 from datamodules import image_io, transforms
 from datamodules.image_folder import CPU_EVAL_BATCH, ImageFolderDataModule
 from datamodules.layout import stat_scanned
 from datamodules.sampling import eval_sampler, train_sampler
-from lightning_modules.atomic_io import file_lock, torch_save_atomic
 from lightning_modules.backbones import weights_fingerprint
 from lightning_modules.choices import file_safe
 from lightning_modules.timm_backbones import TIMM_PREFIX

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lightning_modules.atomic_io import fsync_dir, write_json_atomic
-from lightning_modules.errors import UserError
+from core.atomic_io import fsync_dir, write_json_atomic
+from core.errors import UserError
 
 OFFLINE_HINT = (
     "point data.root at a folder laid out as ROOT/{train,validation,test}/<class>/<images>, "

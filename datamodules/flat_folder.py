@@ -27,6 +27,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from core.atomic_io import write_json_atomic
 from datamodules.image_io import bad_reasons
 from datamodules.layout import (
     MANIFEST,
@@ -40,7 +41,6 @@ from datamodules.layout import (
 from datamodules.manifest import GROUPS, Row, kept_together, read_groups, read_manifest, write_groups, write_manifest
 from datamodules.near_duplicates import MAX_DISTANCE, near_duplicate_groups
 from datamodules.stratified_split import assign_folds, carve
-from lightning_modules.atomic_io import write_json_atomic
 
 UNSPLIT = "unsplit"  # SplitIndex.skipped key of files left out before the split
 

@@ -22,9 +22,9 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageOps
 
+from core.atomic_io import write_text_atomic
+from core.errors import first_line
 from datamodules.near_duplicates import dhash
-from lightning_modules.atomic_io import write_text_atomic
-from lightning_modules.errors import first_line
 
 # Up to ~180 megapixels is decoded (PIL warns above 89 MP); beyond that the file is skipped.
 MAX_PIXELS = 180_000_000

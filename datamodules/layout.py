@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.errors import UserError
 from datamodules.image_io import IMAGE_EXTENSIONS, unreadable_reason
-from lightning_modules.errors import UserError
 
 # The one mapping of split names: our key (train/val/test) -> its folder, and its name in a manifest.
 SPLIT_DIRS = {"train": "train", "val": "validation", "test": "test"}

@@ -12,9 +12,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, NamedTuple
 
+from core.atomic_io import write_json_atomic, write_text_atomic
+from core.rank import is_rank_zero
 from datamodules.layout import MANIFEST, SPLIT_DIRS, SPLIT_KEYS, DataLayoutError, SplitSpec
-from lightning_modules.atomic_io import write_json_atomic, write_text_atomic
-from lightning_modules.rank import is_rank_zero
 
 COLUMNS = ("file", "class", "split", "fold")  # the download writes file, class, split, sha256
 GROUPS = "near_duplicate_groups.json"  # beside a split's manifest: the near-duplicate groups it kept whole

@@ -2,7 +2,7 @@
 
 - ``configuration.md`` holds the marker ``<!-- schema-reference -->``; :func:`on_page_markdown`
   replaces it with :func:`configuration_markdown`, one table per section with every key of
-  ``pipeline.schema.schema_rows()`` (type, default, choices, range, help): a key added to the schema
+  ``pipeline.config.schema.schema_rows()`` (type, default, choices, range, help): a key added to the schema
   appears in the next build.
 - ``index.md`` (the home page) holds ``<!-- readme -->``, replaced by the README with its ``docs/``
   links made relative to the site (:func:`readme_markdown`).
@@ -46,9 +46,9 @@ def _code(value: str) -> str:
 
 def configuration_markdown() -> str:
     """Every schema key as Markdown tables, one per section, in declaration order."""
-    from pipeline.fields import parse_range
-    from pipeline.schema import TRAINER_HELP, schema_rows
-    from pipeline.usage import shown
+    from pipeline.config.fields import parse_range
+    from pipeline.config.schema import TRAINER_HELP, schema_rows
+    from pipeline.config.usage import shown
 
     sections: dict[str, list] = {}
     for row in schema_rows():

@@ -47,7 +47,7 @@ def run_plan(run_dir: Path):
     cfg = OmegaConf.load(run_dir / "config.yaml")
     if "plan" in cfg:
         return Plan.from_dict(OmegaConf.to_container(cfg.plan))
-    from pipeline.config import plan_from_config
+    from pipeline.config.load import plan_from_config
 
     return plan_from_config(cfg)
 

@@ -22,8 +22,8 @@ import torchvision
 from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
 
+from core.errors import load_problem
 from lightning_modules.backbone_base import Backbone, BackboneError, BackboneSpec, WeightsError
-from lightning_modules.errors import load_problem
 from lightning_modules.timm_backbones import SUPPORTED, TIMM_PREFIX, timm_spec
 
 

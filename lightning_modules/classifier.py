@@ -21,9 +21,9 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
+from core.errors import ConfigError
 from lightning_modules.backbones import build_backbone
 from lightning_modules.calibration import ECE_BINS, to_probabilities
-from lightning_modules.errors import ConfigError
 from lightning_modules.freeze_schedule import set_frozen_eval, set_trainable
 from lightning_modules.heads import ClassifierHead, HeadOptions
 from lightning_modules.run_safety import NonFiniteLossError
@@ -76,10 +76,10 @@ class TransferClassifier(LightningModule):
     :meth:`forward_features` (the pooled backbone output, what the feature cache stores) and
     :meth:`forward_head`; with ``inputs="features"`` the steps take cached features and train the
     head path directly. The backbone is built with random weights; pretrained weights are loaded
-    by the caller (``pipeline.build``) or come with a checkpoint, so loading never downloads.
+    by the caller (``pipeline.runner.build``) or come with a checkpoint, so loading never downloads.
     ``plan`` (a :class:`~lightning_modules.schedule.Plan`) is what training executes; it is saved
     in every checkpoint, and its callback (``ApplyPlan``) sets the optimizer's rates. Defaults live
-    in the config schema (``pipeline.config``), not here.
+    in the config schema (``pipeline.config.load``), not here.
     """
 
     def __init__(
@@ -109,7 +109,7 @@ class TransferClassifier(LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["inputs", "channels_last", "grad_checkpointing", "plan"])
         self.class_names = list(class_names)
-        # what the run's numbers mean (data, classes, preprocessing: pipeline/identity.py), set by the
+        # what the run's numbers mean (data, classes, preprocessing: pipeline/config/identity.py), set by the
         # runner and saved in every checkpoint so that resuming or reusing it can be checked
         self.identity: dict[str, Any] | None = None
         if len(self.class_names) < 2:
@@ -137,7 +137,7 @@ class TransferClassifier(LightningModule):
         self.metrics = nn.ModuleDict({f"{s}_m": _metrics(len(self.class_names), s != "train") for s in SPLITS})
         self.losses = nn.ModuleDict({f"{s}_m": MeanMetric() for s in SPLITS})
         self.counts = nn.ModuleDict({f"{s}_m": SumMetric() for s in SPLITS})
-        # Temperature scaling, fitted on the validation set after training (pipeline.evaluation):
+        # Temperature scaling, fitted on the validation set after training (pipeline.runner.evaluation):
         # evaluation logits are divided by it; saved with the weights, so every consumer of the
         # checkpoint (stage=test, predict.py, the export) gives the same probabilities.
         self.register_buffer("temperature", torch.ones(()))

@@ -1,5 +1,5 @@
 """Every image's evaluation logits and target, kept by a callback that only the final evaluation
-(``pipeline.evaluation``) attaches: training's validation epochs keep nothing."""
+(``pipeline.runner.evaluation``) attaches: training's validation epochs keep nothing."""
 
 from __future__ import annotations
 

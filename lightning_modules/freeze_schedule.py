@@ -6,7 +6,7 @@ unfreezes (resumed runs stay frozen, Lightning #21901; schedulers break, #8720),
 ever trains is in the optimizer from the start (frozen parameters simply have no gradient).
 
 DDP only synchronises parameters that require gradients when it wraps the model (#20340), so a
-fit never crosses a phase boundary: ``pipeline.phases`` runs one fit per phase, and
+fit never crosses a phase boundary: ``pipeline.runner.phases`` runs one fit per phase, and
 :class:`ApplyPlan` applies the phase's trainable set in ``setup``, before the strategy wraps the
 model, and refuses an epoch outside its phase.
 """
@@ -79,7 +79,7 @@ class ApplyPlan(Callback):
         if not self.phase.start <= trainer.current_epoch < self.phase.end:
             raise RuntimeError(
                 f"epoch {trainer.current_epoch} is outside phase {self.index} (epochs {self.phase.start}-"
-                f"{self.phase.end - 1}); run one fit per phase (pipeline.phases does)"
+                f"{self.phase.end - 1}); run one fit per phase (pipeline.runner.phases does)"
             )
         # The plan's position is global_step / steps_per_epoch: it must agree with the epoch (it
         # would not after a resume with another batch size, device count or limit_train_batches).

@@ -15,8 +15,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_modules.atomic_io import torch_save_atomic
-from lightning_modules.errors import UserError
+from core.atomic_io import torch_save_atomic
+from core.errors import UserError
 
 
 class NonFiniteLossError(UserError, RuntimeError):

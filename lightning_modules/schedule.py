@@ -1,7 +1,7 @@
 """The staged schedule of a stage, as one plain value: which blocks train when, at which rate.
 
 Everything a stage does over time is decided here, before any Trainer exists; the rest of the
-code only executes a :class:`Plan` (``pipeline.phases`` runs one fit per phase, the
+code only executes a :class:`Plan` (``pipeline.runner.phases`` runs one fit per phase, the
 ``ApplyPlan`` callback sets each phase's trainable blocks and, before every step, every optimizer
 group's rate to :meth:`Plan.lr` at the global step). The whole
 ``stage=finetune`` schedule, fastai's ``fine_tune`` in spirit, is :func:`build_plan`:
@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_modules.errors import UserError
+from core.errors import UserError
 
 # One-cycle constants as in fastai's fit_one_cycle: start at lr/25, end at lr/1e5, 25% warm-up.
 ONECYCLE_DIV, ONECYCLE_FINAL_DIV, ONECYCLE_PCT = 25.0, 1e5, 0.25

@@ -20,16 +20,16 @@ from typing import Any
 import torch
 from PIL import Image
 
+from core.errors import ConfigError
 from datamodules.image_folder import default_num_workers
 from datamodules.transforms import backbone_eval_transform
 from lightning_modules.classifier import TransferClassifier
-from lightning_modules.errors import ConfigError
-from pipeline.all_stages import run_all
-from pipeline.config import RunConfig, load_config
+from pipeline.config.load import RunConfig, load_config
 from pipeline.prediction import collect_files, predict_files
 from pipeline.prediction import load_model as _load_model
-from pipeline.repeats import grid_requested, run_grid
-from pipeline.stages import run_stage
+from pipeline.runner.stages import run_stage
+from pipeline.studies.all_stages import run_all
+from pipeline.studies.repeats import grid_requested, run_grid
 
 # data, model, optim, ..., early_stop, lr_find, trainer: the sections a keyword can start with
 SECTIONS = tuple(

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning_modules.errors import FULL_DISK, RunInterrupted, UserError, os_error_cause, os_error_line
+from core.errors import FULL_DISK, RunInterrupted, UserError, os_error_cause, os_error_line
 
 # Library messages that carry nothing a user of this project can act on, each with why:
 QUIET_WARNINGS = (

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_modules.atomic_io import write_bytes_atomic
+from core.atomic_io import write_bytes_atomic
 from lightning_modules.calibration import to_probabilities
 from lightning_modules.classifier import TransferClassifier, flip_averaged
 

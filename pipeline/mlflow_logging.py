@@ -15,8 +15,8 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig
 
-from lightning_modules.errors import ConfigError
-from pipeline.run_dir import RunFolder, is_rank_zero
+from core.errors import ConfigError
+from pipeline.runner.run_dir import RunFolder, is_rank_zero
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 
@@ -27,7 +27,7 @@ def tracking_uri(cfg: DictConfig) -> str:
 
 
 def check_available() -> None:
-    """``log.mlflow=true`` needs the optional extra; ``pipeline.config.validate`` asks before any work."""
+    """``log.mlflow=true`` needs the optional extra; ``pipeline.config.load.validate`` asks before any work."""
     try:
         import mlflow  # noqa: F401 - an optional extra, so imported only when asked for
     except ImportError:

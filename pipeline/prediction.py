@@ -21,17 +21,17 @@ from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from tqdm import tqdm
 
+from core.atomic_io import check_writable, write_text_atomic
+from core.errors import ConfigError, UserError, os_error_line
 from datamodules.image_folder import default_num_workers
 from datamodules.image_io import IMAGE_EXTENSIONS, load_rgb
 from datamodules.transforms import backbone_eval_transform
-from lightning_modules.atomic_io import check_writable, write_text_atomic
 from lightning_modules.cam import cam_available, gradcam, overlay
 from lightning_modules.classifier import TransferClassifier
-from lightning_modules.errors import ConfigError, UserError, os_error_line
-from pipeline.checkpoints import model_from_checkpoint
-from pipeline.config import parse_overrides
+from pipeline.config.load import parse_overrides
 from pipeline.export import EXPORT_FORMATS, export_model
-from pipeline.shift_inference import CLEAN, predict_variants
+from pipeline.inference import CLEAN, predict_variants
+from pipeline.runner.checkpoints import model_from_checkpoint
 
 
 @dataclass
@@ -100,7 +100,7 @@ def predict_files(
     progress: bool = False,
 ) -> list[tuple[str, str, list[float], str]]:
     """Rows ``(file, predicted, probabilities, error)`` in input order, computed by the evaluation's
-    own inference loop (``pipeline.shift_inference.predict_variants``: its CPU batch rule, test-time
+    own inference loop (``pipeline.inference.predict_variants``: its CPU batch rule, test-time
     flip and temperature as the checkpoint has them); with ``cam_dir``, a Grad-CAM overlay of each
     readable image at its own size. ``progress``: a progress bar on stderr (a terminal only)."""
     bar = tqdm(total=len(files), unit="img", disable=not progress or None, leave=False)

@@ -129,8 +129,8 @@ def initial_state(args: list[str]) -> dict[str, torch.Tensor]:
     """The model exactly as a run with ``args`` starts it (same seed, same construction path)."""
     from lightning.pytorch import seed_everything
 
-    from pipeline.build import build_model
-    from pipeline.config import load_config
+    from pipeline.config.load import load_config
+    from pipeline.runner.build import build_model
 
     cfg = load_config(args)
     seed_everything(cfg.seed)

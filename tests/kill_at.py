@@ -93,7 +93,7 @@ def install(point: str) -> None:
     if PAUSE and os.environ.get("KILL_AT_UNTIL"):
         _pause_until(int(os.environ["KILL_AT_UNTIL"]))
 
-    import lightning_modules.atomic_io as atomic_io
+    import core.atomic_io as atomic_io
     from lightning_modules.classifier import TransferClassifier
     from lightning_modules.run_safety import EpochTimer, StepSeed
 
@@ -160,7 +160,7 @@ def install(point: str) -> None:
 
         TransferClassifier.on_test_start = on_test_start
     elif name == "temperature":
-        import pipeline.evaluation as evaluation
+        import pipeline.runner.evaluation as evaluation
 
         original_store = evaluation.store_temperature
 
@@ -170,7 +170,7 @@ def install(point: str) -> None:
 
         evaluation.store_temperature = store_temperature
     elif name == "metrics":
-        from pipeline.run_dir import RunFolder
+        from pipeline.runner.run_dir import RunFolder
 
         original_json = RunFolder.write_json
 
@@ -181,7 +181,7 @@ def install(point: str) -> None:
 
         RunFolder.write_json = write_json
     elif name == "scan":
-        import pipeline.build as build
+        import pipeline.runner.build as build
 
         original_scan = build.scan_data
 

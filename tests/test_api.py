@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 import pipeline
+from core.errors import ConfigError, UserError
 from datamodules.image_io import load_rgb
-from lightning_modules.errors import ConfigError, UserError
 from pipeline.api import to_argv
 
 from conftest import fast_args

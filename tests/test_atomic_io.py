@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules import atomic_io
-from lightning_modules.atomic_io import (
+from core import atomic_io
+from core.atomic_io import (
     atomic_target,
     file_lock,
     json_text,
@@ -25,7 +25,7 @@ from lightning_modules.atomic_io import (
     write_json_atomic,
     write_text_atomic,
 )
-from lightning_modules.errors import DiskFullError
+from core.errors import DiskFullError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -151,7 +151,7 @@ def test_file_lock_excludes_a_second_process(tmp_path):
     target = tmp_path / "shared.bin"
     child = (
         "import sys, time\n"
-        "from lightning_modules.atomic_io import file_lock\n"
+        "from core.atomic_io import file_lock\n"
         "print('waiting', flush=True)\n"
         "with file_lock(sys.argv[1]):\n"
         "    print(time.time(), flush=True)\n"

@@ -13,7 +13,7 @@ from lightning_modules.backbone_base import WeightsError, randomise_norms
 from lightning_modules.backbones import BACKBONES, _lite_weights_file, build_backbone
 from lightning_modules.freeze_schedule import set_trainable
 from lightning_modules.heads import ClassifierHead, make_pool
-from pipeline.config import load_config
+from pipeline.config.load import load_config
 
 from toy_data import make_image_tree
 

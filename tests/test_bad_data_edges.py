@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import train
+from core.errors import ConfigError
 from datamodules.class_balance import describe_counts
 from datamodules.data_index import SplitIndex, scan_splits
 from datamodules.layout import DataLayoutError, SplitSpec
 from lightning_modules import figures, tensorboard_views
 from lightning_modules.backbones import BACKBONES, backbone_spec, build_backbone
-from lightning_modules.errors import ConfigError
-from pipeline import build
-from pipeline.config import CONFIG_DIR, load_config
+from pipeline.config.load import CONFIG_DIR, load_config
+from pipeline.runner import build
 
 from conftest import fast_args
 from helpers import image_sizes, run_dir, run_train

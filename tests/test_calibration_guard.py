@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_modules.calibration import MIN_VAL_ERRORS, MIN_VAL_IMAGES, ece, fit_temperature, judge_temperature
-from pipeline.evaluation import calibrate
+from pipeline.runner.evaluation import calibrate
 
 
 class _Model:

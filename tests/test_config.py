@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 import train
-from lightning_modules.errors import ConfigError
-from pipeline.config import load_config
+from core.errors import ConfigError
+from pipeline.config.load import load_config
 
 
 def _error_line(capsys, args: list[str]) -> str:
@@ -91,7 +91,7 @@ def test_config_error_is_raised_before_heavy_work():
 def test_schema_rows_list_every_key_with_its_facts():
     from omegaconf import OmegaConf
 
-    from pipeline.config import RunConfig, flatten_keys, schema_rows
+    from pipeline.config.load import RunConfig, flatten_keys, schema_rows
 
     rows = {row.key: row for row in schema_rows()}
     assert set(rows) == set(flatten_keys(OmegaConf.to_container(OmegaConf.structured(RunConfig))))

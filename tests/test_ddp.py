@@ -34,10 +34,10 @@ def ddp_root(tmp_path_factory) -> Path:
 UNSAFE_SINGLE_FIT = """
 import sys
 sys.path.insert(0, {root!r})
-from pipeline import phases, stages
+from pipeline.runner import phases, stages
 from lightning_modules.freeze_schedule import ApplyPlan
 from lightning_modules.run_safety import EpochTimer
-from pipeline.trainer_factory import make_trainer
+from pipeline.runner.trainer_factory import make_trainer
 
 
 class SwitchInsideOneFit(ApplyPlan):

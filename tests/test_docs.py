@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.schema import schema_rows
+from pipeline.config.schema import schema_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

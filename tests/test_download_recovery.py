@@ -13,10 +13,10 @@ import pytest
 from test_download import ARCHIVE, file_sha256_bytes
 
 import datamodules.download as dl
+from core.errors import UserError
 from datamodules.data_index import scan_splits
 from datamodules.download import prepare_dataset
 from datamodules.fetch import DownloadError, download
-from lightning_modules.errors import UserError
 
 NAME = "kagglecatsanddogs_5340.zip"
 SHA = file_sha256_bytes(ARCHIVE)

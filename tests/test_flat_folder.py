@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
+from core.errors import ConfigError
 from datamodules.data_index import scan_splits
 from datamodules.image_io import check_image
 from datamodules.layout import DataLayoutError, SplitSpec
 from datamodules.manifest import GROUPS, read_manifest, record_split
 from datamodules.near_duplicates import MAX_DISTANCE
 from datamodules.stratified_split import assign_folds, carve, class_counts
-from lightning_modules.errors import ConfigError
-from pipeline.config import load_config
+from pipeline.config.load import load_config
 
 from conftest import fast_args
 from helpers import run_dir, run_train
@@ -334,7 +334,7 @@ def test_one_fold_end_to_end(tmp_path):
 
 
 def test_a_flat_folder_is_never_downloaded_into(tmp_path, monkeypatch):
-    import pipeline.build as build
+    import pipeline.runner.build as build
 
     class ModelStep(Exception):
         pass

@@ -14,8 +14,8 @@ from PIL import Image
 
 import predict
 from lightning_modules.cam import cam_available
-from pipeline.evaluation import write_predictions
 from pipeline.prediction import write_csv
+from pipeline.runner.evaluation import write_predictions
 
 from conftest import fast_args
 from helpers import read_metrics, run_dir, run_train

@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 
 import predict
 from lightning_modules.cam import cam_available
-from pipeline.evaluation import read_correct
 from pipeline.export import export_model, run_exported
 from pipeline.prediction import load_model
+from pipeline.runner.evaluation import read_correct
 
 from conftest import fast_args
 from helpers import read_metrics, run_dir, run_train

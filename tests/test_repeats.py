@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.repeats as repeats
+import pipeline.studies.repeats as repeats
+from core.errors import ConfigError, RunInterrupted
 from datamodules.data_index import scan_splits
 from datamodules.layout import DataLayoutError
 from datamodules.subsets import train_subset
-from lightning_modules.errors import ConfigError, RunInterrupted
-from pipeline.repeats import parse_grid
+from pipeline.studies.repeats import parse_grid
 
 from conftest import fast_args
 from helpers import run_train
@@ -113,7 +113,7 @@ def test_seeds_and_sweep_summary_and_resume(toy_root, tmp_path, monkeypatch, cap
 
 
 def test_folds_are_summarised_like_seeds():
-    from pipeline.repeats import summarise_rows
+    from pipeline.studies.repeats import summarise_rows
 
     def row(fold: int, backbone: str, acc: float) -> dict:
         metrics = {"acc": acc, "loss": 1 - acc}

@@ -15,7 +15,7 @@ from datamodules.data_index import scan_splits
 from datamodules.decoded_cache import cached_size
 from datamodules.image_folder import ImageFolderDataModule, LabeledImages
 from datamodules.transforms import RandomDownscale, train_transform
-from pipeline.config import load_config
+from pipeline.config.load import load_config
 
 from toy_data import make_image_tree
 

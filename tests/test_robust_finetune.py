@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import ConfigError
 from lightning_modules.classifier import TransferClassifier
-from lightning_modules.errors import ConfigError
-from pipeline.config import load_config
-from pipeline.wise import THETA0, choose, interpolate
+from pipeline.config.load import load_config
+from pipeline.robustness.wise import THETA0, choose, interpolate
 
 from conftest import BACKBONE, finetune_args
 from helpers import checkpoint_state, initial_state, run_dir, run_train
@@ -116,7 +116,7 @@ def test_l2sp_gradient_is_the_formula_and_only_on_trained_blocks():
     from lightning_modules.schedule import param_groups
 
     plan = load_config(["stage=finetune", "finetune.warmup_epochs=0", "finetune.unfreeze_blocks=1"])
-    from pipeline.config import plan_from_config
+    from pipeline.config.load import plan_from_config
 
     groups = param_groups(model.head, model.backbone.blocks, plan_from_config(plan), 0.01, backbone_decay=False)
     assert {g["name"]: g["weight_decay"] for g in groups if g["weight_decay"] > 0}.keys() == {"head"}

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 import train
+from core.atomic_io import write_json_atomic
 from datamodules.data_index import scan_splits
 from datamodules.image_folder import ImageFolderDataModule
 from datamodules.layout import DataLayoutError
-from lightning_modules.atomic_io import write_json_atomic
 from lightning_modules.run_safety import AtomicCheckpointIO
 
 from conftest import BACKBONE, fast_args, finetune_args
@@ -145,12 +145,12 @@ def test_strict_mode_makes_bad_files_an_error(capsys, messy_root, tmp_path):
 
 
 def test_layout_errors_come_before_any_model_is_built(capsys, tmp_path, monkeypatch):
-    import pipeline.build
+    import pipeline.runner.build
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built before the data layout was checked")
 
-    monkeypatch.setattr(pipeline.build, "build_model", no_model)
+    monkeypatch.setattr(pipeline.runner.build, "build_model", no_model)
     root = make_image_tree(tmp_path / "d", per_class={"train": 2, "validation": 2, "test": 2}, size=16)
     for f in (root / "test" / "cats").iterdir():
         f.unlink()

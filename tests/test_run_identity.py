@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import train
-from lightning_modules.errors import ConfigError
-from pipeline.config import load_config
-from pipeline.run_dir import RUN_RECORD, claim, latest_run, release_all, resolve_run
+from core.errors import ConfigError
+from pipeline.config.load import load_config
+from pipeline.runner.run_dir import RUN_RECORD, claim, latest_run, release_all, resolve_run
 
 from conftest import BACKBONE, ROOT, fast_args, finetune_args
 from helpers import checkpoint_state, release_together, run_dir, run_train, sigterm_at_step
@@ -160,7 +160,7 @@ CONCURRENT = """
 import os, sys, time
 sys.path.insert(0, {root!r})
 from omegaconf import OmegaConf
-from pipeline.run_dir import new_run_dir
+from pipeline.runner.run_dir import new_run_dir
 # the keys new_run_dir reads; a light process (no torch), so the four start within a second
 cfg = OmegaConf.create({{"stage": "frozen", "out_dir": sys.argv[1], "model": {{"backbone": "resnet18"}}}})
 open(sys.argv[2] + "." + str(os.getpid()) + ".ready", "w").close()
@@ -189,7 +189,7 @@ HOLD = """
 import sys, time
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from pipeline.run_dir import claim
+from pipeline.runner.run_dir import claim
 claim(Path(sys.argv[1]))
 print("held", flush=True)
 time.sleep(30)
@@ -222,7 +222,7 @@ def test_limit_eval_batches_are_refused_up_front(tmp_path):
 def test_slurm_auto_requeue_is_off_and_stray_hpc_checkpoints_are_not_loaded(tmp_path, monkeypatch):
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from pipeline.trainer_factory import make_trainer
+    from pipeline.runner.trainer_factory import make_trainer
 
     for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "7"}.items():
         monkeypatch.setenv(key, value)

@@ -11,10 +11,10 @@ import torchvision
 from omegaconf import OmegaConf
 
 import train
-from lightning_modules.errors import ConfigError
+from core.errors import ConfigError
 from lightning_modules.freeze_schedule import ApplyPlan
 from lightning_modules.schedule import Phase, Plan, PlanError, build_plan, milestones_from, param_groups, parse_blocks
-from pipeline.config import load_config, plan_from_config
+from pipeline.config.load import load_config, plan_from_config
 
 from conftest import fast_args
 from helpers import checkpoint_state, conv_weights, read_metrics, run_dir, run_train, scalar_tags, sigterm_at_step

@@ -21,13 +21,13 @@ import pytest
 import torch
 from torch import nn
 
+from core.errors import DiskFullError
 from datamodules import decoded_cache as decoded_module
 from datamodules import feature_cache
 from datamodules.data_index import scan_splits
 from datamodules.decoded_cache import cached_size, decoded_cache, open_decoded
 from datamodules.feature_cache import FeatureDataModule
 from datamodules.image_folder import ImageFolderDataModule
-from lightning_modules.errors import DiskFullError
 from lightning_modules.run_safety import AtomicCheckpointIO
 
 TESTS = Path(__file__).resolve().parent

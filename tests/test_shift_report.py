@@ -14,22 +14,22 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageFilter
 
+from core.errors import ConfigError
 from datamodules.image_io import load_rgb
 from datamodules.shifts import SEVERITIES, SHIFT_NAMES, SHIFTS, apply_shift, variant_name
 from datamodules.transforms import eval_transform
 from lightning_modules.calibration import ece
 from lightning_modules.classifier import TransferClassifier
-from lightning_modules.errors import ConfigError
-from pipeline.config import RunConfig
-from pipeline.shift_inference import cost_line, eval_batch_size, predict_variants, shift_variants
-from pipeline.shift_report import (
+from pipeline.config.load import RunConfig
+from pipeline.inference import cost_line, eval_batch_size, predict_variants, shift_variants
+from pipeline.robustness.shift_report import (
     check_extra_tests,
     resolve_shifts,
     run_extra_tests,
     run_shift_report,
     validate_shift_config,
 )
-from pipeline.statistics import wilson_interval
+from pipeline.studies.statistics import wilson_interval
 
 from conftest import BACKBONE, stand_in_init
 from helpers import image_counts, scalar_tags

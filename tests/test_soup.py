@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.errors import ConfigError
-from pipeline.config import load_config
-from pipeline.soup import average, check_soup, earlier_soups, greedy, make_soup, take_soup
+from core.errors import ConfigError
+from pipeline.config.load import load_config
+from pipeline.studies.soup import average, check_soup, earlier_soups, greedy, make_soup, take_soup
 
 from conftest import fast_args, finetune_args
 from helpers import checkpoint_state, run_train

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_modules.calibration import ece, fit_temperature, nll
-from pipeline.statistics import mcnemar, mean_sd_interval, t_quantile_975, wilson_interval
+from pipeline.studies.statistics import mcnemar, mean_sd_interval, t_quantile_975, wilson_interval
 
 
 def test_wilson_interval_contains_the_estimate_and_shrinks_with_more_images():
@@ -93,7 +93,7 @@ def test_temperature_scaling_multiclass():
 
 
 def test_compare_two_runs_by_their_test_predictions(tmp_path, capsys):
-    from pipeline.compare import main
+    from pipeline.studies.compare import main
 
     header = "file,target,predicted,prob_a,prob_b\n"
     rows_a = [f"f{i}.png,a,{'a' if i < 18 else 'b'},0.9,0.1\n" for i in range(20)]  # 18 right

@@ -10,12 +10,12 @@ from torch.utils.checkpoint import checkpoint
 
 timm = pytest.importorskip("timm", reason="pip install -e '.[timm]'")
 
+from core.errors import ConfigError  # noqa: E402
 from lightning_modules.backbones import BackboneError, WeightsError, backbone_spec, build_backbone  # noqa: E402
-from lightning_modules.errors import ConfigError  # noqa: E402
 from lightning_modules.freeze_schedule import set_trainable  # noqa: E402
 from lightning_modules.heads import make_pool  # noqa: E402
 from lightning_modules.timm_backbones import cut, pre_logits, randomise_norms, timm_spec  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config.load import load_config  # noqa: E402
 from pipeline.export import export_model, run_exported  # noqa: E402
 from pipeline.prediction import load_model  # noqa: E402
 
@@ -341,7 +341,7 @@ def test_mean_std_reach_the_transforms_the_checkpoint_and_the_loaded_model(toy_r
     """data.mean/std (here CLIP's, on a tiny ViT) normalise the training images, are recorded in the
     checkpoint's identity and hyperparameters, and come back with the model predict.py loads; so
     does the weights' centre crop at evaluation (test_vit's crop_pct 0.95: 33 px, centre 32)."""
-    from pipeline.build import build_stage
+    from pipeline.runner.build import build_stage
 
     clip = {"data.mean": f"[{','.join(map(str, CLIP_MEAN))}]", "data.std": f"[{','.join(map(str, CLIP_STD))}]"}
     args = fast_args(toy_root, tmp_path, stage="frozen", **{"model.backbone": "timm:test_vit", **clip})

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
+from core.errors import ConfigError, load_problem
 from lightning_modules.classifier import TransferClassifier
-from lightning_modules.errors import ConfigError, load_problem
 
 
 def load_checkpoint(path: str) -> dict:

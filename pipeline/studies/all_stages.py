@@ -9,11 +9,11 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_modules.errors import ConfigError
-from pipeline.config import load_config, parse_overrides, plan_from_config, to_yaml
-from pipeline.evaluation import paired_mcnemar, read_correct
-from pipeline.run_dir import is_rank_zero, resolve_all_run
-from pipeline.stages import run_stage
+from core.errors import ConfigError
+from pipeline.config.load import load_config, parse_overrides, plan_from_config, to_yaml
+from pipeline.runner.evaluation import paired_mcnemar, read_correct
+from pipeline.runner.run_dir import is_rank_zero, resolve_all_run
+from pipeline.runner.stages import run_stage
 
 METHODS = [
     ("features", "1. feature extraction (cached features, head only)"),

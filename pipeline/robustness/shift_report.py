@@ -1,8 +1,8 @@
 """The shift report: how the evaluated model holds up when its test images are damaged, and on test
 folders from elsewhere (``eval.extra_tests``).
 
-The copies and their metrics are computed in ``pipeline/shift_inference.py`` and drawn in
-``pipeline/shift_views.py``. Per copy: accuracy with its 95% Wilson interval, ECE (at the model's
+The copies and their metrics are computed in ``pipeline/inference.py`` and drawn in
+``pipeline/robustness/shift_views.py``. Per copy: accuracy with its 95% Wilson interval, ECE (at the model's
 temperature: ``model.logits`` divides by it) and the drop from the clean accuracy; their mean is
 the "shift accuracy". Written as ``shift.json`` (= the returned dict, for ``metrics.json["shift"]``),
 ``shift.md``, ``shift.png`` and ``shift_predictions.csv`` (each image's prediction under each copy).
@@ -19,17 +19,16 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from core.atomic_io import json_text
+from core.errors import ConfigError
 from datamodules.flat_folder import list_flat
 from datamodules.image_folder import default_num_workers
 from datamodules.layout import DataLayoutError
 from datamodules.shifts import SHIFT_NAMES, SHIFTS
-from lightning_modules.atomic_io import json_text
-from lightning_modules.errors import ConfigError
 from lightning_modules.figures import png_bytes
 from lightning_modules.tensorboard_views import tensorboard_writer
-from pipeline.run_dir import RunFolder
-from pipeline.schema import SHIFT_PRESETS
-from pipeline.shift_inference import (
+from pipeline.config.schema import SHIFT_PRESETS
+from pipeline.inference import (
     CLEAN,
     cost_line,
     predict_variants,
@@ -37,7 +36,7 @@ from pipeline.shift_inference import (
     split_metrics,
     summarise_shifts,
 )
-from pipeline.shift_views import (
+from pipeline.robustness.shift_views import (
     extra_tests_table,
     log_shift_report,
     predictions_csv,
@@ -45,7 +44,8 @@ from pipeline.shift_views import (
     shift_rows,
     shift_table,
 )
-from pipeline.trainer_factory import on_gpu
+from pipeline.runner.run_dir import RunFolder
+from pipeline.runner.trainer_factory import on_gpu
 
 SHIFT_FILES = {"json": "shift.json", "table": "shift.md", "chart": "shift.png", "predictions": "shift_predictions.csv"}
 EXTRA_FILES = {"json": "extra_tests.json", "table": "extra_tests.md", "predictions": "extra_tests_predictions.csv"}
@@ -92,7 +92,7 @@ def parse_extra_tests(entries: Sequence[str] | None) -> dict[str, Path]:
 
 
 def validate_shift_config(eval_cfg: Any) -> None:
-    """What ``pipeline.config.validate`` can check before any work: shift names, extra test entries."""
+    """What ``pipeline.config.load.validate`` can check before any work: shift names, extra test entries."""
     resolve_shifts(eval_cfg.shifts, on_gpu=True)
     parse_extra_tests(eval_cfg.extra_tests)
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.fields import parse_range
-from pipeline.schema import STAGE_HELP, TRAINER_HELP, SchemaRow, schema_rows
+from pipeline.config.fields import parse_range
+from pipeline.config.schema import STAGE_HELP, TRAINER_HELP, SchemaRow, schema_rows
 
 HELP = """\
 usage: python train.py [key=value ...]
@@ -18,7 +18,8 @@ Staged transfer learning of an image classifier (PyTorch Lightning).
 stages (stage=...):
 {stages}
 
-keys (key=default  meaning; choices or range; schema: pipeline/schema.py, presets: configs/stage/, configs/backbone/):
+keys (key=default  meaning; choices or range; schema: pipeline/config/schema.py;
+presets: configs/stage/, configs/backbone/):
 {keys}
 
 repeats and sweeps (around any stage; see docs/uncertainty.md):

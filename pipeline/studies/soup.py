@@ -19,16 +19,16 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from lightning_modules.atomic_io import torch_save_atomic
-from lightning_modules.errors import ConfigError
-from pipeline.build import evaluation_data
-from pipeline.checkpoints import load_checkpoint, model_from_checkpoint
-from pipeline.config import load_config
-from pipeline.evaluation import summarise
-from pipeline.run_dir import RunFolder
-from pipeline.shift_report import report_robustness
-from pipeline.trainer_factory import make_trainer
-from pipeline.wise import uncalibrated
+from core.atomic_io import torch_save_atomic
+from core.errors import ConfigError
+from pipeline.config.load import load_config
+from pipeline.robustness.shift_report import report_robustness
+from pipeline.robustness.wise import uncalibrated
+from pipeline.runner.build import evaluation_data
+from pipeline.runner.checkpoints import load_checkpoint, model_from_checkpoint
+from pipeline.runner.evaluation import summarise
+from pipeline.runner.run_dir import RunFolder
+from pipeline.runner.trainer_factory import make_trainer
 
 SOUPS = ("uniform", "greedy")
 SOUP_ROW = "result.json"  # the soup's summary row, read back by later commands on the same sweep

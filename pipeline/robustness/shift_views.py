@@ -9,7 +9,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from lightning_modules.figures import _font, as_tensor
-from pipeline.shift_inference import CLEAN, Predictions, variant_label
+from pipeline.inference import CLEAN, Predictions, variant_label
 
 
 def _num(value: float | None, digits: int = 4) -> str:

@@ -20,9 +20,9 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
-from lightning_modules.atomic_io import torch_save_atomic
+from core.atomic_io import torch_save_atomic
 from lightning_modules.backbones import build_backbone
-from pipeline.run_dir import is_rank_zero
+from pipeline.runner.run_dir import is_rank_zero
 
 THETA0 = "wise-theta0.pt"
 RULE = "best validation accuracy; ties: the smaller a, then the lower validation loss"

@@ -16,12 +16,12 @@ from lightning.pytorch.tuner import Tuner
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
-from lightning_modules.errors import ConfigError
+from core.errors import ConfigError
 from lightning_modules.figures import as_tensor, line_plot, png_bytes
 from lightning_modules.tensorboard_views import tensorboard_writer
-from pipeline.build import Build
-from pipeline.config import plan_from_config
-from pipeline.trainer_factory import intended_warnings, make_trainer
+from pipeline.config.load import plan_from_config
+from pipeline.runner.build import Build
+from pipeline.runner.trainer_factory import intended_warnings, make_trainer
 
 
 def run_lr_find(cfg: DictConfig, build: Build) -> dict[str, Any]:

@@ -17,9 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from core.errors import ConfigError
 from datamodules.image_folder import available_cores
 from lightning_modules.best_checkpoint import BestCheckpoint
-from lightning_modules.errors import ConfigError
 from lightning_modules.replica_check import ReplicaAgreement
 from lightning_modules.run_safety import AtomicCheckpointIO, SaveOnInterrupt, StepSeed
 from lightning_modules.tensorboard_views import TensorBoardViews

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lightning_modules.errors import FULL_DISK as _FULL
-from lightning_modules.errors import ConfigError, DiskFullError, first_line, os_error_line
+from core.errors import FULL_DISK as _FULL
+from core.errors import ConfigError, DiskFullError, first_line, os_error_line
 
 
 def temp_path(path: str | os.PathLike) -> Path:

@@ -18,7 +18,7 @@ from datamodules.image_io import load_rgb, unreadable_reason
 from datamodules.shifts import SEVERITIES, SHIFTS, apply_shift, variant_name
 from datamodules.transforms import backbone_eval_transform
 from lightning_modules.calibration import ece, to_probabilities
-from pipeline.statistics import wilson_interval
+from pipeline.studies.statistics import wilson_interval
 
 CLEAN = "clean"
 Variant = tuple[str, int]  # (shift, severity); (CLEAN, 0) is the untouched image

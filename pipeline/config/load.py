@@ -1,6 +1,6 @@
 """Loading the run configuration: presets, ``key=value`` overrides, and the rules across keys.
 
-Composition order: the schema (``pipeline/schema.py``, the one source of defaults) ->
+Composition order: the schema (``pipeline/config/schema.py``, the one source of defaults) ->
 ``configs/stage/<stage>.yaml`` -> ``configs/backbone/<backbone>.yaml`` ->
 ``configs/backbone/<backbone>.<stage>.yaml`` (each if present) -> command line. An unknown key or
 a wrong type fails while merging (an OmegaConf structured config); each key's own choices and
@@ -8,7 +8,7 @@ range are checked from its declaration (``schema.check_values``); :func:`validat
 that span keys, those of the free-form ``trainer.*``, and those that the implementing module owns
 (a backbone name, shift names, split sizes), all before any work starts.
 
-This module imports torch and Lightning for those checks; ``--help`` (``pipeline/usage.py``) does not
+This module imports torch and Lightning for those checks; ``--help`` (``pipeline/config/usage.py``) does not
 import it.
 """
 
@@ -23,18 +23,18 @@ from lightning.pytorch import Trainer
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from core.errors import ConfigError
 from datamodules.stratified_split import parse_split_sizes
 from lightning_modules.backbone_base import BackboneError, BackboneSpec
 from lightning_modules.backbones import backbone_spec
 from lightning_modules.choices import MONITORS
-from lightning_modules.errors import ConfigError
 from lightning_modules.schedule import Plan, PlanError, build_plan, milestones_from, parse_blocks
+from pipeline.config.schema import STAGES, TRAINING_STAGES, RunConfig, check_value, check_values, schema_rows
+from pipeline.config.usage import help_text
 from pipeline.mlflow_logging import check_available as check_mlflow
-from pipeline.schema import STAGES, TRAINING_STAGES, RunConfig, check_value, check_values, schema_rows
-from pipeline.shift_report import validate_shift_config
-from pipeline.usage import help_text
+from pipeline.robustness.shift_report import validate_shift_config
 
-# The names other modules import from here (the schema's live in pipeline/schema.py).
+# The names other modules import from here (the schema's live in pipeline/config/schema.py).
 __all__ = [
     "CONFIG_DIR",
     "MONITORS",
@@ -53,7 +53,7 @@ __all__ = [
     "wise_alphas",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/
 # trainer.* is passed to lightning.Trainer as is, so its keys are the signature's. Importing Lightning
 # here costs nothing extra: the checks below (shift report, MLflow) import it anyway.
 TRAINER_KEYS = frozenset(inspect.signature(Trainer.__init__).parameters) - {"self", "callbacks", "logger"}
@@ -122,6 +122,8 @@ def parse_overrides(argv: list[str]) -> DictConfig:
 def load_config(argv: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
     """Compose the run configuration from the presets and ``key=value`` overrides."""
     cli = parse_overrides(argv)
+    if not (config_dir / "stage").is_dir():  # every stage has a preset: a missing folder is an install fault
+        raise ConfigError(f"the stage presets are missing: no folder {config_dir / 'stage'}")
     schema = OmegaConf.structured(RunConfig)
     try:
         stage = str(cli.get("stage", schema.stage))

@@ -1,8 +1,8 @@
 """The run configuration's schema: each key's default, help, choices and range, declared once.
 
-Each key is an ``opt`` field (``pipeline/fields.py``). OmegaConf's structured config checks key
+Each key is an ``opt`` field (``pipeline/config/fields.py``). OmegaConf's structured config checks key
 names and types while merging; :func:`check_values` checks each key's own choices, finiteness,
-list shape and range from the same declaration; ``pipeline.usage`` prints them as ``--help`` and
+list shape and range from the same declaration; ``pipeline.config.usage`` prints them as ``--help`` and
 :func:`schema_rows` returns them as data (the configuration reference).
 Choices come from the modules that implement them, through their packages' light ``choices``
 modules, so neither this module nor ``--help`` imports torch.
@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 
 from datamodules.choices import AUGMENT_PRESETS, SHIFT_NAMES, SOURCE_NAMES
 from lightning_modules.choices import BACKBONE_NAMES, MONITORS, OPTIMIZERS, POOLS, SCHEDULERS
-from pipeline.fields import check_key, leaf_keys, opt
+from pipeline.config.fields import check_key, leaf_keys, opt
 
-# What each stage runs (the runner, pipeline/api.py and pipeline/stages.py, dispatches on the names).
+# What each stage runs (the runner, pipeline/api.py and pipeline/runner/stages.py, dispatches on the names).
 STAGE_HELP = {
     "features": "seed method 1: frozen backbone run once, features cached, head trained on them",
     "frozen": "seed method 2: frozen backbone + augmentation, trained end to end",
@@ -30,8 +30,8 @@ STAGE_HELP = {
 }
 STAGES = tuple(STAGE_HELP)
 TRAINING_STAGES = ("features", "frozen", "finetune")
-TEMPERATURE_MODES = ("auto", "fit", "off")  # pipeline/evaluation.py calibrate
-SHIFT_PRESETS = ("auto", "all", "none")  # pipeline/shift_report.py resolve_shifts
+TEMPERATURE_MODES = ("auto", "fit", "off")  # pipeline/runner/evaluation.py calibrate
+SHIFT_PRESETS = ("auto", "all", "none")  # pipeline/robustness/shift_report.py resolve_shifts
 POSITIVE, NON_NEGATIVE, FRACTION = "(0, inf)", "[0, inf)", "[0, 1)"
 RGB = {"length": 3, "shape": "three numbers, [R, G, B]"}
 
@@ -173,7 +173,7 @@ class FinetuneConfig:
         "L2-SP: lambda/2 * ||w - w_pretrained||^2 on the trained backbone, no decay there (0: off)",
         range=NON_NEGATIVE,
     )
-    # checked and normalised by pipeline/config.py's wise_alphas
+    # checked and normalised by pipeline/config/load.py's wise_alphas
     wise: Any = opt(
         None,
         "WiSE-FT after the last phase: [a, ...] in 0..1 between the head-only model (a=0) and the fine-tuned one "
@@ -213,7 +213,7 @@ class EvalConfig:
         choices=TEMPERATURE_MODES,
     )
     # auto: the shifted copies of the test set cost an evaluation each, seconds on a GPU but many
-    # minutes on a CPU, so a CPU run asks for them explicitly (pipeline/shift_report.py)
+    # minutes on a CPU, so a CPU run asks for them explicitly (pipeline/robustness/shift_report.py)
     shifts: Any = opt(
         "auto",
         "shift report on the test split, each shift at 2 severities (auto: all shifts on a GPU, none on CPU)",
@@ -221,7 +221,7 @@ class EvalConfig:
         other=f"a list of: {', '.join(SHIFT_NAMES)}",
     )
     shift_seed: int = opt(0, "seed of the shifts' per-image randomness (not `seed`: repeats see the same shifts)")
-    # checked by pipeline/shift_report.py's parse_extra_tests
+    # checked by pipeline/robustness/shift_report.py's parse_extra_tests
     extra_tests: list[str] = opt([], "more test folders, [name=path,...], each <path>/<class>/<images>: clean metrics")
 
 
@@ -272,7 +272,7 @@ class RunConfig:
     all: AllConfig = field(default_factory=AllConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)
-    # Free-form on purpose: every key is passed to lightning.Trainer; pipeline.config checks them.
+    # Free-form on purpose: every key is passed to lightning.Trainer; pipeline.config.load checks them.
     trainer: dict[str, Any] = opt(TRAINER_DEFAULTS, TRAINER_HELP)
 
 
@@ -314,7 +314,7 @@ def schema_rows() -> list[SchemaRow]:
 
 
 def check_value(name: str, value: Any) -> None:
-    """The key ``name``'s own rules (:func:`pipeline.fields.check_key`); a one-line ConfigError."""
+    """The key ``name``'s own rules (:func:`pipeline.config.fields.check_key`); a one-line ConfigError."""
     check_key(KEYS[name], value)
 
 

@@ -10,20 +10,20 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
+from core.errors import IdentityError
 from datamodules.data_index import SplitIndex, scan_splits
 from datamodules.image_folder import default_num_workers
 from datamodules.layout import split_spec
 from datamodules.manifest import record_split
-from lightning_modules.errors import IdentityError
-from pipeline.build import evaluation_images, report_skipped
-from pipeline.checkpoints import checkpoint_for, model_from_checkpoint
-from pipeline.config import cache_dir as cache_folder
-from pipeline.evaluation import summarise
-from pipeline.identity import check_identity, split_digest
-from pipeline.results import write_config, write_results
-from pipeline.run_dir import resolve_run
-from pipeline.shift_report import report_robustness
-from pipeline.trainer_factory import make_trainer
+from pipeline.config.identity import check_identity, split_digest
+from pipeline.config.load import cache_dir as cache_folder
+from pipeline.robustness.shift_report import report_robustness
+from pipeline.runner.build import evaluation_images, report_skipped
+from pipeline.runner.checkpoints import checkpoint_for, model_from_checkpoint
+from pipeline.runner.evaluation import summarise
+from pipeline.runner.results import write_config, write_results
+from pipeline.runner.run_dir import resolve_run
+from pipeline.runner.trainer_factory import make_trainer
 
 
 def run_test(cfg: DictConfig, run_name: str | None) -> dict[str, Any]:

@@ -20,10 +20,10 @@ from lightning_modules.plan_figure import plan_figure
 from lightning_modules.run_safety import EpochTimer
 from lightning_modules.schedule import Plan
 from lightning_modules.tensorboard_views import tensorboard_writer
-from pipeline.config import flatten_keys, to_yaml
-from pipeline.evaluation import INTERVALS, Evaluation, write_predictions
+from pipeline.config.load import flatten_keys, to_yaml
 from pipeline.mlflow_logging import log_results
-from pipeline.run_dir import RunFolder
+from pipeline.runner.evaluation import INTERVALS, Evaluation, write_predictions
+from pipeline.runner.run_dir import RunFolder
 
 
 def write_config(cfg: DictConfig, run: RunFolder, plan: Plan | None = None) -> None:

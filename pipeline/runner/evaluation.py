@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_modules.atomic_io import write_bytes_atomic, write_text_atomic
+from core.atomic_io import write_bytes_atomic, write_text_atomic
 from lightning_modules.calibration import (
     ECE_BINS,
     T_RANGE,
@@ -35,8 +35,8 @@ from lightning_modules.eval_outputs import CollectOutputs
 from lightning_modules.figures import as_tensor, png_bytes, reliability_diagram
 from lightning_modules.run_safety import AtomicCheckpointIO
 from lightning_modules.tensorboard_views import tensorboard_writer
-from pipeline.statistics import mcnemar, wilson_interval
-from pipeline.trainer_factory import intended_warnings
+from pipeline.runner.trainer_factory import intended_warnings
+from pipeline.studies.statistics import mcnemar, wilson_interval
 
 METRIC_KEYS = ("acc", "loss", "f1", "auroc", "ece", "count")
 INTERVALS = "acc_ci95: 95% Wilson score interval of the accuracy over the split's images"

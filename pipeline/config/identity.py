@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning_modules.errors import IdentityError
+from core.errors import IdentityError
 
 # What a fine-tune started from another run's weights may change: its own training choices.
 TRAINING_CHOICES = ("data.augment", "class_weights")

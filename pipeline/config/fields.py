@@ -1,7 +1,7 @@
 """The declaration of one config key, and the generic check of its value against it.
 
 :func:`opt` stores a key's help, choices and range in its dataclass field's metadata (the schema,
-``pipeline/schema.py``, is made of such fields); :func:`check_key` checks a value against them
+``pipeline/config/schema.py``, is made of such fields); :func:`check_key` checks a value against them
 with one-line ConfigErrors, so no single-key rule is written by hand. Light on purpose (no torch):
 ``--help`` reads the same declarations.
 """
@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, get_args, get_type_hints
 
 from omegaconf import OmegaConf
 
-from lightning_modules.errors import ConfigError
+from core.errors import ConfigError
 
 
 class Range(NamedTuple):
@@ -76,7 +76,7 @@ def opt(
     """A schema field: its default and its facts for ``--help`` and :func:`check_value`.
 
     ``choices``: the valid strings; ``other``: what else is valid, described for ``--help`` and
-    checked by the module that implements the key (``pipeline.config.validate``), not here;
+    checked by the module that implements the key (``pipeline.config.load.validate``), not here;
     ``lists``: a list is valid besides the choices. ``range``: every number (of a list: every
     element) lies in this interval. ``length`` / ``pairs``: a non-empty list of that many numbers /
     of ``[a, b]`` pairs, described by ``shape`` in the error message."""

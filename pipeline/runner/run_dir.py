@@ -2,7 +2,7 @@
 
 A folder is created with an exclusive ``mkdir`` the moment it is chosen, so runs launched at the same
 instant get distinct folders; ``run.json`` records when it started, the run's identity
-(``pipeline/identity.py``) and its SLURM job, which is how ``ckpt_path=last`` and a requeued job
+(``pipeline/config/identity.py``) and its SLURM job, which is how ``ckpt_path=last`` and a requeued job
 find their own run. While a process trains in a folder it holds an ``flock`` on it: a second
 process resuming the same run is refused instead of writing over it.
 """
@@ -21,11 +21,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lightning_modules.atomic_io import json_text, write_bytes_atomic, write_json_atomic, write_text_atomic
+from core.atomic_io import json_text, write_bytes_atomic, write_json_atomic, write_text_atomic
+from core.errors import ConfigError, first_line
+from core.rank import is_rank_zero
 from lightning_modules.choices import file_safe
-from lightning_modules.errors import ConfigError, first_line
-from lightning_modules.rank import is_rank_zero
-from pipeline.identity import differences
+from pipeline.config.identity import differences
 
 # Set by the launching process so that DDP workers (which re-run train.py) use the same folder.
 RUN_DIR_ENV = "TRANSFER_RUN_DIR"

@@ -22,13 +22,13 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_modules.errors import ConfigError, RunInterrupted
-from pipeline.all_stages import check_all, run_all
-from pipeline.config import cache_dir, flatten_keys, load_config, parse_overrides
-from pipeline.run_dir import RunFolder, group_dir, is_rank_zero
-from pipeline.soup import check_soup, earlier_soups, make_soup, take_soup
-from pipeline.stages import run_stage
-from pipeline.statistics import mean_sd_interval
+from core.errors import ConfigError, RunInterrupted
+from pipeline.config.load import cache_dir, flatten_keys, load_config, parse_overrides
+from pipeline.runner.run_dir import RunFolder, group_dir, is_rank_zero
+from pipeline.runner.stages import run_stage
+from pipeline.studies.all_stages import check_all, run_all
+from pipeline.studies.soup import check_soup, earlier_soups, make_soup, take_soup
+from pipeline.studies.statistics import mean_sd_interval
 
 SUMMARY_METRICS = ("acc", "loss", "f1", "auroc", "ece")
 INTERVAL_NOTE = (
@@ -276,7 +276,7 @@ def summary_markdown(argv: list[str], rows: list[dict[str, Any]], groups: list[d
     lines += [
         "",
         f"{INTERVAL_NOTE}. When two cells' intervals overlap, their difference may be noise: say so, or test it "
-        "with a paired test on the same test images (python -m pipeline.compare RUN_A RUN_B).",
+        "with a paired test on the same test images (python -m pipeline.studies.compare RUN_A RUN_B).",
         "",
     ]
     return "\n".join(lines)

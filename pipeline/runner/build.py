@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig
 
+from core.atomic_io import check_writable
+from core.errors import ConfigError
 from datamodules.class_balance import class_counts, describe_counts, resolve_class_weights
 from datamodules.data_index import SplitIndex, scan_splits
 from datamodules.download import DOWNLOAD_SPLIT, carve_interrupted, prepare_dataset
@@ -21,17 +23,15 @@ from datamodules.manifest import record_split
 from datamodules.near_duplicates import HASH_NAME, tsv_text
 from datamodules.stratified_split import parse_split_sizes
 from datamodules.subsets import train_subset
-from lightning_modules.atomic_io import check_writable
 from lightning_modules.backbones import backbone_spec, build_backbone
 from lightning_modules.classifier import TransferClassifier
-from lightning_modules.errors import ConfigError
 from lightning_modules.schedule import Plan
-from pipeline.checkpoints import checkpoint_for, state_dict_mismatch
-from pipeline.config import cache_dir as cache_folder
-from pipeline.identity import TRAINING_CHOICES, check_identity, run_identity
-from pipeline.run_dir import RunFolder, is_rank_zero, resolve_run
-from pipeline.shift_report import check_extra_tests
-from pipeline.trainer_factory import apply_speed_settings, expected_world_size
+from pipeline.config.identity import TRAINING_CHOICES, check_identity, run_identity
+from pipeline.config.load import cache_dir as cache_folder
+from pipeline.robustness.shift_report import check_extra_tests
+from pipeline.runner.checkpoints import checkpoint_for, state_dict_mismatch
+from pipeline.runner.run_dir import RunFolder, is_rank_zero, resolve_run
+from pipeline.runner.trainer_factory import apply_speed_settings, expected_world_size
 
 
 @dataclass

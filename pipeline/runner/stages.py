@@ -1,9 +1,9 @@
 """Run one stage end to end, top to bottom: build -> plan -> run the phases -> evaluate -> report.
 
-Each step lives in its own module: ``pipeline/build.py`` (data, run folder, model),
-``pipeline/phases.py`` (the plan's fits), ``pipeline/evaluation.py`` and ``pipeline/wise.py``
-(the best model, calibrated and tested), ``pipeline/shift_report.py`` (robustness) and
-``pipeline/results.py`` (what the run folder keeps). ``stage=test`` is ``pipeline/test_stage.py``.
+Each step lives in its own module: ``pipeline/runner/build.py`` (data, run folder, model),
+``pipeline/runner/phases.py`` (the plan's fits), ``pipeline/runner/evaluation.py`` and ``pipeline/robustness/wise.py``
+(the best model, calibrated and tested), ``pipeline/robustness/shift_report.py`` (robustness) and
+``pipeline/runner/results.py`` (what the run folder keeps). ``stage=test`` is ``pipeline/runner/test_stage.py``.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
 from datamodules.feature_cache import FeatureDataModule
-from pipeline.build import build_stage, report_training_skips
-from pipeline.evaluation import best_checkpoint, evaluate_best, summarise
-from pipeline.lr_find import run_lr_find
-from pipeline.phases import plan_for_run, run_phases
-from pipeline.results import record_predictions, speed_report, write_config, write_plan, write_results
-from pipeline.run_dir import note_refusal, release_all
-from pipeline.shift_report import report_robustness, shift_accuracy
-from pipeline.test_stage import run_test
-from pipeline.wise import run_wise
+from pipeline.robustness.shift_report import report_robustness, shift_accuracy
+from pipeline.robustness.wise import run_wise
+from pipeline.runner.build import build_stage, report_training_skips
+from pipeline.runner.evaluation import best_checkpoint, evaluate_best, summarise
+from pipeline.runner.lr_find import run_lr_find
+from pipeline.runner.phases import plan_for_run, run_phases
+from pipeline.runner.results import record_predictions, speed_report, write_config, write_plan, write_results
+from pipeline.runner.run_dir import note_refusal, release_all
+from pipeline.runner.test_stage import run_test
 
 
 def run_stage(cfg: DictConfig, run_name: str | None = None) -> dict[str, Any]:
@@ -39,7 +39,7 @@ def run_stage(cfg: DictConfig, run_name: str | None = None) -> dict[str, Any]:
         note_refusal(err)  # so that ckpt_path=last does not pick a folder that holds nothing
         raise
     finally:
-        release_all()  # the run folder's lock (pipeline/run_dir.py)
+        release_all()  # the run folder's lock (pipeline/runner/run_dir.py)
 
 
 def _train(cfg: DictConfig, run_name: str | None) -> dict[str, Any]:

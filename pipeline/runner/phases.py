@@ -13,18 +13,18 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from core.errors import ConfigError, RunInterrupted
 from lightning_modules.early_stopping import PhaseEarlyStopping
 from lightning_modules.ema import PlanEMA
-from lightning_modules.errors import ConfigError, RunInterrupted
 from lightning_modules.freeze_schedule import ApplyPlan
 from lightning_modules.run_safety import EpochTimer, SaveOnInterrupt
 from lightning_modules.schedule import Plan
 from lightning_modules.time_estimate import TimeEstimate
-from pipeline.build import Build
-from pipeline.config import MONITORS, plan_from_config
-from pipeline.run_dir import RunFolder
-from pipeline.trainer_factory import intended_warnings, make_trainer, on_gpu
-from pipeline.wise import save_theta0
+from pipeline.config.load import MONITORS, plan_from_config
+from pipeline.robustness.wise import save_theta0
+from pipeline.runner.build import Build
+from pipeline.runner.run_dir import RunFolder
+from pipeline.runner.trainer_factory import intended_warnings, make_trainer, on_gpu
 
 
 @dataclass

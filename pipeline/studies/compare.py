@@ -1,4 +1,4 @@
-"""Paired comparison of two runs on the same test images: ``python -m pipeline.compare RUN_A RUN_B``.
+"""Paired comparison of two runs on the same test images: ``python -m pipeline.studies.compare RUN_A RUN_B``.
 
 Each argument is a run folder (or its ``test_predictions.csv``); prints both accuracies with their
 95% Wilson intervals and the exact McNemar test (see docs/uncertainty.md).
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.evaluation import paired_mcnemar, read_correct
-from pipeline.statistics import wilson_interval
+from pipeline.runner.evaluation import paired_mcnemar, read_correct
+from pipeline.studies.statistics import wilson_interval
 
 
 def _predictions(path: str) -> Path:
