@@ -230,9 +230,11 @@ def build_plan(
     lr_warmup_epochs: float = 0.0,
     blocks: tuple[int, ...] | None = None,
 ) -> Plan:
-    """The plan of ``stage``; refuses (PlanError) any schedule that would not do what it says.
-    ``blocks``: the blocks that train once unfrozen, when not the top ones (one-step schedule only)."""
-    if stage == "finetune":
+    """The plan of ``stage`` (its name labels the plan); refuses (PlanError) any schedule that would
+    not do what it says. ``milestones``: when the backbone's blocks unfreeze (None: never, as in
+    the features and frozen stages); ``blocks``: the blocks that train once unfrozen, when not the
+    top ones (one-step schedule only)."""
+    if milestones is not None:
         pairs = milestones or [(0, 0)]
         if blocks == top_blocks(n_blocks, len(blocks or ())):
             blocks = None  # the top K: the same plan as finetune.unfreeze_blocks=K

@@ -27,8 +27,8 @@ from lightning_modules.classifier import TransferClassifier
 from pipeline.config.load import RunConfig, load_config
 from pipeline.prediction import collect_files, predict_files
 from pipeline.prediction import load_model as _load_model
+from pipeline.registry import stage_spec
 from pipeline.runner.stages import run_stage
-from pipeline.studies.all_stages import run_all
 from pipeline.studies.repeats import grid_requested, run_grid
 
 # data, model, optim, ..., early_stop, lr_find, trainer: the sections a keyword can start with
@@ -42,9 +42,8 @@ def run_argv(argv: list[str]) -> dict[str, Any]:
     if grid_requested(argv):
         return run_grid(argv)
     cfg = load_config(argv)
-    if cfg.stage == "all":
-        return run_all(argv)
-    return run_stage(cfg)
+    spec = stage_spec(cfg.stage)
+    return spec.run(argv) if spec.study else run_stage(cfg)
 
 
 def run(stage: str, **overrides: Any) -> dict[str, Any]:

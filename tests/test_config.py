@@ -41,7 +41,7 @@ def test_stage_presets_follow_the_seed():
         (["bogus=1"], "unknown config key 'bogus'"),
         (["data.batch_size=abc"], "bad value for 'data.batch_size'"),
         (["model.pretrained=maybe"], "bad value for 'model.pretrained'"),
-        (["stage=train"], "stage='train' is not valid; choose one of: features, frozen, finetune, test"),
+        (["stage=train"], "stage='train' is not valid; choose one of: features, frozen, finetune, linear_probe, test"),
         (["model.backbone=vgg19"], "choose one of: convnext_tiny, efficientnet_b0, efficientnet_lite0"),
         (["data.augment=heavy"], "data.augment='heavy' is not valid"),
         (["optim.name=lamb"], "optim.name='lamb' is not valid"),

@@ -32,6 +32,7 @@ from lightning_modules.schedule import Plan, PlanError, build_plan, milestones_f
 from pipeline.config.schema import STAGES, TRAINING_STAGES, RunConfig, check_value, check_values, schema_rows
 from pipeline.config.usage import help_text
 from pipeline.mlflow_logging import check_available as check_mlflow
+from pipeline.registry import stage_spec
 from pipeline.robustness.shift_report import validate_shift_config
 
 # The names other modules import from here (the schema's live in pipeline/config/schema.py).
@@ -180,8 +181,9 @@ def validate(cfg: DictConfig) -> None:
     except BackboneError as err:
         raise ConfigError(str(err)) from None
     _resolve_image_size(cfg, spec)
+    stage = stage_spec(cfg.stage)
     # stage=test evaluates at its checkpoint's own size
-    if cfg.stage != "test" and cfg.data.image_size < spec.min_image_size:
+    if stage.fits and cfg.data.image_size < spec.min_image_size:
         raise ConfigError(
             f"data.image_size={cfg.data.image_size} is too small for model.backbone={spec.name}: its smallest "
             f"input is {spec.min_image_size} px (its poolings and strides leave nothing below); "
@@ -206,11 +208,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"lr_find needs lr_find.min_lr < lr_find.max_lr, got {cfg.lr_find.min_lr} and {cfg.lr_find.max_lr}"
         )
-    if cfg.stage in (*TRAINING_STAGES, "lr_find"):
+    if stage.plan:
         plan = plan_from_config(cfg)  # refuses a schedule that would not do what it says
         head_only = any(phase.top_blocks == 0 for phase in plan.phases)
         if (
-            cfg.stage == "finetune"
+            stage.takes("wise")
             and cfg.finetune.wise
             and not head_only
             and not (cfg.model.pretrained or cfg.model.weights)
@@ -221,8 +223,8 @@ def validate(cfg: DictConfig) -> None:
             )
     if cfg.log.mlflow:
         check_mlflow()
-    if cfg.stage == "test" and not cfg.ckpt_path:
-        raise ConfigError("stage=test needs a checkpoint: add ckpt_path=PATH/TO/run/checkpoints/best.ckpt")
+    if stage.needs_checkpoint and not cfg.ckpt_path:
+        raise ConfigError(f"stage={cfg.stage} needs a checkpoint: add ckpt_path=PATH/TO/run/checkpoints/best.ckpt")
 
 
 def _resolve_image_size(cfg: DictConfig, spec: BackboneSpec) -> None:
@@ -281,12 +283,13 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     n_blocks = backbone_spec(cfg.model.backbone).num_blocks
     try:
         blocks = None
-        if cfg.stage == "finetune" and ft.blocks is not None:  # surgical: any blocks, not only the top ones
+        stage = stage_spec(cfg.stage)
+        if stage.takes("blocks") and ft.blocks is not None:  # surgical: any blocks, not only the top ones
             blocks = parse_blocks(
                 OmegaConf.to_object(ft.blocks) if OmegaConf.is_config(ft.blocks) else ft.blocks, n_blocks
             )
         count = len(blocks) if blocks is not None else ft.unfreeze_blocks
-        milestones = milestones_from(ft.warmup_epochs, count, ft.milestones) if cfg.stage == "finetune" else None
+        milestones = milestones_from(ft.warmup_epochs, count, ft.milestones) if stage.unfreezes else None
         return build_plan(
             cfg.stage,
             int(cfg.trainer.max_epochs),

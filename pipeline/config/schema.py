@@ -18,18 +18,9 @@ from omegaconf import OmegaConf
 from datamodules.choices import AUGMENT_PRESETS, SHIFT_NAMES, SOURCE_NAMES
 from lightning_modules.choices import BACKBONE_NAMES, MONITORS, OPTIMIZERS, POOLS, SCHEDULERS
 from pipeline.config.fields import check_key, leaf_keys, opt
+from pipeline.registry import STAGE_HELP, STAGE_NAMES, TRAINING_STAGES  # noqa: F401 - re-exported
 
-# What each stage runs (the runner, pipeline/api.py and pipeline/runner/stages.py, dispatches on the names).
-STAGE_HELP = {
-    "features": "seed method 1: frozen backbone run once, features cached, head trained on them",
-    "frozen": "seed method 2: frozen backbone + augmentation, trained end to end",
-    "finetune": "seed method 3: head warm-up, then the top blocks unfrozen at a lower learning rate",
-    "test": "evaluate ckpt_path=... on the test split",
-    "all": "features, frozen, then finetune from the best frozen checkpoint; a comparison table",
-    "lr_find": "learning-rate range test on the head phase (backbone frozen): plot and suggested optim.lr",
-}
-STAGES = tuple(STAGE_HELP)
-TRAINING_STAGES = ("features", "frozen", "finetune")
+STAGES = STAGE_NAMES  # each stage's spec: pipeline/registry.py
 TEMPERATURE_MODES = ("auto", "fit", "off")  # pipeline/runner/evaluation.py calibrate
 SHIFT_PRESETS = ("auto", "all", "none")  # pipeline/robustness/shift_report.py resolve_shifts
 POSITIVE, NON_NEGATIVE, FRACTION = "(0, inf)", "[0, inf)", "[0, 1)"

@@ -28,6 +28,7 @@ from lightning_modules.classifier import TransferClassifier
 from lightning_modules.schedule import Plan
 from pipeline.config.identity import TRAINING_CHOICES, check_identity, run_identity
 from pipeline.config.load import cache_dir as cache_folder
+from pipeline.registry import stage_spec, takes
 from pipeline.robustness.shift_report import check_extra_tests
 from pipeline.runner.checkpoints import checkpoint_for, state_dict_mismatch
 from pipeline.runner.run_dir import RunFolder, is_rank_zero, resolve_run
@@ -60,7 +61,7 @@ def build_stage(cfg: DictConfig, run_name: str | None = None) -> Build:
     _check_shards(index, expected_world_size(cfg))
     class_weights = _class_weights(cfg, index)
     identity = _identity(cfg, index, class_weights)
-    if cfg.stage == "finetune" and cfg.finetune.init_ckpt:
+    if takes(cfg, "init_ckpt") and cfg.finetune.init_ckpt:
         init = checkpoint_for(cfg.finetune.init_ckpt, cfg.model.backbone)
         check_identity("finetune.init_ckpt", cfg.finetune.init_ckpt, init.get("identity"), identity, TRAINING_CHOICES)
     run, resume = resolve_run(cfg, run_name, identity)
@@ -89,7 +90,7 @@ def build_stage(cfg: DictConfig, run_name: str | None = None) -> Build:
         crop_pct=model.backbone.crop_pct,
     )
     images.skip_log = run / TRAINING_SKIPS
-    if cfg.stage != "features":
+    if stage_spec(cfg.stage).inputs != "features":
         return Build(run, resume, resume_ckpt, model, images, extra)
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator", "auto") != "cpu" else "cpu"
     features = FeatureDataModule(
@@ -123,12 +124,12 @@ def build_model(
         train_bn=cfg.finetune.train_bn,
         tta_flip=cfg.model.tta_flip,
         label_smoothing=cfg.optim.label_smoothing,
-        inputs="features" if cfg.stage == "features" else "images",
+        inputs=stage_spec(cfg.stage).inputs,
         channels_last=cfg.speed.channels_last,
         grad_checkpointing=cfg.model.grad_checkpointing,
         plan=plan,
         class_weights=class_weights,
-        l2sp=cfg.finetune.l2sp if cfg.stage == "finetune" else 0.0,
+        l2sp=cfg.finetune.l2sp if takes(cfg, "l2sp") else 0.0,
         mean=_listed(cfg.data.mean),
         std=_listed(cfg.data.std),
         crop_pct=cfg.data.crop_pct,
@@ -136,7 +137,7 @@ def build_model(
     if cfg.model.weights or cfg.model.pretrained:
         pretrained = build_backbone(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights)
         model.backbone.load_state_dict(pretrained.state_dict())
-    if cfg.stage == "finetune" and cfg.finetune.init_ckpt:
+    if takes(cfg, "init_ckpt") and cfg.finetune.init_ckpt:
         ckpt = checkpoint_for(cfg.finetune.init_ckpt, cfg.model.backbone)
         model.on_load_checkpoint(ckpt)  # what Lightning's loading does first
         try:
@@ -151,7 +152,7 @@ def build_model(
 
 def ensure_data(cfg: DictConfig) -> None:
     """Download and carve ``data.source`` into ``data.root`` if it has no train/ (rank zero only)."""
-    if cfg.stage == "test":  # evaluates the folder it is given
+    if not stage_spec(cfg.stage).fits:  # stage=test evaluates the folder it is given
         return
     prepare_dataset(
         cfg.data.root,

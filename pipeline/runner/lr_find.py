@@ -20,8 +20,13 @@ from core.errors import ConfigError
 from lightning_modules.figures import as_tensor, line_plot, png_bytes
 from lightning_modules.tensorboard_views import tensorboard_writer
 from pipeline.config.load import plan_from_config
-from pipeline.runner.build import Build
+from pipeline.runner.build import Build, build_stage
 from pipeline.runner.trainer_factory import intended_warnings, make_trainer
+
+
+def run_lr_find_stage(cfg: DictConfig, run_name: str | None) -> dict[str, Any]:
+    """``stage=lr_find``'s runner (``pipeline/registry.py``)."""
+    return run_lr_find(cfg, build_stage(cfg, run_name))
 
 
 def run_lr_find(cfg: DictConfig, build: Build) -> dict[str, Any]:

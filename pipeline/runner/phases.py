@@ -21,6 +21,7 @@ from lightning_modules.run_safety import EpochTimer, SaveOnInterrupt
 from lightning_modules.schedule import Plan
 from lightning_modules.time_estimate import TimeEstimate
 from pipeline.config.load import MONITORS, plan_from_config
+from pipeline.registry import takes
 from pipeline.robustness.wise import save_theta0
 from pipeline.runner.build import Build
 from pipeline.runner.run_dir import RunFolder
@@ -48,7 +49,7 @@ def plan_for_run(cfg: DictConfig, resume_ckpt: dict | None) -> Plan:
         "optim.name": cfg.optim.name,
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.decay_norm_and_bias": cfg.optim.decay_norm_and_bias,
-        "finetune.l2sp": cfg.finetune.l2sp if cfg.stage == "finetune" else 0.0,
+        "finetune.l2sp": cfg.finetune.l2sp if takes(cfg, "l2sp") else 0.0,
     }
     before = {
         "optimizer groups": [name for name, _ in saved_plan.groups],
@@ -109,7 +110,7 @@ def run_phases(cfg: DictConfig, build: Build, plan: Plan) -> PhasesDone:
             )
         ckpt = str(run.checkpoints / "last.ckpt")
         trainer.save_checkpoint(ckpt)  # the hand-over: explicit, whatever trainer.* says
-        if cfg.stage == "finetune" and cfg.finetune.wise and phase.top_blocks == 0:
+        if takes(cfg, "wise") and cfg.finetune.wise and phase.top_blocks == 0:
             save_theta0(model, run.path)  # WiSE-FT's theta_0: the pretrained backbone with its trained head
         if stopper is not None and trainer.is_global_zero:
             stopper.best_path.unlink(missing_ok=True)  # its weights are in last.ckpt now

@@ -26,6 +26,7 @@ from core.errors import ConfigError, first_line
 from core.rank import is_rank_zero
 from lightning_modules.choices import file_safe
 from pipeline.config.identity import differences
+from pipeline.registry import stage_spec
 
 # Set by the launching process so that DDP workers (which re-run train.py) use the same folder.
 RUN_DIR_ENV = "TRANSFER_RUN_DIR"
@@ -246,7 +247,7 @@ def resolve_run(
     folder name (stage=all and sweeps name their runs, identically on every rank)."""
     run_dir = group_dir(cfg) / run_name if run_name else _inherited_run_dir()
     ckpt = cfg.ckpt_path
-    training = cfg.stage != "test"
+    training = stage_spec(cfg.stage).fits
     if training and ckpt is None and run_dir is None and (requeued := _requeued_run(cfg)) is not None:
         print(f"SLURM requeue of job {slurm_job()}: resuming its own run {requeued}")
         run_dir, ckpt = requeued, "last"

@@ -11,6 +11,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from core.errors import ConfigError
 from pipeline.config.load import load_config, parse_overrides, plan_from_config, to_yaml
+from pipeline.registry import stage_spec
 from pipeline.runner.evaluation import paired_mcnemar, read_correct
 from pipeline.runner.run_dir import is_rank_zero, resolve_all_run
 from pipeline.runner.stages import run_stage
@@ -31,7 +32,7 @@ def _stage_argv(stage: str, argv: list[str], epochs: int | None, frozen_best: st
     extra = [f"stage={stage}"]
     if epochs is not None:
         extra.append(f"trainer.max_epochs={epochs}")
-    if stage == "finetune":
+    if stage_spec(stage).takes("init_ckpt"):
         # the real path is known once the frozen run has finished; validation needs only a value
         extra.append(f"finetune.init_ckpt={frozen_best or 'frozen-run-best.ckpt'}")
         asked = any(OmegaConf.select(cli, f"finetune.{k}") is not None for k in SCHEDULE_KEYS)
@@ -123,12 +124,11 @@ def run_all(argv: list[str]) -> dict[str, Any]:
     all_dir = resolve_all_run(cfg)
     rows, frozen_best = [], None
     for (stage, method), n_epochs in zip(METHODS, epochs):
-        if stage == "finetune" and not frozen_best:
-            raise ConfigError("stage=all: the frozen run left no best checkpoint to fine-tune from")
         stage_cfg = load_config(_stage_argv(stage, argv, n_epochs, frozen_best))
         metrics = run_stage(stage_cfg, run_name=all_dir.name)
-        if stage == "frozen":  # its best checkpoint; without checkpointing, the state it ended with
-            frozen_best = metrics.get("best_ckpt") or str(Path(metrics["run_dir"]) / "checkpoints" / "last.ckpt")
+        # what the next method starts from, if it takes an init checkpoint (the fine-tune: the frozen run's
+        # best); without checkpointing, the state it ended with
+        frozen_best = metrics.get("best_ckpt") or str(Path(metrics["run_dir"]) / "checkpoints" / "last.ckpt")
         rows.append({"method": method, **metrics})
     tests = paired_tests(rows)
     table = comparison_table(rows) + "\n" + paired_table(tests)

@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from core.errors import ConfigError, RunInterrupted
 from pipeline.config.load import cache_dir, flatten_keys, load_config, parse_overrides
+from pipeline.registry import stage_spec
 from pipeline.runner.run_dir import RunFolder, group_dir, is_rank_zero
 from pipeline.runner.stages import run_stage
 from pipeline.studies.all_stages import check_all, run_all
@@ -109,7 +110,7 @@ def run_grid(argv: list[str]) -> dict[str, Any]:
     for cell in todo:  # every cell's configuration is checked before the first one starts
         cell["argv"] += [f"out_dir={parent / cell['name']}", f"data.cache_dir={cache}"]
         cfg = load_config(cell["argv"])
-        if cfg.stage == "all":
+        if stage_spec(cfg.stage).study:
             check_all(cell["argv"])
         cell["stage"] = cfg.stage
     # Lightning's DDP workers re-run this command: only global rank zero manages the sweep's files
@@ -155,7 +156,7 @@ def _run_cell(cell: dict[str, Any], folder: Path, manager: bool = True) -> list[
     argv = list(cell["argv"])
     started = time.time()
     try:
-        if cell["stage"] == "all":
+        if stage_spec(cell["stage"]).study:
             if manager:
                 shutil.rmtree(folder, ignore_errors=True)  # stage=all cannot resume: start it again
             outcome = run_all(argv)

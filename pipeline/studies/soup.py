@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from core.atomic_io import torch_save_atomic
 from core.errors import ConfigError
 from pipeline.config.load import load_config
+from pipeline.registry import takes
 from pipeline.robustness.shift_report import report_robustness
 from pipeline.robustness.wise import uncalibrated
 from pipeline.runner.build import evaluation_data
@@ -49,7 +50,7 @@ def check_soup(cfg: DictConfig, seeds: list[int] | None, grid: dict[str, list[An
     """A soup needs several fine-tunes from one start: refused otherwise, before any run."""
     if not seeds or len(seeds) < 2:
         raise ConfigError("soup= averages the runs of seeds=[...]: give at least two seeds")
-    if cfg.stage != "finetune" or not cfg.finetune.init_ckpt:
+    if not takes(cfg, "soup") or not cfg.finetune.init_ckpt:
         raise ConfigError(
             "soup= averages fine-tunes that share a start: use stage=finetune with finetune.init_ckpt=<checkpoint> "
             "(e.g. a frozen run's best), the same for every seed"
