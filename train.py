@@ -9,10 +9,20 @@ import sys
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
     # Imported here, not at the top: --help needs only the schema (pipeline/config/usage.py), not torch and Lightning.
-    from pipeline.config.usage import help_text
+    from pipeline.config.usage import help_text, show_config
 
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(help_text())
+    flags = [a for a in argv if a in ("-h", "--help", "help", "--show-config")]
+    if flags:  # --help alone: the keys; with keys (or --show-config): the values this run would use
+        keys = [a for a in argv if a not in flags]
+        if keys or "--show-config" in flags:
+            from core.errors import ConfigError
+
+            try:
+                print(show_config(keys))
+            except ConfigError as err:
+                raise SystemExit(f"error: {err}") from None
+        else:
+            print(help_text())
         return None
     from pipeline.api import run_argv
     from pipeline.console import exit_on_known, quiet_console, result_block

@@ -143,3 +143,15 @@ def test_help_shows_choices_and_ranges_without_importing_torch():
     assert "choices: none | seed | standard | robust" in lines["data.augment"]
     assert "range: [0, 1)" in lines["optim.label_smoothing"] and "range: > 0" in lines["optim.lr"]
     assert "choices: rmsprop | adam | adamw | sgd" in lines["optim.name"]
+
+
+def test_show_config_prints_the_values_a_stage_and_backbone_use_and_where_they_come_from(capsys):
+    train.main(["stage=features", "model.backbone=efficientnet_lite0", "optim.lr=0.01", "--help"])
+    lines = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert lines["stage=features"] == ["command", "line"]
+    assert lines["optim.lr=0.01"] == ["command", "line"]  # the command line wins over the preset's 1e-3
+    assert lines["optim.name=adamw"] == ["configs/backbone/efficientnet_lite0.yaml"]
+    assert lines["trainer.max_epochs=30"] == ["configs/stage/features.yaml"]
+    assert lines["seed=42"] == []  # the schema's default
+    train.main(["--show-config"])  # the defaults of the default stage
+    assert "stage=finetune" in capsys.readouterr().out

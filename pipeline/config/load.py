@@ -18,10 +18,8 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-import yaml  # omegaconf's own YAML parser (a dependency of it)
 from lightning.pytorch import Trainer
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from core.errors import ConfigError
 from datamodules.stratified_split import parse_split_sizes
@@ -29,7 +27,8 @@ from lightning_modules.backbone_base import BackboneError, BackboneSpec
 from lightning_modules.backbones import backbone_spec
 from lightning_modules.choices import MONITORS
 from lightning_modules.schedule import Plan, PlanError, build_plan, milestones_from, parse_blocks
-from pipeline.config.schema import STAGES, TRAINING_STAGES, RunConfig, check_value, check_values, schema_rows
+from pipeline.config.compose import CONFIG_DIR, compose, flatten_keys, parse_overrides
+from pipeline.config.schema import STAGES, TRAINING_STAGES, RunConfig, check_values, schema_rows
 from pipeline.config.usage import help_text
 from pipeline.mlflow_logging import check_available as check_mlflow
 from pipeline.registry import stage_spec
@@ -54,7 +53,6 @@ __all__ = [
     "wise_alphas",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/
 # trainer.* is passed to lightning.Trainer as is, so its keys are the signature's. Importing Lightning
 # here costs nothing extra: the checks below (shift report, MLflow) import it anyway.
 TRAINER_KEYS = frozenset(inspect.signature(Trainer.__init__).parameters) - {"self", "callbacks", "logger"}
@@ -62,81 +60,15 @@ WISE_DEFAULT = (0.0, 0.25, 0.5, 0.75, 1.0)
 SEED_IMAGE_SIZE = 150  # the seed's 150x150 inputs: data.image_size for backbones without a size of their own
 
 
-def _one_line(err: OmegaConfBaseException) -> str:
-    key = getattr(err, "full_key", None) or "?"
-    msg = str(getattr(err, "msg", err)).splitlines()[0]
-    if "not in" in msg or "Key '" in msg:
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        node = OmegaConf.structured(RunConfig)
-        if parent:
-            node = OmegaConf.select(node, parent)
-        valid = ", ".join(f"{parent + '.' if parent else ''}{k}" for k in node.keys())
-        return f"unknown config key '{key}'; valid keys here: {valid}"
-    return f"bad value for '{key}': {msg}"
-
-
-def _read_yaml(path: Path) -> DictConfig:
-    """A preset file (empty where there is none); a broken one is one ConfigError line naming the
-    file and, for a syntax error, where YAML stopped."""
-    if not path.is_file():
-        return OmegaConf.create({})
-    try:
-        node = OmegaConf.load(path)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path} cannot be read: {err}") from None
-    if not isinstance(node, DictConfig):
-        raise ConfigError(f"{path} is not a mapping of config keys (e.g. 'model:' with 'backbone: vgg16' below)")
-    return node
-
-
 def cache_dir(cfg: DictConfig) -> str:
     """``data.cache_dir``, or ``<out_dir>/cache``: feature, decoded-image, scan and split caches."""
     return cfg.data.cache_dir or str(Path(cfg.out_dir) / "cache")
 
 
-def flatten_keys(node: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: nested config values under their dotted keys."""
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out |= flatten_keys(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def parse_overrides(argv: list[str]) -> DictConfig:
-    bad = [a for a in argv if "=" not in a or a.startswith("=")]
-    if bad:
-        raise ConfigError(f"arguments must look like key=value, got: {' '.join(bad)} (see --help)")
-    try:
-        return OmegaConf.from_dotlist(list(argv))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"cannot parse overrides: {str(err).splitlines()[0]}") from None
-
-
 def load_config(argv: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
     """Compose the run configuration from the presets and ``key=value`` overrides."""
-    cli = parse_overrides(argv)
-    if not (config_dir / "stage").is_dir():  # every stage has a preset: a missing folder is an install fault
-        raise ConfigError(f"the stage presets are missing: no folder {config_dir / 'stage'}")
-    schema = OmegaConf.structured(RunConfig)
-    try:
-        stage = str(cli.get("stage", schema.stage))
-        check_value("stage", stage)  # before it names a preset file
-        cfg = OmegaConf.merge(schema, _read_yaml(config_dir / "stage" / f"{stage}.yaml"))
-        backbone = str(OmegaConf.select(cli, "model.backbone", default=cfg.model.backbone))
-        per_backbone = [
-            _read_yaml(config_dir / "backbone" / f"{backbone}{suffix}.yaml") for suffix in ("", f".{stage}")
-        ]
-        cfg = OmegaConf.merge(cfg, *per_backbone, cli)
-    except OmegaConfBaseException as err:
-        raise ConfigError(_one_line(err)) from None
+    cfg, layers = compose(argv, config_dir)
+    cli = layers[-1][1]
     keys = ("warmup_epochs", "unfreeze_blocks", "blocks")
     shorthand = [k for k in keys if OmegaConf.select(cli, f"finetune.{k}") is not None]
     if {"unfreeze_blocks", "blocks"} <= set(shorthand):

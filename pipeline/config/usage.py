@@ -62,3 +62,26 @@ def help_text() -> str:
     lines.append(f"  trainer.*  {TRAINER_HELP}; defaults: {defaults}")
     stages = "\n".join(f"  {name:<10} {text}" for name, text in STAGE_HELP.items())
     return HELP.format(stages=stages, keys="\n".join(lines))
+
+
+def show_config(argv: list[str]) -> str:
+    """``python train.py stage=S model.backbone=B ... --show-config`` (or ``--help`` after keys): every
+    key with the value this run will use, and, where a preset or the command line set it, which.
+    Values that depend on the backbone's weights (``data.image_size=null``) are resolved when the
+    run starts and shown as null here."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config.compose import compose, flatten_keys
+
+    cfg, layers = compose(argv)
+    source: dict[str, str] = {}
+    for name, values in layers:
+        for key in flatten_keys(OmegaConf.to_container(values)):
+            source[key] = name
+    values = flatten_keys(OmegaConf.to_container(cfg, resolve=True))
+    width = max(len(f"{k}={shown(v)}") for k, v in values.items())
+    lines = [f"configuration of: python train.py {' '.join(argv)}", "(key=value   where it was set; else the default)"]
+    for key, value in values.items():
+        text = f"{key}={shown(value)}"
+        lines.append(f"  {text:<{width}}   {source[key]}" if key in source else f"  {text}")
+    return "\n".join(lines)
