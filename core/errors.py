@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterable
 
 
 class UserError(Exception):
@@ -102,3 +103,8 @@ def _first_sentence(text: str) -> str:
     """The first sentence of an exception's text: whole, on one line."""
     first = " ".join(text.split())
     return first.split(". ", 1)[0].rstrip(".")
+
+
+def not_a_choice(key: str, value: object, choices: Iterable[object], also: str = "") -> ConfigError:
+    """The one wording of "``key=value`` is not one of the choices" (``also``: what else is accepted)."""
+    return ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}{also}")

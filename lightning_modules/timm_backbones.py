@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from core.errors import first_line
 from lightning_modules.backbone_base import BackboneError, BackboneSpec, randomise_norms, smallest_input
 from lightning_modules.timm_vit import PreLogitsMap, TopUnit, Units, each, eva_units, swin_units, token_units
-from lightning_modules.timm_weights import load_pretrained, one_line
+from lightning_modules.timm_weights import load_pretrained
 
 TIMM_PREFIX = "timm:"
 # Bump when the cut of any family changes what the blocks compute (feature cache key).
@@ -140,7 +141,7 @@ def _create(model_name: str, name: str, pretrained: bool = False) -> nn.Module:
     except RuntimeError as err:
         if pretrained:
             raise
-        raise BackboneError(f"model.backbone={name}: {one_line(err)}") from None
+        raise BackboneError(f"model.backbone={name}: {first_line(err, 200)}") from None
 
 
 def _group_ids(net: nn.Module) -> tuple[dict[str, int], int]:

@@ -7,15 +7,11 @@ from collections.abc import Callable
 
 from torch import nn
 
+from core.errors import first_line
 from lightning_modules.backbone_base import WeightsError
 
 # timm's own files on the Hugging Face Hub (its timm/ repositories): safetensors, tried first by timm
 HUB_FILE = "model.safetensors"
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:200]
 
 
 def weights_file(cfg: dict) -> str | None:
@@ -56,11 +52,11 @@ def _reason(err: BaseException) -> str:
         from huggingface_hub import constants
         from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError:
-        return one_line(err)
+        return first_line(err, 200)
     if isinstance(err, LocalEntryNotFoundError):
         how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hugging Face Hub is unreachable"
         return f"{how} and the weights are not in its local cache"
-    return one_line(err)
+    return first_line(err, 200)
 
 
 def load_pretrained(create_pretrained: Callable[[], nn.Module], name: str, net: nn.Module) -> None:

@@ -25,6 +25,7 @@ from datamodules.image_folder import default_num_workers
 from datamodules.transforms import backbone_eval_transform
 from lightning_modules.classifier import TransferClassifier
 from pipeline.config.load import RunConfig, load_config
+from pipeline.config.usage import shown
 from pipeline.prediction import collect_files, predict_files
 from pipeline.prediction import load_model as _load_model
 from pipeline.registry import stage_spec
@@ -47,14 +48,14 @@ def run_argv(argv: list[str]) -> dict[str, Any]:
 
 
 def run(stage: str, **overrides: Any) -> dict[str, Any]:
-    """Run ``stage`` (``features``, ``frozen``, ``finetune``, ``test``, ``all``, ``lr_find``) as
+    """Run ``stage`` (any of ``pipeline.registry``'s: ``features``, ``finetune``, ``all``, ...) as
     ``python train.py stage=<stage> <overrides>`` would; returns its metrics."""
     return run_argv([f"stage={stage}", *to_argv(overrides)])
 
 
 def to_argv(overrides: dict[str, Any]) -> list[str]:
     """Keyword arguments as command-line overrides (``data_root="x"`` -> ``data.root=x``)."""
-    return [f"{_dotted(key)}={_text(value)}" for key, value in overrides.items()]
+    return [f"{_dotted(key)}={shown(value)}" for key, value in overrides.items()]
 
 
 def _dotted(key: str) -> str:
@@ -64,19 +65,6 @@ def _dotted(key: str) -> str:
         if key.startswith(f"{section}_") and len(key) > len(section) + 1:
             return f"{section}.{key[len(section) + 1 :]}"
     return key  # a top-level key (seed, out_dir, ckpt_path, seeds, soup, ...); unknown ones fail in load_config
-
-
-def _text(value: Any) -> str:
-    """A Python value in the command line's syntax (OmegaConf's dotlist)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_text(v) for v in value) + "]"
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return str(value)
 
 
 def load_model(ckpt_path: str | os.PathLike) -> TransferClassifier:

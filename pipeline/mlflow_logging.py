@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig
 
-from core.errors import ConfigError
+from core.errors import ConfigError, first_line
 from pipeline.runner.run_dir import RunFolder, is_rank_zero
 
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -60,7 +60,7 @@ def log_results(logger: Logger, params: dict[str, Any], metrics: dict[str, float
     try:
         logger.log_hyperparams(params)
     except Exception as err:  # noqa: BLE001 - MLflow refuses to change a param of a resumed run
-        rank_zero_warn(f"MLflow kept the params first logged for this run ({str(err).splitlines()[0][:160]})")
+        rank_zero_warn(f"MLflow kept the params first logged for this run ({first_line(err, 160)})")
     logger.log_metrics(metrics)
     for path in files:
         if path.is_file():

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from core.atomic_io import check_writable, write_text_atomic
-from core.errors import ConfigError, UserError, os_error_line
+from core.errors import ConfigError, UserError, first_line, not_a_choice, os_error_line
 from datamodules.image_folder import default_num_workers
 from datamodules.image_io import IMAGE_EXTENSIONS, load_rgb
 from datamodules.transforms import backbone_eval_transform
@@ -53,13 +53,13 @@ def load_predict_config(argv: list[str]) -> PredictConfig:
         OmegaConf.to_object(cfg)  # raises on a missing ckpt_path
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "?")
-        raise ConfigError(f"predict.py: bad or missing key '{key}': {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"predict.py: bad or missing key '{key}': {first_line(err)}") from None
     if not cfg.inputs and not cfg.export:
         raise ConfigError("predict.py needs inputs=PATH_OR_GLOB (and/or export=onnx|torchscript)")
     if cfg.cam_dir and not cam_available():
         raise ConfigError("cam_dir needs the grad-cam package: pip install -e '.[cam]'")
     if cfg.export and cfg.export not in EXPORT_FORMATS:
-        raise ConfigError(f"export={cfg.export!r} is not valid; choose one of: {', '.join(EXPORT_FORMATS)}")
+        raise not_a_choice("export", cfg.export, EXPORT_FORMATS)
     return cfg
 
 

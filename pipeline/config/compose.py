@@ -12,7 +12,7 @@ import yaml  # omegaconf's own YAML parser (a dependency of it)
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from core.errors import ConfigError
+from core.errors import ConfigError, first_line
 from pipeline.config.schema import RunConfig, check_value
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/
@@ -93,6 +93,6 @@ def parse_overrides(argv: list[str]) -> DictConfig:
     try:
         return OmegaConf.from_dotlist(list(argv))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"cannot parse overrides: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"cannot parse overrides: {first_line(err)}") from None
 
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, get_args, get_type_hints
 
 from omegaconf import OmegaConf
 
-from core.errors import ConfigError
+from core.errors import ConfigError, not_a_choice
 
 
 class Range(NamedTuple):
@@ -138,7 +138,7 @@ def check_key(key: Key, value: Any) -> None:
     if meta["choices"]:
         if not (meta["lists"] and isinstance(value, list)) and value not in meta["choices"]:
             also = ", null or a list" if meta["lists"] else ""
-            raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(meta['choices'])}{also}")
+            raise not_a_choice(name, value, meta["choices"], also)
         return
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value}")

@@ -5,6 +5,7 @@ Imports only the schema (no torch, no Lightning), so ``--help`` answers at once.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pipeline.config.fields import parse_range
@@ -33,13 +34,16 @@ example:
 
 
 def shown(value: Any) -> str:
-    """A value as it is written on the command line: null, true/false, [a,b]."""
+    """A value as it is written on the command line (OmegaConf's dotlist): null, true/false, [a,b],
+    a path as its text. The one place that writes values as overrides (--help, the API, sweeps)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(shown(v) for v in value) + "]"
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     return str(value)
 
 

@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from core.errors import ConfigError, RunInterrupted
 from pipeline.config.load import cache_dir, flatten_keys, load_config, parse_overrides
+from pipeline.config.usage import shown
 from pipeline.registry import stage_spec
 from pipeline.runner.run_dir import RunFolder, group_dir, is_rank_zero
 from pipeline.runner.stages import run_stage
@@ -42,15 +43,6 @@ REPLICATE_KEYS = ("data.fold",)
 
 def grid_requested(argv: list[str]) -> bool:
     return any(a.startswith(("seeds=", "sweep.", "soup=")) for a in argv)
-
-
-def _format(value: Any) -> str:
-    """A value as a command-line override (lists as JSON, booleans lower case)."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, separators=(",", ":"))
-    return "null" if value is None else str(value)
 
 
 def parse_grid(argv: list[str]) -> tuple[list[str], list[int] | None, dict[str, list[Any]]]:
@@ -83,9 +75,9 @@ def cells(base: list[str], seeds: list[int] | None, grid: dict[str, list[Any]]) 
     combos = list(itertools.product(*grid.values())) if grid else [()]
     for number, (combo, seed) in enumerate(itertools.product(combos, seeds or [None])):
         params = dict(zip(grid, combo))
-        argv = [*base, *(f"{k}={_format(v)}" for k, v in params.items())]
+        argv = [*base, *(f"{k}={shown(v)}" for k, v in params.items())]
         argv += [f"seed={seed}"] if seed is not None else []
-        label = ",".join(f"{k}={_format(v)}" for k, v in params.items()) + (f",seed={seed}" if seed is not None else "")
+        label = ",".join(f"{k}={shown(v)}" for k, v in params.items()) + (f",seed={seed}" if seed is not None else "")
         name = f"cell{number:03d}-" + "".join(c if c.isalnum() or c in "=.,-_" else "_" for c in label.lstrip(","))
         out.append({"name": name[:120], "params": params, "seed": seed, "argv": argv})
     return out
@@ -235,7 +227,7 @@ def _fmt(stats: dict[str, Any] | None) -> str:
 
 def summary_markdown(argv: list[str], rows: list[dict[str, Any]], groups: list[dict[str, Any]]) -> str:
     def label(params: dict, method: str | None) -> str:
-        text = ", ".join(f"{k}={_format(v)}" for k, v in params.items()) or "(no sweep)"
+        text = ", ".join(f"{k}={shown(v)}" for k, v in params.items()) or "(no sweep)"
         return f"{text} / {method}" if method else text
 
     lines = [
@@ -291,7 +283,7 @@ def _log_hparams(parent: Path, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         if row["status"] != "ok":
             continue
-        hparams = {k: _format(v) if isinstance(v, (list, dict)) else v for k, v in row["params"].items()}
+        hparams = {k: shown(v) if isinstance(v, (list, dict)) else v for k, v in row["params"].items()}
         hparams |= {"seed": row["seed"] if row["seed"] is not None else -1, "method": row["method"] or ""}
         metrics = {
             f"hparams/{split}_{m}": row[split][m]

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from core.atomic_io import torch_save_atomic
-from core.errors import ConfigError
+from core.errors import ConfigError, not_a_choice
 from pipeline.config.load import load_config
 from pipeline.registry import takes
 from pipeline.robustness.shift_report import report_robustness
@@ -42,7 +42,7 @@ def take_soup(argv: list[str]) -> tuple[str | None, list[str]]:
     if not given:
         return None, rest
     if len(given) > 1 or given[0] not in SOUPS:
-        raise ConfigError(f"soup={given[-1]} is not valid; choose one of: {', '.join(SOUPS)}")
+        raise not_a_choice("soup", given[-1], SOUPS)
     return given[0], rest
 
 
