@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import fast_args
 from helpers import release_together
 from toy_data import make_image_tree
@@ -16,6 +18,7 @@ from toy_data import make_image_tree
 KILL_AT = Path(__file__).resolve().parent / "kill_at.py"
 
 
+@pytest.mark.slow  # four processes at once: about 16 s of the default suite's 4-minute budget
 def test_four_runs_at_one_instant_share_nothing_but_the_caches(tmp_path):
     root = make_image_tree(tmp_path / "toy")
     out, cache = tmp_path / "out", tmp_path / "cache"

@@ -123,6 +123,7 @@ def test_unfrozen_blocks_train_identically_on_every_rank(ddp_root, tmp_path, wei
     assert metrics["test"]["acc"] >= 0.7
 
 
+@pytest.mark.slow  # a two-process run: the default suite keeps the unfreeze test (4-minute budget)
 def test_replica_check_catches_unsynchronised_unfrozen_blocks(ddp_root, tmp_path, weights_file):
     """The broken approach (one fit, blocks unfrozen after DDP wrapped the model) must be detected."""
     args = ddp_finetune_args(ddp_root, tmp_path / "out", weights_file)
@@ -135,6 +136,7 @@ def test_replica_check_catches_unsynchronised_unfrozen_blocks(ddp_root, tmp_path
     assert diffs[-1] > 0.0, diffs  # after the unfreeze the replicas drift apart
 
 
+@pytest.mark.slow  # a two-process run: the default suite keeps the unfreeze test (4-minute budget)
 def test_two_processes_match_one_process_with_double_batch(ddp_root, tmp_path, weights_file, monkeypatch):
     common = {
         "data.augment": "none",
@@ -178,6 +180,7 @@ def test_two_processes_match_one_process_with_double_batch(ddp_root, tmp_path, w
     print(f"\nlargest weight difference 1-process vs 2-process: {worst:.3g}")
 
 
+@pytest.mark.slow  # a two-process run: the default suite keeps the unfreeze test (4-minute budget)
 def test_features_and_test_stages_under_ddp(ddp_root, tmp_path):
     out = tmp_path / "out"
     args = fast_args(ddp_root, out, stage="features", **{"trainer.devices": "2", "eval.temperature": "fit"})
@@ -203,6 +206,7 @@ def test_features_and_test_stages_under_ddp(ddp_root, tmp_path):
         assert tested["test"][key] == pytest.approx(metrics["test"][key], abs=1e-4), key
 
 
+@pytest.mark.slow  # a two-process run: the default suite keeps the unfreeze test (4-minute budget)
 def test_frozen_stage_under_ddp(ddp_root, tmp_path):
     # with TensorBoard's views on: every rank joins their gathers (a rank that skipped one would hang)
     views = {"trainer.devices": "2", "log.images_every_n_epochs": "1"}
@@ -243,6 +247,7 @@ def test_a_split_smaller_than_the_world_is_refused_before_any_process_starts(cap
     assert len(err) == 1 and "the val split has 2 image(s), fewer than the 3 processes" in err[0], err
 
 
+@pytest.mark.slow  # a two-process run: the default suite keeps the unfreeze test (4-minute budget)
 def test_a_sweep_under_ddp_keeps_every_cells_files(ddp_root, tmp_path):
     """Lightning's DDP workers re-run the whole sweep command: only rank zero may delete a cell it
     is about to start or write results and summaries (a worker once deleted the cell rank zero was
@@ -260,6 +265,7 @@ def test_a_sweep_under_ddp_keeps_every_cells_files(ddp_root, tmp_path):
     assert proc.stdout.count("sweep: summary in") == 1  # printed (and written) by one process
 
 
+@pytest.mark.slow  # a two-process run: the default suite keeps the unfreeze test (4-minute budget)
 def test_wise_and_l2sp_under_ddp(ddp_root, tmp_path, weights_file):
     """L2-SP's penalty and WiSE-FT's choice under two processes: replicas stay bit-identical and
     every rank evaluates and saves the same interpolated model."""

@@ -74,20 +74,15 @@ def build_stage(cfg: DictConfig, run_name: str | None = None) -> Build:
     check_extra_tests(cfg.eval.extra_tests, index.classes)  # a bad folder fails before training
     apply_speed_settings(cfg)
     model = build_model(cfg, index.classes, class_weights=class_weights, identity=identity)
-    images = ImageFolderDataModule(
+    images = image_data(
+        cfg,
+        model,
         index,
-        image_size=cfg.data.image_size,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
+        cfg.data.image_size,
         augment=cfg.data.augment,
-        mean=model.backbone.mean,
-        std=model.backbone.std,
-        pin_memory=torch.cuda.is_available(),
         seed=cfg.seed,
         decoded_cache_dir=cache_dir if cfg.data.decoded_cache else None,
         balanced_sampler=cfg.data.balanced_sampler,
-        interpolation=model.backbone.interpolation,
-        crop_pct=model.backbone.crop_pct,
     )
     images.skip_log = run / TRAINING_SKIPS
     if stage_spec(cfg.stage).inputs != "features":
@@ -307,20 +302,28 @@ def _check_shards(index: SplitIndex, world: int) -> None:
             )
 
 
-def evaluation_images(cfg: DictConfig, model: TransferClassifier, index: SplitIndex) -> ImageFolderDataModule:
-    """Loaders over ``index`` with the trained model's own preprocessing and no augmentation."""
+def image_data(
+    cfg: DictConfig, model: TransferClassifier, index: SplitIndex, image_size: int, **options: Any
+) -> ImageFolderDataModule:
+    """Loaders over ``index`` with ``model``'s preprocessing (mean, std, interpolation, crop) and the
+    config's batch size and workers; ``options``: augmentation, seed, caches, sampler."""
     return ImageFolderDataModule(
         index,
-        image_size=model.hparams.image_size,
+        image_size=image_size,
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
-        augment="none",
         mean=model.backbone.mean,
         std=model.backbone.std,
         pin_memory=torch.cuda.is_available(),
         interpolation=model.backbone.interpolation,
         crop_pct=model.backbone.crop_pct,
+        **options,
     )
+
+
+def evaluation_images(cfg: DictConfig, model: TransferClassifier, index: SplitIndex) -> ImageFolderDataModule:
+    """Loaders over ``index`` with the trained model's own preprocessing and no augmentation."""
+    return image_data(cfg, model, index, model.hparams.image_size, augment="none")
 
 
 def evaluation_data(cfg: DictConfig, model: TransferClassifier) -> ImageFolderDataModule:
