@@ -63,4 +63,10 @@ def state_dict_mismatch(path: str, err: RuntimeError) -> Exception:
     if not str(err).startswith("Error(s) in loading state_dict"):
         return err
     lines = str(err).splitlines()
-    return older_version(path, lines[1].strip() if len(lines) > 1 else "")
+    detail = lines[1].strip() if len(lines) > 1 else ""
+    if "head." in detail and "backbone." not in detail:  # the same network, another head
+        return ConfigError(
+            f"checkpoint {path} has another head than this config ({detail[:200]}): use its model.head_hidden "
+            "and model.dropout (e.g. model.head_hidden=0 after stage=linear_probe)"
+        )
+    return older_version(path, detail)
