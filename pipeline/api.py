@@ -44,7 +44,7 @@ def run_argv(argv: list[str]) -> dict[str, Any]:
         return run_grid(argv)
     cfg = load_config(argv)
     spec = stage_spec(cfg.stage)
-    return spec.run(argv) if spec.study else run_stage(cfg)
+    return spec.run(argv, cfg) if spec.study else run_stage(cfg)
 
 
 def run(stage: str, **overrides: Any) -> dict[str, Any]:

@@ -38,7 +38,7 @@ class StageSpec:
     fits: bool = True  # makes (or resumes) its own run folder and trains; False: evaluates a checkpoint
     plan: bool = True  # has a training plan (phases, learning rates)
     needs_checkpoint: bool = False  # ckpt_path= is required
-    study: bool = False  # runs other stages (stage=all): runner(argv) -> metrics
+    study: bool = False  # runs other stages (stage=all): runner(argv, cfg) -> metrics
     reports: bool = True  # ends with validation and test figures (lr_find: a suggested learning rate)
 
     def load(self, what: str) -> Callable[..., Any]:

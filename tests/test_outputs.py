@@ -75,8 +75,16 @@ def test_tensorboard_views_of_a_run(noisy_root, tmp_path):
     assert metrics["val"]["acc"] <= 14 / 16  # the two mislabelled images count as errors
 
 
-def test_stage_all_writes_a_three_row_comparison(toy_root, tmp_path):
+def test_stage_all_writes_a_three_row_comparison(toy_root, tmp_path, monkeypatch):
+    import pipeline.config.load as load
+
+    compositions = []
+    compose = load.compose
+    monkeypatch.setattr(load, "compose", lambda *a, **k: compositions.append(a) or compose(*a, **k))
     result = run_train(fast_args(toy_root, tmp_path, stage="all", **{"all.epochs": "[2,2,3]"}))
+    # composed once for the command, once per method (each has its own presets), once for the fine-tune
+    # preset's schedule; each method's run gets its built config (was 11 compositions)
+    assert len(compositions) == 5
     folder = Path(result["run_dir"])
     table = (folder / "comparison.md").read_text().split("Paired McNemar")[0].strip().splitlines()
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| method")]

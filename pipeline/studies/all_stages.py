@@ -6,7 +6,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from core.errors import ConfigError
@@ -23,7 +23,7 @@ METHODS = [
 ]
 
 
-def _stage_argv(stage: str, argv: list[str], epochs: int | None, frozen_best: str | None) -> list[str]:
+def _stage_argv(stage: str, argv: list[str], epochs: int | None) -> list[str]:
     """The command line of one method. Epochs: ``all.epochs``, else ``trainer.max_epochs`` if given
     (the same for every method), else the method's preset. Fine-tuning continues from the frozen
     run, so unless the command line sets its schedule it runs the fine-tune preset's unfreezing
@@ -33,8 +33,8 @@ def _stage_argv(stage: str, argv: list[str], epochs: int | None, frozen_best: st
     if epochs is not None:
         extra.append(f"trainer.max_epochs={epochs}")
     if stage_spec(stage).takes("init_ckpt"):
-        # the real path is known once the frozen run has finished; validation needs only a value
-        extra.append(f"finetune.init_ckpt={frozen_best or 'frozen-run-best.ckpt'}")
+        # the real path is known once the frozen run has finished (run_all sets it); checks need only a value
+        extra.append("finetune.init_ckpt=frozen-run-best.ckpt")
         asked = any(OmegaConf.select(cli, f"finetune.{k}") is not None for k in SCHEDULE_KEYS)
         if not asked:
             if epochs is None:
@@ -106,25 +106,26 @@ def paired_table(tests: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_all(argv: list[str]) -> list[int | None]:
-    """Every method's configuration (and plan), checked before the first one starts; the epochs."""
-    cfg = load_config(argv)
+def check_all(argv: list[str], cfg: DictConfig | None = None) -> list[DictConfig]:
+    """Every method's configuration (and plan), composed and checked once, before the first one
+    starts (the fine-tune's with a placeholder for the frozen run's checkpoint, set when it is known)."""
+    cfg = cfg if cfg is not None else load_config(argv)
     epochs = list(cfg.all.epochs) if cfg.all.epochs is not None else [None, None, None]
-    for (stage, _), n_epochs in zip(METHODS, epochs):
-        load_config(_stage_argv(stage, argv, n_epochs, None))
-    return epochs
+    return [load_config(_stage_argv(stage, argv, n_epochs)) for (stage, _), n_epochs in zip(METHODS, epochs)]
 
 
-def run_all(argv: list[str]) -> dict[str, Any]:
-    """Run features, frozen and finetune with the same overrides; write comparison.md/.json."""
-    cfg = load_config(argv)
+def run_all(argv: list[str], cfg: DictConfig | None = None) -> dict[str, Any]:
+    """Run features, frozen and finetune with the same overrides; write comparison.md/.json.
+    ``cfg``: ``argv``'s configuration, if the caller has composed it already."""
+    cfg = cfg if cfg is not None else load_config(argv)
     if cfg.ckpt_path:
         raise ConfigError("stage=all starts fresh runs; resume a single stage with stage=<name> ckpt_path=...")
-    epochs = check_all(argv)
+    configs = check_all(argv, cfg)
     all_dir = resolve_all_run(cfg)
     rows, frozen_best = [], None
-    for (stage, method), n_epochs in zip(METHODS, epochs):
-        stage_cfg = load_config(_stage_argv(stage, argv, n_epochs, frozen_best))
+    for (stage, method), stage_cfg in zip(METHODS, configs):
+        if stage_spec(stage).takes("init_ckpt"):
+            stage_cfg.finetune.init_ckpt = frozen_best  # the frozen run's best, known now
         metrics = run_stage(stage_cfg, run_name=all_dir.name)
         # what the next method starts from, if it takes an init checkpoint (the fine-tune: the frozen run's
         # best); without checkpointing, the state it ended with

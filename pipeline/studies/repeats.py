@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from core.errors import ConfigError, RunInterrupted
+from core.errors import ConfigError, RunInterrupted, first_line
 from pipeline.config.load import cache_dir, flatten_keys, load_config, parse_overrides
 from pipeline.config.usage import shown
 from pipeline.registry import stage_spec
@@ -103,8 +103,8 @@ def run_grid(argv: list[str]) -> dict[str, Any]:
         cell["argv"] += [f"out_dir={parent / cell['name']}", f"data.cache_dir={cache}"]
         cfg = load_config(cell["argv"])
         if stage_spec(cfg.stage).study:
-            check_all(cell["argv"])
-        cell["stage"] = cfg.stage
+            check_all(cell["argv"], cfg)
+        cell["stage"], cell["cfg"] = cfg.stage, cfg  # composed once: the cell runs this config
     # Lightning's DDP workers re-run this command: only global rank zero manages the sweep's files
     # (it deletes a half-started cell, writes results and summaries); the others only train
     manager = is_rank_zero()
@@ -151,21 +151,21 @@ def _run_cell(cell: dict[str, Any], folder: Path, manager: bool = True) -> list[
         if stage_spec(cell["stage"]).study:
             if manager:
                 shutil.rmtree(folder, ignore_errors=True)  # stage=all cannot resume: start it again
-            outcome = run_all(argv)
+            outcome = run_all(argv, cell["cfg"])
             rows = [_row(cell, m, m["method"]) for m in outcome["methods"]]
         else:
-            cfg = load_config(argv)
+            cfg = cell["cfg"]
             last = group_dir(cfg) / "run" / "checkpoints" / "last.ckpt"
             if last.is_file():
                 print(f"sweep: {cell['name']} was interrupted; resuming from {last}")
-                cfg = load_config([*argv, f"ckpt_path={last}"])
+                cfg.ckpt_path = str(last)
             elif manager:
                 shutil.rmtree(last.parent.parent, ignore_errors=True)
             rows = [_row(cell, run_stage(cfg, run_name="run"), None)]
     except RunInterrupted:
         raise  # the user stopped the sweep: the same command continues it
     except Exception as err:  # noqa: BLE001 - a failed cell is reported, the sweep goes on
-        message = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        message = first_line(err)
         print(f"sweep: {cell['name']} failed: {type(err).__name__}: {message}")
         failed = {**_row(cell, {}, None), "status": "failed", "error": f"{type(err).__name__}: {message}"}
         failed["wall_time_s"] = round(time.time() - started, 1)
