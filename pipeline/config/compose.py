@@ -79,7 +79,7 @@ def flatten_keys(node: dict, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: nested config values under their dotted keys."""
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:  # an empty mapping (sweep={}) is a value of its own
             out |= flatten_keys(value, f"{prefix}{key}.")
         else:
             out[f"{prefix}{key}"] = value

@@ -21,6 +21,7 @@ from pipeline.config.fields import check_key, leaf_keys, opt
 from pipeline.registry import STAGE_HELP, STAGE_NAMES, TRAINING_STAGES  # noqa: F401 - re-exported
 
 STAGES = STAGE_NAMES  # each stage's spec: pipeline/registry.py
+SOUPS = ("uniform", "greedy")  # pipeline/studies/soup.py
 TEMPERATURE_MODES = ("auto", "fit", "off")  # pipeline/runner/evaluation.py calibrate
 SHIFT_PRESETS = ("auto", "all", "none")  # pipeline/robustness/shift_report.py resolve_shifts
 POSITIVE, NON_NEGATIVE, FRACTION = "(0, inf)", "[0, inf)", "[0, 1)"
@@ -253,6 +254,18 @@ class RunConfig:
     slurm_requeue: bool = opt(
         False, "under SLURM: Lightning's auto-requeue (hpc_ckpt_N.ckpt); off: a requeued job resumes its last.ckpt"
     )
+    # Studies around any stage (pipeline/studies/repeats.py, soup.py; docs/uncertainty.md): read from the
+    # command line by the study, which runs each cell as an ordinary run of the stage.
+    seeds: list[int] | None = opt(None, "seeds=[1,2,3]: run once per seed; summary.md with mean, sd and 95% interval")
+    sweep: dict[str, Any] = opt(
+        {},
+        "sweep.<key>=[a,b,...]: run every value of any key (with seeds: the full grid); "
+        "the same command again continues an interrupted sweep",
+    )
+    soup: str | None = opt(
+        None, "after seeds=[...] of fine-tunes from one finetune.init_ckpt: average them (greedy: on validation)",
+        choices=SOUPS,
+    )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -265,6 +278,7 @@ class RunConfig:
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)
     # Free-form on purpose: every key is passed to lightning.Trainer; pipeline.config.load checks them.
     trainer: dict[str, Any] = opt(TRAINER_DEFAULTS, TRAINER_HELP)
+
 
 
 KEYS = {key.name: key for key in leaf_keys(RunConfig)}

@@ -23,11 +23,6 @@ keys (key=default  meaning; choices or range; schema: pipeline/config/schema.py;
 presets: configs/stage/, configs/backbone/):
 {keys}
 
-repeats and sweeps (around any stage; see docs/uncertainty.md):
-  seeds=[1,2,3]                      run once per seed; summary.md with mean, sd and 95% interval
-  sweep.<key>=[a,b,...]              run every value of any key (combined with seeds: the full grid);
-                                     the same command again continues an interrupted sweep
-
 example:
   python train.py stage=finetune data.root=path/to/cats_and_dogs_small model.backbone=efficientnet_lite0
 """

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from core.atomic_io import torch_save_atomic
 from core.errors import ConfigError, not_a_choice
 from pipeline.config.load import load_config
+from pipeline.config.schema import SOUPS
 from pipeline.registry import takes
 from pipeline.robustness.shift_report import report_robustness
 from pipeline.robustness.wise import uncalibrated
@@ -31,7 +32,6 @@ from pipeline.runner.evaluation import summarise
 from pipeline.runner.run_dir import RunFolder
 from pipeline.runner.trainer_factory import make_trainer
 
-SOUPS = ("uniform", "greedy")
 SOUP_ROW = "result.json"  # the soup's summary row, read back by later commands on the same sweep
 
 
