@@ -13,8 +13,10 @@ import sys
 
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(__doc__)
+    if not argv or any(a in ("-h", "--help", "help") for a in argv):
+        from pipeline.config.usage import predict_help_text  # the schema only: no torch
+
+        print(predict_help_text())
         return None
     from pipeline.console import exit_on_known
     from pipeline.prediction import main as predict_main

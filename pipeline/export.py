@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from core.atomic_io import write_bytes_atomic
+from core.errors import not_a_choice
 from lightning_modules.calibration import to_probabilities
 from lightning_modules.classifier import TransferClassifier, flip_averaged
+from pipeline.config.schema import EXPORT_FORMATS
 
-EXPORT_FORMATS = ("onnx", "torchscript")
 # where an export keeps the class names, in output order, as a JSON list
 ONNX_CLASS_NAMES_KEY = "class_names"
 TORCHSCRIPT_CLASS_NAMES_FILE = "class_names.json"
@@ -44,7 +45,7 @@ def export_model(model: TransferClassifier, image_size: int, fmt: str, path: str
     ``class_names``, TorchScript extra file ``class_names.json``); returns the path and the largest
     difference between the exported model's and PyTorch's probabilities on a random batch."""
     if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"export={fmt!r} is not valid; choose one of: {', '.join(EXPORT_FORMATS)}")
+        raise not_a_choice("export", fmt, EXPORT_FORMATS)
     wrapper = ExportedClassifier(model).eval().cpu()
     example = torch.randn(2, 3, image_size, image_size)
     # ASCII JSON: a class folder name that is not UTF-8 (a surrogate escape) still fits the UTF-8-only

@@ -11,40 +11,27 @@ import os
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from tqdm import tqdm
 
 from core.atomic_io import check_writable, write_text_atomic
-from core.errors import ConfigError, UserError, first_line, not_a_choice, os_error_line
+from core.errors import ConfigError, UserError, first_line, os_error_line
 from datamodules.image_folder import default_num_workers
 from datamodules.image_io import IMAGE_EXTENSIONS, load_rgb
 from datamodules.transforms import backbone_eval_transform
 from lightning_modules.cam import cam_available, gradcam, overlay
 from lightning_modules.classifier import TransferClassifier
 from pipeline.config.load import parse_overrides
-from pipeline.export import EXPORT_FORMATS, export_model
+from pipeline.config.schema import PredictConfig, check_values
+from pipeline.export import export_model
 from pipeline.inference import CLEAN, predict_variants
 from pipeline.runner.checkpoints import model_from_checkpoint
-
-
-@dataclass
-class PredictConfig:
-    ckpt_path: str = MISSING
-    inputs: str | None = None  # a file, a folder (searched recursively) or a glob
-    output: str = "predictions.csv"
-    batch_size: int = 32
-    num_workers: int | None = None
-    device: str = "auto"  # auto: cuda if available, else cpu
-    export: str | None = None  # onnx | torchscript
-    export_path: str | None = None  # default: next to the checkpoint
-    cam_dir: str | None = None  # write a Grad-CAM overlay PNG per image here (pip install -e ".[cam]")
 
 
 def load_predict_config(argv: list[str]) -> PredictConfig:
@@ -53,13 +40,12 @@ def load_predict_config(argv: list[str]) -> PredictConfig:
         OmegaConf.to_object(cfg)  # raises on a missing ckpt_path
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "?")
-        raise ConfigError(f"predict.py: bad or missing key '{key}': {first_line(err)}") from None
+        raise ConfigError(f"predict.py: bad or missing key '{key}': {first_line(err)} (see --help)") from None
+    check_values(cfg, PredictConfig)
     if not cfg.inputs and not cfg.export:
         raise ConfigError("predict.py needs inputs=PATH_OR_GLOB (and/or export=onnx|torchscript)")
     if cfg.cam_dir and not cam_available():
         raise ConfigError("cam_dir needs the grad-cam package: pip install -e '.[cam]'")
-    if cfg.export and cfg.export not in EXPORT_FORMATS:
-        raise not_a_choice("export", cfg.export, EXPORT_FORMATS)
     return cfg
 
 

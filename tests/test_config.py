@@ -155,3 +155,18 @@ def test_show_config_prints_the_values_a_stage_and_backbone_use_and_where_they_c
     assert lines["seed=42"] == []  # the schema's default
     train.main(["--show-config"])  # the defaults of the default stage
     assert "stage=finetune" in capsys.readouterr().out
+
+
+def test_predict_options_come_from_the_schema_and_are_checked(capsys):
+    import predict
+    from pipeline.config.schema import PredictConfig, schema_rows
+
+    predict.main([])  # bare: its usage, generated from the schema
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python predict.py") and all(f"  {r.key}=" in out for r in schema_rows(PredictConfig))
+    with pytest.raises(SystemExit):
+        predict.main(["ckpt_path=x.ckpt", "inputs=y", "export=tflite"])
+    assert "export='tflite' is not valid; choose one of: onnx, torchscript" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict.main(["ckpt_path=x.ckpt", "inputs=y", "batch_size=0"])
+    assert "batch_size must be positive" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from datamodules.choices import AUGMENT_PRESETS, SHIFT_NAMES, SOURCE_NAMES
 from lightning_modules.choices import BACKBONE_NAMES, MONITORS, OPTIMIZERS, POOLS, SCHEDULERS
@@ -294,11 +294,11 @@ class SchemaRow(NamedTuple):
     range: str | None
 
 
-def schema_rows() -> list[SchemaRow]:
-    """Every key of the schema as data, in declaration order (the configuration reference);
-    ``trainer.*`` as its default keys."""
+def schema_rows(schema: type = RunConfig) -> list[SchemaRow]:
+    """Every key of ``schema`` (train.py's; predict.py's) as data, in declaration order (the
+    configuration reference, --help); ``trainer.*`` as its default keys."""
     rows = []
-    for key in KEYS.values():
+    for key in (KEYS if schema is RunConfig else _keys(schema)).values():
         if key.name == "trainer":
             help_ = "a lightning.Trainer argument (any other passes as trainer.<name>=...)"
             rows += [SchemaRow(f"trainer.{k}", "Any", v, help_, (), "", None) for k, v in key.default.items()]
@@ -323,7 +323,32 @@ def check_value(name: str, value: Any) -> None:
     check_key(KEYS[name], value)
 
 
-def check_values(cfg: Any) -> None:
-    """:func:`check_value` for every key of ``cfg`` (a config composed on this schema)."""
-    for name in KEYS:
-        check_value(name, OmegaConf.select(cfg, name))
+def check_values(cfg: Any, schema: type = RunConfig) -> None:
+    """Each key's own rules (:func:`pipeline.config.fields.check_key`) for every key of ``cfg``, a
+    config composed on ``schema``."""
+    for name, key in (KEYS if schema is RunConfig else _keys(schema)).items():
+        check_key(key, OmegaConf.select(cfg, name))
+
+
+def _keys(schema: type) -> dict[str, Any]:
+    return {key.name: key for key in leaf_keys(schema)}
+
+
+EXPORT_FORMATS = ("onnx", "torchscript")  # pipeline/export.py
+
+
+@dataclass
+class PredictConfig:
+    """``predict.py``'s keys (its --help is generated from them, as train.py's)."""
+
+    ckpt_path: str = opt(MISSING, "a checkpoint of this project (a run's best-*.ckpt or last.ckpt); required")
+    inputs: str | None = opt(None, "a file, a folder (searched recursively) or a glob of images to classify")
+    output: str = opt("predictions.csv", "the CSV written (checked writable before any image is classified)")
+    batch_size: int = opt(32, "images per batch", range=POSITIVE)
+    num_workers: int | None = opt(None, "loader processes (null: one per core, at most 8)", range=NON_NEGATIVE)
+    device: str = opt("auto", "auto: a CUDA GPU if there is one, else the CPU", other="a torch device: cpu, cuda:1")
+    export: str | None = opt(
+        None, "write the model as ONNX or TorchScript, checked against PyTorch", choices=EXPORT_FORMATS
+    )
+    export_path: str | None = opt(None, "where the export goes (null: beside the checkpoint)")
+    cam_dir: str | None = opt(None, "a Grad-CAM overlay PNG of each image in this folder (pip install -e '.[cam]')")

@@ -84,3 +84,22 @@ def show_config(argv: list[str]) -> str:
         text = f"{key}={shown(value)}"
         lines.append(f"  {text:<{width}}   {source[key]}" if key in source else f"  {text}")
     return "\n".join(lines)
+
+
+PREDICT_HELP = """\
+usage: python predict.py ckpt_path=PATH inputs=PATH_OR_GLOB [key=value ...]
+       python predict.py ckpt_path=PATH export=onnx|torchscript [export_path=...]
+
+Classify image files with a trained checkpoint (its backbone, classes, preprocessing and temperature
+come with it), or export it.
+
+keys (key=default  meaning; choices or range; schema: pipeline/config/schema.py PredictConfig):
+{keys}
+"""
+
+
+def predict_help_text() -> str:
+    """``python predict.py --help`` (and a bare ``predict.py``), generated from its schema."""
+    from pipeline.config.schema import PredictConfig
+
+    return PREDICT_HELP.format(keys="\n".join(key_line(row) for row in schema_rows(PredictConfig)))
