@@ -148,6 +148,15 @@ def _ctrl(fifo: Path, pid: int, command: str) -> None:
     subprocess.run(["fiu-ctrl", "-f", str(fifo), "-c", command, str(pid)], capture_output=True, timeout=30)
 
 
+def _record(trial, returncode: int, stderr: str, **more) -> None:
+    """With ``$FAULT_REPORT`` set, one JSON line per trial (for the closing table of a run of this file)."""
+    if os.environ.get("FAULT_REPORT"):
+        line = next((x for x in stderr.splitlines() if x.startswith("error: ")), "")
+        row = {"trial": list(trial), "exit": returncode, "line": line, "traceback": "Traceback" in stderr, **more}
+        with open(os.environ["FAULT_REPORT"], "a") as report:
+            report.write(json.dumps(row) + "\n")
+
+
 def _assert_one_line_or_finished(returncode: int, stderr: str, trial) -> None:
     assert "Traceback" not in stderr, (trial, stderr[-3000:])
     assert returncode in (0, 2, 3), (trial, returncode, stderr[-3000:])
@@ -179,6 +188,7 @@ def test_fault_anywhere_ends_in_one_line_and_resumes_to_the_same_result(fiu_lib,
     for got, want in ((best, want_best), (last, want_last)):
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in want), trial
+    _record(trial, proc.returncode, stderr, identical=True)
 
 
 @pytest.mark.parametrize("first, until, probability", READ_TRIALS)
@@ -201,3 +211,4 @@ def test_image_read_errors_in_training_are_listed_skips(fiu_lib, reference, tmp_
     assert all(Path(p).is_file() for p in skipped)  # real images, readable again now
     assert json.loads((folder / "metrics.json").read_text())["skipped_in_training"] == len(skipped)
     assert "unreadable during training were left out" in stderr
+    _record(("read", first, until, probability), proc.returncode, stderr, skipped=len(skipped))
