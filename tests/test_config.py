@@ -25,11 +25,13 @@ def test_overrides_and_presets_apply():
 
 
 def test_stage_presets_follow_the_seed():
-    finetune = load_config(["stage=finetune"])
+    """The seed's VGG16 runs exactly the seed's presets; the default backbone is one that works offline."""
+    assert load_config(["stage=finetune"]).model.backbone == "efficientnet_lite0"
+    finetune = load_config(["stage=finetune", "model.backbone=vgg16"])
     assert finetune.optim.name == "rmsprop" and finetune.optim.lr == pytest.approx(1e-5)
     assert finetune.finetune.unfreeze_blocks == 1 and finetune.model.backbone == "vgg16"
     assert finetune.trainer.max_epochs - finetune.finetune.warmup_epochs == 100
-    frozen = load_config(["stage=frozen"])
+    frozen = load_config(["stage=frozen", "model.backbone=vgg16"])
     assert frozen.optim.lr == pytest.approx(2e-5) and frozen.data.batch_size == 20
     assert frozen.data.image_size == 150 and frozen.trainer.max_epochs == 30
 

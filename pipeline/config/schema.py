@@ -92,8 +92,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = opt(
-        "vgg16",
-        "backbone (lightning_modules/backbones.py)",
+        "efficientnet_lite0",
+        "backbone (lightning_modules/backbones.py); the default's ImageNet weights ship with the install (offline); "
+        "the seed's is vgg16 (its presets: configs/stage/ alone)",
         choices=BACKBONE_NAMES,
         other="timm:<name>, a timm network, e.g. timm:resnet50.a1_in1k, timm:vit_base_patch16_clip_224.openai "
         "(families: docs/backbones.md; pip install -e '.[timm]')",
