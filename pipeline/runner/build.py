@@ -87,6 +87,7 @@ def build_stage(cfg: DictConfig, run_name: str | None = None) -> Build:
         balanced_sampler=cfg.data.balanced_sampler,
         interpolation=model.backbone.interpolation,
         crop_pct=model.backbone.crop_pct,
+        random_erasing=cfg.data.random_erasing,
     )
     images.skip_log = run / TRAINING_SKIPS
     if cfg.stage != "features":
@@ -132,6 +133,7 @@ def build_model(
         mean=_listed(cfg.data.mean),
         std=_listed(cfg.data.std),
         crop_pct=cfg.data.crop_pct,
+        mix=cfg.data.mix,
     )
     if cfg.model.weights or cfg.model.pretrained:
         pretrained = build_backbone(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights)
