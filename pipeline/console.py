@@ -3,12 +3,14 @@ one line each, and a run ends with its result and the commands to type next."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,9 @@ QUIET_LOGS = (
     "💡 Tip:",  # Lightning's advertisement for its cloud logger
     "`weights_only` was not set",  # the project loads its own checkpoints (full trainer state, trusted)
 )
+
+
+RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
 
 
 class _DropNotes(logging.Filter):
@@ -94,19 +99,40 @@ _default_excepthook = threading.excepthook
 
 
 def quiet_console() -> None:
-    """For the command line only (train.py, predict.py): a library importer keeps its own settings."""
+    """For the command line (train.py, predict.py), for the whole process; the Python API's runs use
+    :func:`quieted`, for their own duration: a library importer keeps its own settings."""
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     warnings.formatwarning = _one_line
     threading.excepthook = _background_failure
     logging.raiseExceptions = False  # a log line that cannot be written (a failing stderr) is dropped, no traceback
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+    for name in ("lightning.pytorch", "lightning.fabric", RANK_ZERO_LOGGER):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNotes) for f in logger.filters):
             logger.addFilter(_DropNotes())
     for handler in logging.getLogger("lightning.pytorch").handlers:
         if not any(isinstance(f, _DropNotes) for f in handler.filters):
             handler.addFilter(_DropNotes())
+
+
+@contextlib.contextmanager
+def quieted() -> Iterator[None]:
+    """``quiet_console`` for the block only (the Python API's runs): a notebook sees what train.py
+    prints, and keeps its own warning filters, formats and hooks afterwards."""
+    saved = warnings.formatwarning, threading.excepthook, logging.raiseExceptions
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", RANK_ZERO_LOGGER)]
+    targets = [*loggers, *logging.getLogger("lightning.pytorch").handlers]
+    had_filter = [any(isinstance(f, _DropNotes) for f in t.filters) for t in targets]
+    with warnings.catch_warnings():
+        quiet_console()
+        try:
+            yield
+        finally:
+            warnings.formatwarning, threading.excepthook, logging.raiseExceptions = saved
+            for target, had in zip(targets, had_filter):
+                if not had:
+                    for f in [f for f in target.filters if isinstance(f, _DropNotes)]:
+                        target.removeFilter(f)
 
 
 def _acc(split: dict[str, Any] | None) -> str:
