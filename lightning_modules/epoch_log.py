@@ -16,10 +16,13 @@ from lightning.pytorch.trainer.states import TrainerFn
 from core.progress import Progress, duration
 from lightning_modules.run_safety import EpochTimer
 from lightning_modules.schedule import Plan
+from lightning_modules.tensorboard_views import tensorboard_writer
 
 METRICS_CSV = "metrics.csv"
 # TensorBoard's scalar behind each column of metrics.csv (the learning rates: lr/<group>, per step)
-COLUMNS = {"train_loss": "train/loss_epoch", "val_loss": "val/loss", "val_acc": "val/acc"}
+COLUMNS = {"train_loss": "train/loss_epoch", "train_acc": "train/acc", "val_loss": "val/loss", "val_acc": "val/acc"}
+# the same numbers against the epoch (Lightning logs them against the step): the seed's per-epoch plots
+EPOCH_TAG = "epoch/{}"
 
 
 class Folder(Protocol):
@@ -61,11 +64,11 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
 
 class EpochLog(Callback):
     """At the end of each training epoch (after its validation): epoch, phase, the learning rate of
-    every plan group (at the epoch's last step), train loss, validation loss and accuracy, training
-    images/s. Printed as one line when the trainer shows no progress bar; written to the run
-    folder's ``metrics.csv`` (global rank zero, atomically), keeping the rows of earlier epochs
-    (earlier phases and resumed runs included) and replacing those a killed run wrote after its
-    checkpoint.
+    every plan group (at the epoch's last step), train loss and accuracy, validation loss and
+    accuracy, training images/s. Logged to TensorBoard against the epoch (``epoch/<column>``);
+    printed as one line when the trainer shows no progress bar; written to the run folder's
+    ``metrics.csv`` (global rank zero, atomically), keeping the rows of earlier epochs (earlier
+    phases and resumed runs included) and replacing those a killed run wrote after its checkpoint.
 
     One instance serves every phase of a stage: ``plan`` (set again after an early stop) gives the
     phase and the epochs left, ``timer`` the images/s, ``print_line`` where the line goes."""
@@ -96,6 +99,11 @@ class EpochLog(Callback):
             return
         row = self.row(trainer)
         self.epochs_here += 1
+        writer = tensorboard_writer(trainer)
+        if writer is not None:
+            for column in COLUMNS:
+                if row[column] is not None:
+                    writer.add_scalar(EPOCH_TAG.format(column), row[column], row["epoch"])
         if self.folder is not None:
             kept = [r for r in read_rows(self.folder / METRICS_CSV) if int(r["epoch"]) < row["epoch"]]
             self.folder.write_text(METRICS_CSV, csv_text([*kept, row]))

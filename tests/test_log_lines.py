@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, finetune_args
 from helpers import run_dir, run_train, scalar_tags
@@ -78,3 +79,17 @@ def test_metrics_csv_matches_tensorboard(toy_root, tmp_path):
         expected = [by_step[(e + 1) * steps_per_epoch - 1] for e in range(3)]
         assert [float(r[f"lr/{group}"]) for r in rows] == pytest.approx(expected, rel=1e-6), group
     assert all(float(r["images_per_s"]) > 0 for r in rows)
+    # the per-epoch plots' tags, against the epoch; the HParams table reads val/* and test/* (no hparams/* copies)
+    assert [s for s, _ in scalars["epoch/val_acc"]] == [0, 1, 2]
+    assert [v for _, v in scalars["epoch/train_loss"]] == pytest.approx([float(r["train_loss"]) for r in rows])
+    assert not [tag for tag in scalars if tag.startswith("hparams/")]
+
+
+def test_reliability_diagram_has_one_panel_when_temperature_is_one():
+    from lightning_modules.figures import reliability_diagram
+
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]])
+    targets = torch.tensor([0, 1, 0])
+    one = reliability_diagram(probs, probs, targets, True, 15, "T=1")
+    two = reliability_diagram(probs, probs.flip(1), targets, True, 15, "T=2")
+    assert one.width < two.width and one.height == two.height
