@@ -13,7 +13,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help", "help") for a in argv):
+    if not argv or any(a in ("-h", "--help", "help") for a in argv):  # bare: the usage, not a missing-key error
         print(__doc__)
         return None
     from pipeline.console import exit_on_known

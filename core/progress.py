@@ -16,7 +16,7 @@ from tqdm import tqdm
 from core.rank import is_rank_zero
 
 LINES = 10  # lines per loop off a terminal (one per ~10%)
-QUIET_S = 5.0  # off a terminal, a loop shorter than this prints only its last line
+QUIET_S = 5.0  # off a terminal, a loop shorter than this prints nothing (a toy run stays a few lines)
 
 
 def is_terminal(stream: TextIO | None = None) -> bool:
@@ -46,8 +46,8 @@ def rate_line(desc: str, done: int, total: int, elapsed: float, unit: str = "ima
 
 class Progress:
     """``update(n)`` after every batch of ``n`` images; ``close()`` at the end (or use ``with``).
-    On a terminal (stderr) a tqdm bar that disappears when done; elsewhere a line on stderr per
-    ``1/LINES`` of the images once ``QUIET_S`` have passed, and the last line at ``close``; nothing
+    On a terminal (stderr) a tqdm bar that disappears when done; elsewhere, once ``QUIET_S`` have
+    passed, a line on stderr per ``1/LINES`` of the images and the last one at ``close``; nothing
     on ranks other than zero, or with ``enabled=False``."""
 
     def __init__(self, total: int, desc: str, enabled: bool = True, unit: str = "images"):
@@ -79,7 +79,8 @@ class Progress:
             self.bar.close()
             self.bar = None
         elif self.enabled and self.done and self._printed != self.done:
-            self._print()
+            if time.perf_counter() - self.started >= QUIET_S:
+                self._print()
         self.enabled = False
 
     def __enter__(self) -> Progress:

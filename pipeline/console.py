@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import FULL_DISK, RunInterrupted, UserError, os_error_cause, os_error_line
+from core.words import count
 
 # Library messages that carry nothing a user of this project can act on, each with why:
 QUIET_WARNINGS = (
@@ -143,9 +145,22 @@ def _acc(split: dict[str, Any] | None) -> str:
     return f"{100 * split['acc']:.1f}% of {split.get('count', '?')}{interval}"
 
 
-def result_block(metrics: dict[str, Any]) -> str:
+def _epochs(epochs: int | None) -> str:
+    return "epochs ?" if epochs is None else count(epochs, "epoch")
+
+
+def seeds_command(stage: str, argv: list[str] | None) -> str:
+    """``python train.py <this run's overrides> seeds=[1,2,3]``, quoted for a shell (without ``argv``,
+    ``...`` stands for them)."""
+    if argv is None:
+        return f"python train.py stage={stage} ... seeds=[1,2,3]"
+    kept = [a for a in argv if a.split("=", 1)[0] not in ("stage", "seed", "seeds", "ckpt_path")]
+    return shlex.join(["python", "train.py", f"stage={stage}", *kept, "seeds=[1,2,3]"])
+
+
+def result_block(metrics: dict[str, Any], argv: list[str] | None = None) -> str:
     """The end of a single run: its figures (the same numbers as metrics.json), its folder and what
-    to type next."""
+    to type next (``argv``: the run's overrides, repeated in the command with three seeds)."""
     run_dir = Path(metrics["run_dir"])
     test = metrics.get("test") or {}
     calibration = metrics.get("calibration") or {}
@@ -162,12 +177,12 @@ def result_block(metrics: dict[str, Any]) -> str:
     if (metrics.get("shift") or {}).get("shift_acc") is not None:
         lines.append(f"  shift accuracy       {100 * metrics['shift']['shift_acc']:.1f}% (mean of shift.md's rows)")
     lines += [
-        f"  epochs {metrics.get('epochs')}, wall time {metrics.get('wall_time_s', 0):.0f} s",
+        f"  {_epochs(metrics.get('epochs'))}, wall time {metrics.get('wall_time_s', 0):.0f} s",
         f"  run folder           {run_dir}",
         "next:",
         f"  tensorboard --logdir {run_dir.parent.parent}",
         f"  python predict.py ckpt_path={ckpt} inputs=PATH/TO/photos output=predictions.csv",
     ]
     if metrics["stage"] != "test":
-        lines.append(f"  python train.py stage={metrics['stage']} ... seeds=[1,2,3]   (the same with three seeds)")
+        lines.append(f"  {seeds_command(metrics['stage'], argv)}   (the same with three seeds)")
     return "\n".join(lines) + "\n"
