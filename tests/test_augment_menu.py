@@ -71,3 +71,6 @@ def test_a_resumed_mixed_run_is_the_uninterrupted_run(toy_root, tmp_path, monkey
     saved_step, resumed = sigterm_then_resume(monkeypatch, capsys, args, 8)
     assert saved_step == 9  # inside epoch 1 of 6-step epochs
     assert largest_weight_difference(whole, resumed) == 0.0
+    # metrics.csv: every epoch once, the interrupted process's and the resumed one's
+    with (run_dir(resumed) / "metrics.csv").open(newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]
