@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     try:
         metrics = run_argv(argv)  # a sweep or stage=all ends with its own table
         if is_rank_zero() and metrics.get("stage") not in (None, "all", "lr_find"):  # a sweep has none
-            print(result_block(metrics))
+            print(result_block(metrics, argv))
         return metrics
     except Exception as err:
         exit_on_known(err)  # the user's and the machine's errors: one line and an exit code

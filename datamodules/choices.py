@@ -6,7 +6,9 @@ torchvision; the implementing modules import them from here, so each list is wri
 
 from __future__ import annotations
 
-AUGMENT_PRESETS = ("none", "seed", "standard", "robust")  # datamodules/transforms.py
+# datamodules/transforms.py (the last three: torchvision's policies, transforms.POLICIES)
+AUGMENT_PRESETS = ("none", "seed", "standard", "robust", "randaugment", "trivialaugment", "autoaugment")
+MIX_MODES = ("none", "mixup", "cutmix")  # lightning_modules/batch_mix.py
 # The keys of datamodules/shifts.py's SHIFTS, in the report's order.
 SHIFT_NAMES = ("lowres", "jpeg", "blur", "noise", "brightness", "contrast", "grayscale", "rotation")
 # The keys of datamodules/download.py's SOURCES, and "none" (never download).

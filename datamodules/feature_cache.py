@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, TensorDataset
 
 from core.atomic_io import file_lock, torch_save_atomic
+from core.progress import Progress
 from datamodules import image_io, transforms
 from datamodules.image_folder import CPU_EVAL_BATCH, ImageFolderDataModule
 from datamodules.layout import stat_scanned
@@ -69,15 +70,15 @@ def cache_key(images: ImageFolderDataModule, model: torch.nn.Module, pool: str, 
 
 @torch.no_grad()
 def extract_features(
-    model, loader: DataLoader, device: torch.device, views: int = 1
+    model, loader: DataLoader, device: torch.device, views: int = 1, desc: str = "features"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled backbone features ``(N, views, D)`` in loader order, on the CPU; view 1 is the
-    horizontally mirrored image."""
+    horizontally mirrored image. Progress (images/s, time left) as ``desc`` (``core.progress``)."""
     was_training = model.training
     # channels_last: faster convolutions on CPU.
     model.eval().to(device, memory_format=torch.channels_last)
     features, labels = [], []
-    started, done = time.time(), 0
+    progress = Progress(len(loader.dataset), desc)
     for images, target in loader:
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         batch = [model.forward_features(images)]
@@ -85,9 +86,8 @@ def extract_features(
             batch.append(model.forward_features(images.flip(-1)))
         features.append(torch.stack(batch, dim=1).float().cpu())
         labels.append(target)
-        done += len(target)
-        if time.time() - started > 30 and len(features) % 50 == 0:
-            rank_zero_info(f"  features: {done}/{len(loader.dataset)} images, {done / (time.time() - started):.0f}/s")
+        progress.update(len(target))
+    progress.close()
     model.to(memory_format=torch.contiguous_format).train(was_training)
     return torch.cat(features), torch.cat(labels)
 
@@ -154,7 +154,7 @@ class FeatureDataModule(LightningDataModule):
             # one process extracts everything: a plain sequential loader, not the rank-sharded one
             loader = DataLoader(self.images.eval_dataset(split), batch_size=batch, num_workers=self.images.num_workers)
             started = time.time()
-            splits[split] = extract_features(self.model, loader, self.device, self.views)
+            splits[split] = extract_features(self.model, loader, self.device, self.views, f"features ({split})")
             rank_zero_info(f"feature cache: {split} ({len(splits[split][1])} images) in {time.time() - started:.1f}s")
         # atomic: a crash never leaves a truncated cache behind, a full disk is one DiskFullError line
         torch_save_atomic({split: {"x": x, "y": y} for split, (x, y) in splits.items()}, self.path)

@@ -159,8 +159,10 @@ class ImageFolderDataModule(LightningDataModule):
         balanced_sampler: bool = False,
         interpolation: str = "bilinear",
         crop_pct: float = 1.0,
+        random_erasing: float = 0.0,
     ):
         super().__init__()
+        self.random_erasing = random_erasing  # v2.RandomErasing's probability on training images
         self.interpolation = interpolation  # the backbone's resize filter
         self.crop_pct = crop_pct  # evaluation's centre crop (1: none)
         self.decoded_cache_dir = decoded_cache_dir
@@ -202,7 +204,13 @@ class ImageFolderDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         cached = self.decoded_cache_dir is not None
         train_tf = train_transform(
-            self.augment, self.image_size, self.mean, self.std, cached=cached, interpolation=self.interpolation
+            self.augment,
+            self.image_size,
+            self.mean,
+            self.std,
+            cached=cached,
+            interpolation=self.interpolation,
+            random_erasing=self.random_erasing,
         )
         for split, samples in self.index.samples.items():
             transform = train_tf if split == "train" else self.eval_transform()

@@ -105,6 +105,15 @@ def _robust_photometric() -> list[v2.Transform]:
     ]
 
 
+# torchvision's automatic augmentation policies, each after a squash-resize and a random flip
+# (on uint8 images, as they expect); ``standard`` pairs TrivialAugment with a random resized crop instead
+POLICIES = {
+    "randaugment": v2.RandAugment,
+    "trivialaugment": v2.TrivialAugmentWide,
+    "autoaugment": v2.AutoAugment,  # the ImageNet policy
+}
+
+
 def _standard_augmentation(size: int, interpolation: str = "bilinear") -> list[v2.Transform]:
     return [
         v2.RandomResizedCrop(size, scale=(0.35, 1.0), interpolation=_resample(interpolation), antialias=True),
@@ -142,14 +151,31 @@ def train_transform(
     std: Sequence[float],
     cached: bool = False,
     interpolation: str = "bilinear",
+    random_erasing: float = 0.0,
 ) -> v2.Compose:
     """``none``: as eval; ``seed``: the seed's Keras augmentation; ``standard``: random resized
     crop + flip + TrivialAugmentWide; ``robust``: ``seed`` plus random downscaling, colour jitter,
-    blur and JPEG re-encoding (see ``_robust_rescale`` and ``_robust_photometric``).
+    blur and JPEG re-encoding (see ``_robust_rescale`` and ``_robust_photometric``);
+    ``randaugment``, ``trivialaugment``, ``autoaugment``: squash-resize, flip and torchvision's policy.
+    ``random_erasing``: the probability of ``v2.RandomErasing`` on the normalised image, after all else.
 
     ``cached``: the input is a decoded-cache tensor slightly larger than ``size`` (see
     ``datamodules.decoded_cache``); a random ``size`` crop of it and a random flip replace the
     resize, and ``none`` stays unaugmented apart from them."""
+    composed = _train_transform(preset, size, mean, std, cached, interpolation)
+    if random_erasing > 0:
+        return v2.Compose([*composed.transforms, v2.RandomErasing(p=random_erasing)])
+    return composed
+
+
+def _train_transform(
+    preset: str, size: int, mean: Sequence[float], std: Sequence[float], cached: bool, interpolation: str
+) -> v2.Compose:
+    if preset in POLICIES:
+        resize = [v2.Resize((size, size), interpolation=_resample(interpolation), antialias=True)]
+        geometry = [v2.RandomCrop(size)] if cached else resize
+        policy = POLICIES[preset]()
+        return v2.Compose([v2.ToImage(), *geometry, v2.RandomHorizontalFlip(), policy, *_to_normalised(mean, std)])
     if cached:
         flip = [v2.RandomHorizontalFlip()]  # the seed augmentation flips already: not twice
         # robust: the crop is size x size already, so its Resize only restores a downscaled crop

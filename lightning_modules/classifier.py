@@ -23,6 +23,7 @@ from torchmetrics.classification import (
 
 from core.errors import ConfigError
 from lightning_modules.backbones import build_backbone
+from lightning_modules.batch_mix import batch_mix, mix_batch
 from lightning_modules.calibration import ECE_BINS, to_probabilities
 from lightning_modules.freeze_schedule import set_frozen_eval, set_trainable
 from lightning_modules.heads import ClassifierHead, HeadOptions
@@ -105,9 +106,10 @@ class TransferClassifier(LightningModule):
         channels_last: bool = False,
         grad_checkpointing: bool = False,
         plan: Plan | None = None,
+        mix: str = "none",
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["inputs", "channels_last", "grad_checkpointing", "plan"])
+        self.save_hyperparameters(ignore=["inputs", "channels_last", "grad_checkpointing", "plan", "mix"])
         self.class_names = list(class_names)
         # what the run's numbers mean (data, classes, preprocessing: pipeline/config/identity.py), set by the
         # runner and saved in every checkpoint so that resuming or reusing it can be checked
@@ -117,6 +119,9 @@ class TransferClassifier(LightningModule):
         if inputs not in ("images", "features"):
             raise ValueError(f"inputs must be 'images' or 'features', got {inputs!r}")
         self.inputs = inputs
+        if mix != "none" and inputs == "features":
+            raise ConfigError(f"data.mix={mix} mixes images: stage=features trains on cached features (data.mix=none)")
+        self.mix = batch_mix(mix, len(self.class_names))
         self.channels_last = channels_last
         self.plan = plan
         self.backbone = build_backbone(backbone)
@@ -202,24 +207,35 @@ class TransferClassifier(LightningModule):
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy; in training with label smoothing and the class weights (a weighted mean:
         sum of w[y] * loss / sum of w[y], as torch's weighted cross-entropy). Evaluation losses are
-        unweighted, so they stay comparable between runs."""
+        unweighted, so they stay comparable between runs. ``target``: class indices, or soft labels
+        ``(B, C)`` of a mixed batch (``data.mix``; a soft label's weight is its mix of w)."""
         smoothing = self.hparams.label_smoothing if self.training else 0.0
         weighted = self.training and self.class_weights.numel() > 0
+        soft_labels = target.dim() == 2
         if self.binary:
-            soft = target.float() * (1 - smoothing) + 0.5 * smoothing
+            positive = target[:, 1] if soft_labels else target.float()
+            soft = positive * (1 - smoothing) + 0.5 * smoothing
             if not weighted:
                 return F.binary_cross_entropy_with_logits(logits.squeeze(1).float(), soft)
             per_image = F.binary_cross_entropy_with_logits(logits.squeeze(1).float(), soft, reduction="none")
-            w = self.class_weights[target]
+            w = target @ self.class_weights if soft_labels else self.class_weights[target]
             return (per_image * w).sum() / w.sum()
+        if soft_labels and weighted:  # torch divides soft-label losses by the batch, not the weights
+            per_image = F.cross_entropy(
+                logits.float(), target, weight=self.class_weights, label_smoothing=smoothing, reduction="none"
+            )
+            w = target @ self.class_weights
+            return per_image.sum() / w.sum()
         weight = self.class_weights if weighted else None
         return F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=smoothing)
 
     # --- steps --------------------------------------------------------------------------------
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         inputs, target = batch
+        # a mixed batch: the loss takes the mixed labels, the metrics each image's own (hard) label
+        inputs, loss_target = mix_batch(self.mix, inputs, target) if self.mix and split == "train" else (inputs, target)
         logits = self.logits(inputs)
-        loss = self._loss(logits, target)
+        loss = self._loss(logits, loss_target)
         probs = self.probabilities(logits).detach()
         preds_for_metrics = probs[:, 1] if self.binary else probs
         metrics, losses, counts = (d[f"{split}_m"] for d in (self.metrics, self.losses, self.counts))

@@ -101,30 +101,45 @@ def _bins(confidence: torch.Tensor, hit: torch.Tensor, n_bins: int) -> list[tupl
 def reliability_diagram(
     before: torch.Tensor, after: torch.Tensor, targets: torch.Tensor, binary: bool, n_bins: int, title: str
 ) -> Image.Image:
-    """Two reliability diagrams side by side (before / after temperature scaling): per confidence
-    bin, the observed frequency (bar) against the diagonal of perfect calibration. The binned
+    """Reliability diagrams before / after temperature scaling (one panel when they are the same
+    probabilities, T=1): per confidence bin, the observed frequency (bar, with the bin's image count
+    above it) against the diagonal of perfect calibration, with ticks at every 0.2. The binned
     quantity is the one torchmetrics' ECE uses: P(second class) vs its frequency for two classes,
     the top-label confidence vs accuracy otherwise."""
     font = _font()
-    size, margin = 240, 36
-    canvas = Image.new("RGB", (2 * (size + 2 * margin), size + 2 * margin + 16), (255, 255, 255))
+    size, left, right, top, bottom = 240, 44, 16, 56, 40
+    panels = [("before scaling", before), ("after scaling", after)] if not torch.equal(before, after) else [("", after)]
+    width = max(len(panels) * (left + size + right), 440)
+    canvas = Image.new("RGB", (width, top + size + bottom), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    draw.text((margin, 2), title, fill=(0, 0, 0), font=font)
-    for panel, (name, probs) in enumerate((("before", before), ("after", after))):
+    draw.text((4, 4), title, fill=(0, 0, 0), font=font)
+    draw.text((4, 20), "bars: observed frequency per bin, red: images per bin", fill=(90, 90, 90), font=font)
+    x_name, y_name = ("P(second class)", "frequency") if binary else ("confidence", "accuracy")
+    for panel, (name, probs) in enumerate(panels):
         if binary:
             confidence, hit = probs[:, 1], targets == 1
         else:
             confidence, predicted = probs.max(dim=1)
             hit = predicted == targets
-        x0, y0 = panel * (size + 2 * margin) + margin, margin + 16
+        x0, y0 = panel * (left + size + right) + left, top
+        draw.text((x0 + size // 2 - 30, y0 - 16), name, fill=(0, 0, 0), font=font)
         draw.rectangle([x0, y0, x0 + size, y0 + size], outline=(0, 0, 0))
         draw.line([x0, y0 + size, x0 + size, y0], fill=(180, 180, 180), width=1)
-        width = size / n_bins
+        for tick in range(6):  # 0, 0.2, ..., 1 on both axes
+            x, y = x0 + tick * size / 5, y0 + size - tick * size / 5
+            draw.line([x, y0 + size, x, y0 + size + 4], fill=(0, 0, 0))
+            draw.text((x - 8, y0 + size + 5), f"{tick / 5:.1f}", fill=(0, 0, 0), font=font)
+            draw.line([x0 - 4, y, x0, y], fill=(0, 0, 0))
+            draw.text((x0 - 28, y - 7), f"{tick / 5:.1f}", fill=(0, 0, 0), font=font)
+        bin_w = size / n_bins
         for b, (_, freq, n) in enumerate(_bins(confidence, hit, n_bins)):
             if n:
-                left = x0 + b * width
-                draw.rectangle([left + 1, y0 + size - freq * size, left + width - 1, y0 + size], fill=(90, 120, 220))
-        draw.text((x0, y0 + size + 2), f"{name} scaling: confidence 0..1", fill=(0, 0, 0), font=font)
+                x = x0 + b * bin_w
+                bar_top = y0 + size - freq * size
+                draw.rectangle([x + 1, bar_top, x + bin_w - 1, y0 + size], fill=(90, 120, 220))
+                draw.text((x + 2, max(y0 + 1, bar_top - 13)), str(n), fill=(200, 40, 40), font=font)
+        draw.text((x0 + size // 2 - 40, y0 + size + 20), x_name, fill=(0, 0, 0), font=font)
+        draw.text((x0 - 40, y0 - 16), y_name, fill=(90, 90, 90), font=font)
     return canvas
 
 

@@ -12,6 +12,7 @@ import math
 
 from PIL import Image, ImageDraw
 
+from core.words import count
 from lightning_modules.figures import _font
 from lightning_modules.schedule import Phase, Plan
 
@@ -77,7 +78,7 @@ def plan_figure(plan: Plan, width: int = 720, height: int = 360) -> Image.Image:
         draw.text(
             (left + plot_w + 8, top + 16 * k), f"{group} (peak {dict(plan.groups)[group]:.2g})", fill=colour, font=font
         )
-    title = f"plan for stage={plan.stage}: {plan.epochs} epochs, scheduler {plan.scheduler}"
+    title = f"plan for stage={plan.stage}: {count(plan.epochs, 'epoch')}, scheduler {plan.scheduler}"
     draw.text((left, 8), title, fill=(0, 0, 0), font=font)
     for decade in range(math.ceil(low), math.floor(high) + 1):
         y = at(0, 10.0**decade)[1]

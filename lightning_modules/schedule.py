@@ -28,6 +28,7 @@ from typing import Any
 from torch import nn
 
 from core.errors import UserError
+from core.words import count, epoch_range
 
 # One-cycle constants as in fastai's fit_one_cycle: start at lr/25, end at lr/1e5, 25% warm-up.
 ONECYCLE_DIV, ONECYCLE_FINAL_DIV, ONECYCLE_PCT = 25.0, 1e5, 0.25
@@ -162,16 +163,16 @@ class Plan:
     # --- showing ------------------------------------------------------------------------------
     def phase_text(self, index: int) -> str:
         phase = self.phases[index]
-        return f"phase {index}: epochs {phase.start}-{phase.end - 1}: {phase.describe(self.n_blocks)}"
+        return f"phase {index}: {epoch_range(phase.start, phase.end)}: {phase.describe(self.n_blocks)}"
 
     def describe(self) -> str:
         lines = [
-            f"plan for stage={self.stage}: {self.epochs} epochs, scheduler {self.scheduler}"
-            + (f", {self.lr_warmup_epochs:g} warm-up epochs" if self.lr_warmup_epochs else "")
+            f"plan for stage={self.stage}: {count(self.epochs, 'epoch')}, scheduler {self.scheduler}"
+            + (f", {count(self.lr_warmup_epochs, 'warm-up epoch')}" if self.lr_warmup_epochs else "")
         ]
         for index in range(len(self.phases)):
             stop = [n for i, n in self.early_stops if i == index]
-            note = f" (stopped early after {stop[0]} epochs)" if stop else ""
+            note = f" (stopped early after {count(stop[0], 'epoch')})" if stop else ""
             lines.append(f"  {self.phase_text(index)}{note}")
         rates = ", ".join(f"{name} {lr:.3g}" for name, lr in self.groups)
         lines.append(f"  peak learning rates: {rates}")
@@ -280,7 +281,7 @@ def _check_rates(scheduler, warmup, phases, epochs, layer_decay, ratio, top_max)
         if warmup >= shortest:
             raise PlanError(
                 f"optim.lr_warmup_epochs={warmup:g} must be shorter than every phase of a one-cycle plan "
-                f"(the shortest has {shortest} epochs)"
+                f"(the shortest has {count(shortest, 'epoch')})"
             )
     elif warmup >= epochs:
         raise PlanError(f"optim.lr_warmup_epochs={warmup:g} must be shorter than trainer.max_epochs={epochs}")

@@ -15,17 +15,31 @@ from lightning_modules.cam import cam_available, gradcam, overlay
 from lightning_modules.eval_outputs import gather_cat
 from lightning_modules.figures import captioned_grid, confusion_matrix_image, denormalise
 
-# The seed ends each method with these two plots: training vs validation accuracy and loss.
+# The seed ends each method with these two plots: training vs validation accuracy and loss, against
+# the epoch (epoch_log.EpochLog logs them so; train/acc and val/acc are against the step).
 SEED_LAYOUT = {
-    "seed plots (per epoch)": {
-        "accuracy: train vs validation": ["Multiline", ["train/acc", "val/acc"]],
-        "loss: train vs validation": ["Multiline", ["train/loss_epoch", "val/loss"]],
+    "seed plots (x: epoch)": {
+        "accuracy: train vs validation": ["Multiline", ["epoch/train_acc", "epoch/val_acc"]],
+        "loss: train vs validation": ["Multiline", ["epoch/train_loss", "epoch/val_loss"]],
     },
-    "fine-tuning": {
+    "fine-tuning (x: step)": {
         "learning rates": ["Multiline", ["lr/.*"]],
         "trainable parameters": ["Multiline", ["trainable_params"]],
     },
 }
+
+
+def hparams_table(logger: TensorBoardLogger, params: dict[str, Any], metric_tags: list[str]) -> None:
+    """The run's row of TensorBoard's HParams tab: ``params`` against the last value of each of
+    ``metric_tags``, scalars the run logged already (``val/acc``: the best model's evaluation).
+    Lightning's ``log_hyperparams(params, metrics)`` would log the metrics again as ``hparams/*``
+    scalars, a one-point chart each in the Time Series tab."""
+    from torch.utils.tensorboard.summary import hparams
+
+    logger.log_hyperparams(params)  # hparams.yaml (no metrics: nothing logged as a scalar)
+    writer = logger.experiment._get_file_writer()
+    for summary in hparams(params, dict.fromkeys(metric_tags, 0.0)):  # the values are read from the scalars
+        writer.add_summary(summary)
 
 
 def tensorboard_writer(trainer: Trainer):
@@ -50,7 +64,9 @@ class TensorBoardViews(Callback):
     def _reset(self) -> None:
         self.probs: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
-        self.wrong: list[tuple[float, torch.Tensor, int, int, float]] = []
+        # (confidence, image or its index in the cached split, true class, predicted class, confidence)
+        self.wrong: list[tuple[float, torch.Tensor | int, int, int, float]] = []
+        self.seen = 0  # validation images so far this epoch
 
     def _due(self, trainer: Trainer) -> bool:
         return (
@@ -93,19 +109,17 @@ class TensorBoardViews(Callback):
         self.probs.append(probs)
         self.targets.append(target)
         inputs = batch[0]
-        if inputs.dim() != 4:  # cached features, not images
+        first, self.seen = self.seen, self.seen + len(target)
+        # cached features: the image is read back from its file at the epoch's end, by its place in the
+        # split (sequential in one process; a DDP shard's place is not the file's, so none there)
+        from_file = inputs.dim() != 4 and trainer.world_size == 1
+        if inputs.dim() != 4 and not from_file:
             return
         confidence, predicted = probs.max(dim=1)
         for i in torch.nonzero(predicted != target).view(-1).tolist():
-            self.wrong.append(
-                (
-                    float(confidence[i]),
-                    inputs[i].detach().cpu().clone(),  # a copy: a view would keep its whole batch alive
-                    int(target[i]),
-                    int(predicted[i]),
-                    float(confidence[i]),
-                )
-            )
+            # a copy: a view would keep its whole batch alive
+            image = first + i if from_file else inputs[i].detach().cpu().clone()
+            self.wrong.append((float(confidence[i]), image, int(target[i]), int(predicted[i]), float(confidence[i])))
         self.wrong = sorted(self.wrong, key=lambda w: -w[0])[: self.max_images]
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -127,15 +141,26 @@ class TensorBoardViews(Callback):
         writer.add_image("val/confusion_matrix", confusion_matrix_image(matrix, names), step)
         if len(names) == 2:
             writer.add_pr_curve("val/pr_curve", targets, probs[:, 1], step)
+        self.wrong = [(*w[:1], image, *w[2:]) for w in self.wrong if (image := _image(trainer, w[1])) is not None]
         if self.wrong:
             images = denormalise(
                 torch.stack([w[1] for w in self.wrong]), pl_module.backbone.mean, pl_module.backbone.std
             )
             captions = [f"true {names[t]}\npred {names[p]} {c:.2f}" for _, _, t, p, c in self.wrong]
             writer.add_image("val/most_confident_errors", captioned_grid(images, captions), step)
-            if cam_available():  # where the model looked for its wrong answer (pip install -e ".[cam]")
+            # where the model looked for its wrong answer (pip install -e ".[cam]"); image runs only
+            if cam_available() and pl_module.inputs == "images":
                 inputs = torch.stack([w[1] for w in self.wrong]).to(pl_module.device)
                 maps = gradcam(pl_module, inputs, [p for _, _, _, p, _ in self.wrong], pl_module.binary)
                 overlays = [torch.from_numpy(overlay(i.permute(1, 2, 0).numpy(), m)) for i, m in zip(images, maps)]
                 grid = captioned_grid(torch.stack(overlays).permute(0, 3, 1, 2), captions)
                 writer.add_image("val/most_confident_errors_gradcam", grid, step)
+
+
+def _image(trainer: Trainer, image: torch.Tensor | int) -> torch.Tensor | None:
+    """A validation image, or the one at that place of the cached split, read with the evaluation's
+    transform (None if it became unreadable)."""
+    if isinstance(image, torch.Tensor):
+        return image
+    item = trainer.datamodule.images.eval_dataset("val")[image]
+    return None if item is None else item[0]

@@ -7,6 +7,8 @@ import time
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from core.words import count
+
 MEASURE_STEPS = 5  # training steps timed (after the first, which pays for warm-up)
 WORTH_SAYING_S = 120  # shorter runs need no forecast
 FAST_ON_CPU = "efficientnet_lite0"
@@ -51,8 +53,8 @@ class TimeEstimate(Callback):
         )
         rank_zero_info(
             f"{self.backbone} at {self.image_size} px on {where}: about {per_epoch / 60:.1f} min per epoch, "
-            f"{_duration(total)} for the stage's {self.epochs} epochs (measured on its first steps; epochs that "
-            f"train more blocks take longer){hint}"
+            f"{_duration(total)} for the stage's {count(self.epochs, 'epoch')} (measured on its first steps; "
+            f"epochs that train more blocks take longer){hint}"
         )
 
 

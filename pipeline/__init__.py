@@ -1,14 +1,17 @@
 """The runner layer; ``from pipeline import run, load_model, predict`` is the Python API
-(``pipeline/api.py``), imported on first use so that ``train.py --help`` stays light."""
+(``pipeline/api.py``) and ``show_batch``, ``top_losses``, ``confusion_matrix`` its notebook figures
+(``pipeline/notebook.py``), imported on first use so that ``train.py --help`` stays light."""
 
+from importlib import import_module
 from typing import Any
 
-__all__ = ["load_model", "predict", "run"]
+_MODULES = {"load_model": "api", "predict": "api", "run": "api"} | dict.fromkeys(
+    ("show_batch", "top_losses", "confusion_matrix"), "notebook"
+)
+__all__ = sorted(_MODULES)
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from pipeline import api  # heavy (torch, Lightning): only when the API is used
-
-        return getattr(api, name)
+    if name in _MODULES:  # heavy (torch, Lightning): only when the API is used
+        return getattr(import_module(f"pipeline.{_MODULES[name]}"), name)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

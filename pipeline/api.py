@@ -26,6 +26,7 @@ from datamodules.transforms import backbone_eval_transform
 from lightning_modules.classifier import TransferClassifier
 from pipeline.config.load import RunConfig, load_config
 from pipeline.config.usage import shown
+from pipeline.console import quieted
 from pipeline.prediction import collect_files, predict_files
 from pipeline.prediction import load_model as _load_model
 from pipeline.registry import stage_spec
@@ -49,8 +50,10 @@ def run_argv(argv: list[str]) -> dict[str, Any]:
 
 def run(stage: str, **overrides: Any) -> dict[str, Any]:
     """Run ``stage`` (any of ``pipeline.registry``'s: ``features``, ``finetune``, ``all``, ...) as
-    ``python train.py stage=<stage> <overrides>`` would; returns its metrics."""
-    return run_argv([f"stage={stage}", *to_argv(overrides)])
+    ``python train.py stage=<stage> <overrides>`` would, with train.py's console (library notes it
+    drops are dropped here too); returns its metrics."""
+    with quieted():
+        return run_argv([f"stage={stage}", *to_argv(overrides)])
 
 
 def to_argv(overrides: dict[str, Any]) -> list[str]:

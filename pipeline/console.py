@@ -3,16 +3,20 @@ one line each, and a run ends with its result and the commands to type next."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shlex
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from core.errors import FULL_DISK, RunInterrupted, UserError, os_error_cause, os_error_line
+from core.words import count
 
 # Library messages that carry nothing a user of this project can act on, each with why:
 QUIET_WARNINGS = (
@@ -30,6 +34,9 @@ QUIET_LOGS = (
     "💡 Tip:",  # Lightning's advertisement for its cloud logger
     "`weights_only` was not set",  # the project loads its own checkpoints (full trainer state, trusted)
 )
+
+
+RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
 
 
 class _DropNotes(logging.Filter):
@@ -94,19 +101,40 @@ _default_excepthook = threading.excepthook
 
 
 def quiet_console() -> None:
-    """For the command line only (train.py, predict.py): a library importer keeps its own settings."""
+    """For the command line (train.py, predict.py), for the whole process; the Python API's runs use
+    :func:`quieted`, for their own duration: a library importer keeps its own settings."""
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     warnings.formatwarning = _one_line
     threading.excepthook = _background_failure
     logging.raiseExceptions = False  # a log line that cannot be written (a failing stderr) is dropped, no traceback
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+    for name in ("lightning.pytorch", "lightning.fabric", RANK_ZERO_LOGGER):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNotes) for f in logger.filters):
             logger.addFilter(_DropNotes())
     for handler in logging.getLogger("lightning.pytorch").handlers:
         if not any(isinstance(f, _DropNotes) for f in handler.filters):
             handler.addFilter(_DropNotes())
+
+
+@contextlib.contextmanager
+def quieted() -> Iterator[None]:
+    """``quiet_console`` for the block only (the Python API's runs): a notebook sees what train.py
+    prints, and keeps its own warning filters, formats and hooks afterwards."""
+    saved = warnings.formatwarning, threading.excepthook, logging.raiseExceptions
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", RANK_ZERO_LOGGER)]
+    targets = [*loggers, *logging.getLogger("lightning.pytorch").handlers]
+    had_filter = [any(isinstance(f, _DropNotes) for f in t.filters) for t in targets]
+    with warnings.catch_warnings():
+        quiet_console()
+        try:
+            yield
+        finally:
+            warnings.formatwarning, threading.excepthook, logging.raiseExceptions = saved
+            for target, had in zip(targets, had_filter):
+                if not had:
+                    for f in [f for f in target.filters if isinstance(f, _DropNotes)]:
+                        target.removeFilter(f)
 
 
 def _acc(split: dict[str, Any] | None) -> str:
@@ -117,9 +145,22 @@ def _acc(split: dict[str, Any] | None) -> str:
     return f"{100 * split['acc']:.1f}% of {split.get('count', '?')}{interval}"
 
 
-def result_block(metrics: dict[str, Any]) -> str:
+def _epochs(epochs: int | None) -> str:
+    return "epochs ?" if epochs is None else count(epochs, "epoch")
+
+
+def seeds_command(stage: str, argv: list[str] | None) -> str:
+    """``python train.py <this run's overrides> seeds=[1,2,3]``, quoted for a shell (without ``argv``,
+    ``...`` stands for them)."""
+    if argv is None:
+        return f"python train.py stage={stage} ... seeds=[1,2,3]"
+    kept = [a for a in argv if a.split("=", 1)[0] not in ("stage", "seed", "seeds", "ckpt_path")]
+    return shlex.join(["python", "train.py", f"stage={stage}", *kept, "seeds=[1,2,3]"])
+
+
+def result_block(metrics: dict[str, Any], argv: list[str] | None = None) -> str:
     """The end of a single run: its figures (the same numbers as metrics.json), its folder and what
-    to type next."""
+    to type next (``argv``: the run's overrides, repeated in the command with three seeds)."""
     run_dir = Path(metrics["run_dir"])
     test = metrics.get("test") or {}
     calibration = metrics.get("calibration") or {}
@@ -136,12 +177,12 @@ def result_block(metrics: dict[str, Any]) -> str:
     if (metrics.get("shift") or {}).get("shift_acc") is not None:
         lines.append(f"  shift accuracy       {100 * metrics['shift']['shift_acc']:.1f}% (mean of shift.md's rows)")
     lines += [
-        f"  epochs {metrics.get('epochs')}, wall time {metrics.get('wall_time_s', 0):.0f} s",
+        f"  {_epochs(metrics.get('epochs'))}, wall time {metrics.get('wall_time_s', 0):.0f} s",
         f"  run folder           {run_dir}",
         "next:",
         f"  tensorboard --logdir {run_dir.parent.parent}",
         f"  python predict.py ckpt_path={ckpt} inputs=PATH/TO/photos output=predictions.csv",
     ]
     if metrics["stage"] != "test":
-        lines.append(f"  python train.py stage={metrics['stage']} ... seeds=[1,2,3]   (the same with three seeds)")
+        lines.append(f"  {seeds_command(metrics['stage'], argv)}   (the same with three seeds)")
     return "\n".join(lines) + "\n"

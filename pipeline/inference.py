@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from core.progress import Progress
 from datamodules.image_folder import CPU_EVAL_BATCH
 from datamodules.image_io import load_rgb, unreadable_reason
 from datamodules.shifts import SEVERITIES, SHIFTS, apply_shift, variant_name
@@ -96,12 +97,13 @@ def predict_variants(
     batch_size: int,
     num_workers: int,
     on_first_batch: Callable[[float], None] | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    progress: str | None = None,
 ) -> Predictions:
     """Logits of ``model.logits`` (test-time flip and temperature included) for every sample under
     every variant: the project's one inference loop outside Lightning (shift report, extra test
     folders, ``predict.py``), with the evaluation's CPU batch rule. ``on_first_batch`` gets the
-    images/s measured on the first batch, ``on_batch`` the number of images of each batch."""
+    images/s measured on the first batch; ``progress``: the name of the loop in its progress
+    lines (``core.progress``: images/s and time left), none without it."""
     device = torch.device(device)
     chunk = eval_batch_size(device, batch_size)
     size = int(model.hparams.image_size)
@@ -117,6 +119,7 @@ def predict_variants(
     was_training, home = model.training, next(model.parameters()).device
     model.eval().to(device)
     rate = None
+    bar = Progress(len(samples) * len(variants), progress or "", enabled=progress is not None)
     try:
         started = time.perf_counter()
         for images, _, indices, reasons in loader:
@@ -127,8 +130,7 @@ def predict_variants(
             readable[indices] = torch.tensor([not r for r in reasons])
             for i, reason in zip(indices.tolist(), reasons):
                 errors[i] = reason
-            if on_batch is not None:
-                on_batch(len(indices))
+            bar.update(len(flat))
             if rate is None:
                 # loading runs in the workers alongside the model: the slower of the two sets the pace
                 wait, compute = loaded - started, time.perf_counter() - loaded
@@ -137,6 +139,7 @@ def predict_variants(
                 if on_first_batch is not None:
                     on_first_batch(rate)
     finally:
+        bar.close()
         model.train(was_training)
         model.to(home)
     return Predictions(variants, logits, targets, readable, rate, errors)

@@ -18,7 +18,6 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
-from tqdm import tqdm
 
 from core.atomic_io import check_writable, write_text_atomic
 from core.errors import ConfigError, UserError, first_line, os_error_line
@@ -88,14 +87,11 @@ def predict_files(
     """Rows ``(file, predicted, probabilities, error)`` in input order, computed by the evaluation's
     own inference loop (``pipeline.inference.predict_variants``: its CPU batch rule, test-time
     flip and temperature as the checkpoint has them); with ``cam_dir``, a Grad-CAM overlay of each
-    readable image at its own size. ``progress``: a progress bar on stderr (a terminal only)."""
-    bar = tqdm(total=len(files), unit="img", disable=not progress or None, leave=False)
-    try:
-        pred = predict_variants(
-            model, [(f, 0) for f in files], [(CLEAN, 0)], 0, device, batch_size, num_workers, on_batch=bar.update
-        )
-    finally:
-        bar.close()
+    readable image at its own size. ``progress``: a bar on a terminal, else a line per ~10% (``core.progress``)."""
+    samples = [(f, 0) for f in files]
+    pred = predict_variants(
+        model, samples, [(CLEAN, 0)], 0, device, batch_size, num_workers, progress="predict" if progress else None
+    )
     probs = model.probabilities(pred.logits[0])
     rows = [
         (file, model.class_names[int(p.argmax())], p.tolist(), "") if not error else (file, "", [], error)

@@ -158,3 +158,27 @@ def assert_only_the_head_trains(args: list[str]) -> None:
     assert backbone and head
     assert all(torch.equal(before[k], after[k]) for k in backbone), "a frozen backbone tensor changed"
     assert all(not torch.equal(before[k], after[k]) for k in head), "the head did not train"
+
+
+def sigterm_then_resume(monkeypatch, capsys, args: list[str], step: int) -> tuple[int, dict]:
+    """Run ``args`` in this process with SIGTERM at global step ``step`` (it must stop with 143 and
+    say how to resume), then resume it with ``ckpt_path=last``: (the global step of the last.ckpt
+    the interrupt wrote, the resumed run's metrics)."""
+    import pytest
+
+    sigterm_at_step(monkeypatch, step)
+    with pytest.raises(SystemExit) as exc:
+        train.main(args)
+    assert exc.value.code == 143
+    assert "resume with ckpt_path=last" in capsys.readouterr().err
+    monkeypatch.undo()
+    out = next(a.split("=", 1)[1] for a in args if a.startswith("out_dir="))
+    last = next(Path(out).glob("*/*/checkpoints/last.ckpt"))
+    return torch.load(last, weights_only=True)["global_step"], run_train([*args, "ckpt_path=last"])
+
+
+def largest_weight_difference(a: dict, b: dict) -> float:
+    """The largest absolute difference between two runs' final weights (their last.ckpt)."""
+    x = checkpoint_state(run_dir(a) / "checkpoints" / "last.ckpt")
+    y = checkpoint_state(run_dir(b) / "checkpoints" / "last.ckpt")
+    return max((x[k].float() - y[k].float()).abs().max().item() for k in x)

@@ -97,7 +97,8 @@ def test_schema_rows_list_every_key_with_its_facts():
 
     rows = {row.key: row for row in schema_rows()}
     assert set(rows) == set(flatten_keys(OmegaConf.to_container(OmegaConf.structured(RunConfig))))
-    assert rows["data.augment"].choices == ("none", "seed", "standard", "robust")
+    assert rows["data.augment"].choices[:4] == ("none", "seed", "standard", "robust")
+    assert rows["data.mix"].choices == ("none", "mixup", "cutmix") and rows["data.random_erasing"].range == "[0, 1]"
     assert rows["optim.label_smoothing"].range == "[0, 1)" and rows["optim.lr"].default == pytest.approx(2e-5)
     assert rows["data.num_workers"].type == "int | None" and "timm:<name>" in rows["model.backbone"].other
 

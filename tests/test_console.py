@@ -39,3 +39,31 @@ def test_a_toy_run_is_quiet_and_ends_with_its_result(toy_root, tmp_path):
     assert str(metrics_file.parent) in block and f"tensorboard --logdir {metrics_file.parent.parent.parent}" in block
     assert f"python predict.py ckpt_path={metrics['best_ckpt']}" in block and "seeds=[1,2,3]" in block
     assert Path(metrics["run_dir"]) == metrics_file.parent
+
+
+def test_bare_predict_prints_its_usage(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "predict.py")], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0 and "python predict.py ckpt_path=" in proc.stdout and not proc.stderr, proc
+
+
+def test_counts_and_the_seeds_hint_read_well():
+    from lightning_modules.schedule import Plan
+    from pipeline.console import result_block
+
+    metrics = {"stage": "frozen", "backbone": "b", "run_dir": "/r/frozen_b/1", "epochs": 1, "wall_time_s": 2}
+    block = result_block(metrics, ["stage=frozen", "data.root=my photos", "seed=3", "trainer.max_epochs=1"])
+    assert "  1 epoch, wall time 2 s" in block
+    assert "python train.py stage=frozen 'data.root=my photos' trainer.max_epochs=1 'seeds=[1,2,3]'" in block
+    assert "..." not in block
+    plan = Plan.from_dict(
+        {
+            "stage": "frozen",
+            "phases": [[0, 1, 0]],
+            "n_blocks": 5,
+            "groups": [["head", 0.1]],
+            "scheduler": "none",
+            "lr_warmup_epochs": 0,
+            "early_stops": [],
+        }
+    )
+    assert "1 epoch," in plan.describe() and "phase 0: epoch 0:" in plan.describe()

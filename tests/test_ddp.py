@@ -218,6 +218,7 @@ def test_frozen_stage_under_ddp(ddp_root, tmp_path):
     assert sorted(p.name for p in run.iterdir() if p.is_file() and not p.name.startswith("events")) == [
         "config.yaml",
         "hparams.yaml",
+        "metrics.csv",  # written by rank zero, one row per epoch
         "metrics.json",
         "plan.png",
         "reliability_test.png",
@@ -232,6 +233,8 @@ def test_frozen_stage_under_ddp(ddp_root, tmp_path):
     assert all(r["target"] == Path(r["file"]).parent.name for r in rows)
     correct = sum(r["predicted"] == r["target"] for r in rows)
     assert correct / 15 == pytest.approx(metrics["test"]["acc"])
+    with open(run / "metrics.csv", newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]
 
 
 def test_a_split_smaller_than_the_world_is_refused_before_any_process_starts(capsys, tmp_path):

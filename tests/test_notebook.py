@@ -30,6 +30,9 @@ def test_example_notebook_runs_and_reports_an_accuracy():
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     errors = [o for cell in code for o in cell.outputs if o.get("output_type") == "error"]
     assert not errors
+    # show_batch, top_losses and confusion_matrix return figures that the notebook displays
+    figures = [cell for cell in code if any("image/png" in o.get("data", {}) for o in cell.outputs)]
+    assert len(figures) == 3, [cell.source for cell in code]
     last = "".join(_text(o) for o in code[-1].outputs)
     found = re.search(r"accuracy of predict\(\) on the (\d+) test images: ([01]\.\d{3})", last)
     assert found, last

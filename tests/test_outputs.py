@@ -17,7 +17,7 @@ from pipeline.prediction import load_model
 from pipeline.runner.evaluation import read_correct
 
 from conftest import fast_args
-from helpers import read_metrics, run_dir, run_train
+from helpers import read_metrics, run_dir, run_train, scalar_tags
 from toy_data import make_image_tree
 
 # float32 on the same inputs: only kernel choice and summation order differ
@@ -31,6 +31,17 @@ def noisy_root(tmp_path_factory) -> Path:
     for i in (0, 1):
         shutil.move(root / "validation" / "cats" / f"cats.{i}.png", root / "validation" / "dogs" / f"cat{i}.png")
     return root
+
+
+def test_features_stage_shows_its_errors_read_back_from_the_files(noisy_root, tmp_path):
+    """stage=features trains on cached features: the error grid reads the wrong images from their files."""
+    args = fast_args(
+        noisy_root, tmp_path, stage="features", **{"trainer.max_epochs": "2", "log.images_every_n_epochs": "1"}
+    )
+    acc = _events(run_dir(run_train(args)))
+    images = {tag: len(acc.Images(tag)) for tag in acc.Tags()["images"]}
+    assert images["val/most_confident_errors"] == 2 and images["val/confusion_matrix"] == 2
+    assert "train/augmented_inputs" not in images  # features are not augmented images
 
 
 def _events(folder: Path):
@@ -56,7 +67,8 @@ def test_tensorboard_views_of_a_run(noisy_root, tmp_path):
     assert len(steps["val/acc"]) == 4 + 1  # per epoch, plus the best checkpoint's final validation
     assert "custom_scalars__config__" in tags["tensors"]
     layout = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0].decode(errors="ignore")
-    assert "train/acc" in layout and "val/loss" in layout
+    assert "epoch/train_acc" in layout and "epoch/val_loss" in layout
+    assert [s for s, _ in scalar_tags(run_dir(metrics))["epoch/val_acc"]] == [0, 1, 2, 3]  # x: the epoch
     images = {tag: len(acc.Images(tag)) for tag in tags["images"]}
     assert images["train/augmented_inputs"] == 1
     assert images["val/confusion_matrix"] == 2  # every 2nd of 4 epochs

@@ -25,11 +25,12 @@ from conftest import BACKBONE, fast_args, finetune_args
 from helpers import (
     after_event_files,
     checkpoint_state,
+    largest_weight_difference,
     read_metrics,
     run_dir,
     run_train,
     scalar_tags,
-    sigterm_at_step,
+    sigterm_then_resume,
     wait_for_file,
 )
 from toy_data import make_image_tree
@@ -283,20 +284,10 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(toy_root, tmp_path, monkeyp
     uninterrupted run is the one the test above resumes at an epoch boundary."""
     settings = {"data.augment": augment}
     whole = uninterrupted(lambda out: _resume_args(toy_root, out, **settings))
-    sigterm_at_step(monkeypatch, 9)
     args = _resume_args(toy_root, tmp_path / "split", **settings)
-    with pytest.raises(SystemExit) as exc:
-        train.main(args)
-    assert exc.value.code == 143
-    assert "resume with ckpt_path=last" in capsys.readouterr().err
-    monkeypatch.undo()
-    last = next((tmp_path / "split").glob(f"finetune_{BACKBONE}/*/checkpoints/last.ckpt"))
-    assert torch.load(last, weights_only=True)["global_step"] == 10  # the step that was running finished
-
-    resumed = run_train([*args, "ckpt_path=last"])
-    a = checkpoint_state(run_dir(whole) / "checkpoints" / "last.ckpt")
-    b = checkpoint_state(run_dir(resumed) / "checkpoints" / "last.ckpt")
-    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    saved_step, resumed = sigterm_then_resume(monkeypatch, capsys, args, 9)
+    assert saved_step == 10  # the step that was running finished
+    worst = largest_weight_difference(whole, resumed)
     assert worst == 0.0, worst
     steps = [s for s, _ in scalar_tags(run_dir(resumed))["train/loss"]]
     assert steps == list(range(24)), steps  # 4 epochs x 6 steps, no gap, no duplicate

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from omegaconf import MISSING, OmegaConf
 
-from datamodules.choices import AUGMENT_PRESETS, SHIFT_NAMES, SOURCE_NAMES
+from datamodules.choices import AUGMENT_PRESETS, MIX_MODES, SHIFT_NAMES, SOURCE_NAMES
 from lightning_modules.choices import BACKBONE_NAMES, MONITORS, OPTIMIZERS, POOLS, SCHEDULERS
 from pipeline.config.fields import check_key, leaf_keys, opt
 from pipeline.registry import STAGE_HELP, STAGE_NAMES, TRAINING_STAGES  # noqa: F401 - re-exported
@@ -56,8 +56,18 @@ class DataConfig:
     augment: str = opt(
         "seed",
         "augmentation preset (seed: the seed's Keras augmentation; standard: crop, flip, TrivialAugment; "
-        "robust: seed + downscale, colour jitter, blur, JPEG)",
+        "robust: seed + downscale, colour jitter, blur, JPEG; randaugment, trivialaugment, autoaugment: resize, "
+        "flip and torchvision's policy)",
         choices=AUGMENT_PRESETS,
+    )
+    random_erasing: float = opt(
+        0.0, "probability of torchvision's RandomErasing on each training image, after the preset", range="[0, 1]"
+    )
+    mix: str = opt(
+        "none",
+        "mix training batches: mixup or cutmix (torchvision's, seeded per step; the loss takes the mixed labels, "
+        "accuracy the images' own; not with stage=features)",
+        choices=MIX_MODES,
     )
     cache_dir: str | None = opt(None, "feature and decoded-image caches (null: <out_dir>/cache)")
     skip_bad_files: bool = opt(True, "unreadable images are skipped and listed; false: stop with an error")

@@ -154,7 +154,9 @@ def run_shift_report(
         if announce is not None:
             announce(cost_line(len(samples), copies, rate, clean))
 
-    pred = predict_variants(model, samples, variants, seed, device, batch_size, num_workers, first_batch)
+    pred = predict_variants(
+        model, samples, variants, seed, device, batch_size, num_workers, first_batch, progress="shift report"
+    )
     report = summarise_shifts(pred, model.binary, clean_acc, seed, float(model.temperature))
     report["files"] = dict(SHIFT_FILES)
     report = _json_clean(report)
@@ -187,7 +189,9 @@ def run_extra_tests(
     rows = [["test", "file", "target", "predicted"]]
     for name, path in parse_extra_tests(extra_tests).items():
         samples = extra_test_samples(name, path, class_names)
-        pred = predict_variants(model, samples, [(CLEAN, 0)], 0, device, batch_size, num_workers)
+        pred = predict_variants(
+            model, samples, [(CLEAN, 0)], 0, device, batch_size, num_workers, progress=f"extra test {name}"
+        )
         keep = pred.readable
         metrics = split_metrics(pred.logits[0][keep], pred.targets[keep], model.binary)
         drop = clean_acc - metrics["acc"] if clean_acc is not None and metrics["acc"] is not None else None

@@ -83,6 +83,7 @@ def build_stage(cfg: DictConfig, run_name: str | None = None) -> Build:
         seed=cfg.seed,
         decoded_cache_dir=cache_dir if cfg.data.decoded_cache else None,
         balanced_sampler=cfg.data.balanced_sampler,
+        random_erasing=cfg.data.random_erasing,
     )
     images.skip_log = run / TRAINING_SKIPS
     if stage_spec(cfg.stage).inputs != "features":
@@ -128,6 +129,7 @@ def build_model(
         mean=_listed(cfg.data.mean),
         std=_listed(cfg.data.std),
         crop_pct=cfg.data.crop_pct,
+        mix=cfg.data.mix,
     )
     if cfg.model.weights or cfg.model.pretrained:
         pretrained = build_backbone(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights)

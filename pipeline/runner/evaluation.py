@@ -169,7 +169,8 @@ def _log_reliability(trainer: Trainer, run_dir: Path, binary: bool, test_pred, t
     logits, targets = test_pred
     before = to_probabilities(logits, binary)
     after = to_probabilities(logits / temperature, binary)
-    image = reliability_diagram(before, after, targets, binary, ECE_BINS, f"test split, T={temperature:.2f}")
+    title = f"reliability of the test split ({len(targets)} images, {ECE_BINS} bins), temperature T={temperature:.2f}"
+    image = reliability_diagram(before, after, targets, binary, ECE_BINS, title)
     write_bytes_atomic(run_dir / "reliability_test.png", png_bytes(image))
     writer = tensorboard_writer(trainer)
     if writer is not None:

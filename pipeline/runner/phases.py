@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from core.errors import ConfigError, RunInterrupted
 from lightning_modules.early_stopping import PhaseEarlyStopping
 from lightning_modules.ema import PlanEMA
+from lightning_modules.epoch_log import EpochLog
 from lightning_modules.freeze_schedule import ApplyPlan
 from lightning_modules.run_safety import EpochTimer, SaveOnInterrupt
 from lightning_modules.schedule import Plan
@@ -83,6 +84,7 @@ def run_phases(cfg: DictConfig, build: Build, plan: Plan) -> PhasesDone:
     # A finished run that is resumed still needs one (empty) fit to restore its trainer state.
     index = plan.phase_index(start) if start < plan.epochs else len(plan.phases) - 1
     trainer, first_fit = None, True
+    epoch_log = EpochLog(plan, timer, run)
     estimate = TimeEstimate(
         cfg.model.backbone, cfg.data.image_size, plan.epochs, on_cpu=not on_gpu(cfg), done=ckpt is not None
     )
@@ -91,7 +93,8 @@ def run_phases(cfg: DictConfig, build: Build, plan: Plan) -> PhasesDone:
         model.set_plan(plan)
         model.set_trainable_blocks(phase.trained(plan.n_blocks))
         stopper = _early_stopping(cfg, index, run)
-        callbacks = [ApplyPlan(plan, index), timer, estimate, *([stopper] if stopper else [])]
+        epoch_log.plan = plan
+        callbacks = [ApplyPlan(plan, index), timer, epoch_log, estimate, *([stopper] if stopper else [])]
         if cfg.optim.ema_decay > 0:
             callbacks.append(PlanEMA(cfg.optim.ema_decay, last_phase=index == len(plan.phases) - 1))
         # purge_step: TensorBoard hides what a killed run logged after the checkpoint this

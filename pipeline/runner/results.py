@@ -19,11 +19,14 @@ from lightning_modules.freeze_schedule import count_trainable
 from lightning_modules.plan_figure import plan_figure
 from lightning_modules.run_safety import EpochTimer
 from lightning_modules.schedule import Plan
-from lightning_modules.tensorboard_views import tensorboard_writer
+from lightning_modules.tensorboard_views import hparams_table, tensorboard_writer
 from pipeline.config.load import flatten_keys, to_yaml
 from pipeline.mlflow_logging import log_results
 from pipeline.runner.evaluation import INTERVALS, Evaluation, write_predictions
 from pipeline.runner.run_dir import RunFolder
+
+# what the model logs as a scalar per split (classifier._metrics, the loss): the HParams table's columns
+SCALARS = ("acc", "loss", "f1", "auroc", "ece")
 
 
 def write_config(cfg: DictConfig, run: RunFolder, plan: Plan | None = None) -> None:
@@ -104,7 +107,11 @@ def write_results(
     }
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(flat, hp_metrics)
+            hparams_table(
+                logger,
+                flat,
+                [f"{split}/{k}" for split, d in (("val", val), ("test", test)) if d for k in d if k in SCALARS],
+            )
         else:  # MLflow: params, metrics and the files a reader of the run needs
             files = [Path(p) for p in (metrics.get("best_ckpt"), metrics.get("ckpt_path")) if p]
             files += [run / "metrics.json", run / "config.yaml"]

@@ -18,8 +18,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from core.errors import ConfigError
+from core.progress import is_terminal
 from datamodules.image_folder import available_cores
 from lightning_modules.best_checkpoint import BestCheckpoint
+from lightning_modules.epoch_log import EvaluationProgress
 from lightning_modules.replica_check import ReplicaAgreement
 from lightning_modules.run_safety import AtomicCheckpointIO, SaveOnInterrupt, StepSeed
 from lightning_modules.tensorboard_views import TensorBoardViews
@@ -105,6 +107,8 @@ def make_trainer(
     checkpoints = []
     if kwargs.get("enable_checkpointing", True):
         checkpoints = _checkpoint_callbacks(run_dir)
+    # a bar redrawn in a file is megabytes of carriage returns: EpochLog prints a line per epoch instead
+    kwargs.setdefault("enable_progress_bar", is_terminal())
     if kwargs.get("precision", "auto") == "auto":
         kwargs["precision"] = auto_precision(cfg)
     if model is not None:
@@ -117,6 +121,7 @@ def make_trainer(
         SaveOnInterrupt(run_dir / "checkpoints"),
         StepSeed(cfg.seed),
         TensorBoardViews(cfg.log.images_every_n_epochs, cfg.log.max_images),
+        EvaluationProgress(),
         *callbacks,
     ]
     loggers = [logger]
