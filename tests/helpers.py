@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Sequence
@@ -158,3 +159,23 @@ def assert_only_the_head_trains(args: list[str]) -> None:
     assert backbone and head
     assert all(torch.equal(before[k], after[k]) for k in backbone), "a frozen backbone tensor changed"
     assert all(not torch.equal(before[k], after[k]) for k in head), "the head did not train"
+
+
+def study_args(root: Path, out: Path, weights: list[str]) -> list[str]:
+    """A toy study of four cells: two seeds of good weights, two of a broken weights file (failed rows)."""
+    from conftest import fast_args
+
+    args = fast_args(
+        root,
+        out,
+        stage="features",
+        **{"trainer.max_epochs": "2", "seeds": "[1,2]", "sweep.model.weights": "[" + ",".join(weights) + "]"},
+    )
+    return [a for a in args if not a.startswith("model.weights=")]
+
+
+def comparable(summary: Path) -> str:
+    """summary.md without what differs between two runs of a study: the command (its out_dir) and
+    each run's wall time."""
+    lines = summary.read_text().splitlines()[3:]
+    return "\n".join(re.sub(r"\| [0-9.]+ \|$", "|", line) for line in lines)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -14,26 +13,7 @@ from core.errors import ConfigError
 from pipeline.config.load import load_config
 from pipeline.studies.launch import collect, rows_path, take_launch
 
-from conftest import fast_args
-from helpers import run_train
-
-
-def study_args(root: Path, out: Path, weights: list[str]) -> list[str]:
-    """A toy study of four cells: two seeds of good weights, two of a broken weights file (failed rows)."""
-    args = fast_args(
-        root,
-        out,
-        stage="features",
-        **{"trainer.max_epochs": "2", "seeds": "[1,2]", "sweep.model.weights": "[" + ",".join(weights) + "]"},
-    )
-    return [a for a in args if not a.startswith("model.weights=")]
-
-
-def comparable(summary: Path) -> str:
-    """summary.md without what differs between two runs of a study: the command (its out_dir) and
-    each run's wall time."""
-    lines = summary.read_text().splitlines()[3:]
-    return "\n".join(re.sub(r"\| [0-9.]+ \|$", "|", line) for line in lines)
+from helpers import comparable, run_train, study_args
 
 
 def test_launch_keys_are_taken_apart_and_checked(monkeypatch):
@@ -74,3 +54,17 @@ def test_local_launch_gives_the_serial_summary(toy_root, tmp_path, weights_file)
     again = run_train([*study_args(toy_root, tmp_path / "local", weights), "launch=local", "launch.parallel=2"])
     assert [r["status"] for r in again["rows"]] == ["ok", "ok", "failed", "failed"]
     assert again["rows"][:2] == local["rows"][:2]
+
+
+def test_srun_tasks_must_be_per_node_and_match_the_devices(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_NAME", "python")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+    args = ["trainer.accelerator=cpu", "trainer.devices=2"]
+    with pytest.raises(ConfigError, match=r"use srun --ntasks-per-node=2 matching trainer.devices=2"):
+        load_config(args)
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
+    with pytest.raises(ConfigError, match=r"--ntasks-per-node=4 must equal trainer.devices=2"):
+        load_config(args)
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    assert load_config(args).trainer.devices == 2

@@ -10,11 +10,12 @@ failed row naming its log, and the other cells go on. Finished cells (``result.j
 so the same command continues an interrupted study whatever launched it.
 
 Requeue under SLURM has one owner: SLURM itself (``scontrol requeue``, preemption) restarts the array
-task, submitit re-runs the same pickled call, and ``run_cell`` resumes the cell's ``last.ckpt`` (the
-run's own checkpoint, written at every epoch and on SIGTERM). submitit's ``Checkpointable`` and
-Lightning's ``SLURMEnvironment(auto_requeue=True)`` (``slurm_requeue=true``) are not used: each installs
-its own signal handler and requeues the job itself, and two owners requeue twice or exit early
-(Lightning issue 20056), so ``slurm_requeue=true`` is refused with ``launch=slurm``.
+task, submitit re-runs the same pickled call, and ``run_cell`` resumes the cell's ``last.ckpt`` (written at
+every epoch's end; submitit's worker ignores SIGTERM, so a requeued task is killed after SLURM's KillWait
+and continues from its last epoch). submitit's ``Checkpointable`` and Lightning's
+``SLURMEnvironment(auto_requeue=True)`` (``slurm_requeue=true``) are not used: each installs its own
+signal handler and requeues the job itself, and two owners requeue twice or exit early (Lightning issue
+20056), so ``slurm_requeue=true`` is refused with ``launch=slurm``.
 """
 
 from __future__ import annotations
