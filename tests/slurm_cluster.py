@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -111,15 +112,11 @@ def _missing() -> list[str]:
     return [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory) -> Iterator[Cluster]:
-    if missing := _missing():
-        pytest.skip(f"SLURM/munge not installed ({', '.join(missing)}): apt-get install slurmctld slurmd munge")
-    if os.geteuid() != 0:
-        pytest.skip("the test cluster's daemons run as root (SlurmUser=root)")
-    folder = tmp_path_factory.mktemp("slurm")
+@contextmanager
+def one_node_cluster(folder: Path) -> Iterator[Cluster]:
+    """munged, slurmctld and slurmd for ``folder``'s slurm.conf; ``SLURM_CONF`` set while it runs."""
     for sub in ("state", "spool"):
-        (folder / sub).mkdir()
+        (folder / sub).mkdir(parents=True, exist_ok=True)
     munge_dir = Path("/run/munge")  # munged checks that its socket's folder belongs to munge
     munge = pwd.getpwnam("munge")
     munge_dir.mkdir(mode=0o755, exist_ok=True)
@@ -157,3 +154,13 @@ def slurm_cluster(tmp_path_factory) -> Iterator[Cluster]:
             _stop(pid_file)
         for leftover in munge_dir.glob(f"{tag}.*"):
             leftover.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory) -> Iterator[Cluster]:
+    if missing := _missing():
+        pytest.skip(f"SLURM/munge not installed ({', '.join(missing)}): apt-get install slurmctld slurmd munge")
+    if os.geteuid() != 0:
+        pytest.skip("the test cluster's daemons run as root (SlurmUser=root)")
+    with one_node_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster

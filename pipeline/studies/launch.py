@@ -79,8 +79,6 @@ def run_cells(cfg: DictConfig, todo: list[dict[str, Any]], parent: Path, run_cel
             rows += run_cell(cell, parent / cell["name"])
         return rows
     pending = [c for c in todo if not (parent / c["name"] / "result.json").is_file()]
-    for cell in pending:
-        rows_path(parent, cell).unlink(missing_ok=True)
     print(f"sweep: {len(todo) - len(pending)} cell(s) finished before; {len(pending)} to run ({mode})")
     if pending and mode == "local":
         _run_local(cfg, pending, parent)
@@ -95,12 +93,19 @@ def collect(parent: Path, cell: dict[str, Any]) -> Rows:
         if path.is_file():
             return json.loads(path.read_text())
     log = parent / "launch" / f"{cell['name']}.log"
-    status = (parent / "launch" / f"{cell['name']}.exit").read_text().strip() if log.is_file() else "no result"
+    exit_file = parent / "launch" / f"{cell['name']}.exit"
+    status = exit_file.read_text().strip() if exit_file.is_file() else "no exit code"
     where = str(log) if log.is_file() else str(parent / "submitit")
     from pipeline.studies.repeats import _row
 
     error = f"process ended ({status}) without a result; see {where}"
     return [{**_row(cell, {}, None), "status": "failed", "error": error}]
+
+
+def _forget_rows(parent: Path, cells: list[dict[str, Any]]) -> None:
+    """A relaunched cell's rows from an earlier try (a failure) must not stand in for its new result."""
+    for cell in cells:
+        rows_path(parent, cell).unlink(missing_ok=True)
 
 
 def run_one(cell: dict[str, Any], parent: str) -> Rows:
@@ -144,6 +149,7 @@ def _run_local(cfg: DictConfig, cells: list[dict[str, Any]], parent: Path) -> No
     free = slots[:parallel] if slots else [[] for _ in range(parallel)]
     threads = max(1, (os.cpu_count() or 1) // parallel)
     lock, queue = threading.Lock(), list(cells)
+    _forget_rows(parent, cells)
     (parent / "launch").mkdir(parents=True, exist_ok=True)
     procs: dict[int, subprocess.Popen] = {}
 
@@ -209,6 +215,7 @@ def _run_slurm(cfg: DictConfig, cells: list[dict[str, Any]], parent: Path) -> bo
     if job_id and _queued(job_id):
         print(f"sweep: job array {job_id} of this study is still in the queue; not submitted again")
     else:
+        _forget_rows(parent, cells)
         job_id = _submit(cfg, cells, parent)
         RunFolder(job_file.parent).write_text(job_file.name, job_id + "\n")
     print(f"sweep: SLURM job array {job_id}: watch it with `squeue -j {job_id}`; logs in {parent / 'submitit'}")
