@@ -135,3 +135,6 @@ def trained_ckpt(tmp_path_factory) -> str:
     root = make_image_tree(tmp_path_factory.mktemp("pred_data"), size=32)
     out = tmp_path_factory.mktemp("pred_run")
     return run_train(fast_args(root, out, stage="frozen", **{"trainer.max_epochs": "3"}))["best_ckpt"]
+
+
+from slurm_cluster import slurm_cluster  # noqa: E402,F401 - the one-node SLURM cluster fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Sequence
@@ -182,3 +183,23 @@ def largest_weight_difference(a: dict, b: dict) -> float:
     x = checkpoint_state(run_dir(a) / "checkpoints" / "last.ckpt")
     y = checkpoint_state(run_dir(b) / "checkpoints" / "last.ckpt")
     return max((x[k].float() - y[k].float()).abs().max().item() for k in x)
+
+
+def study_args(root: Path, out: Path, weights: list[str]) -> list[str]:
+    """A toy study of four cells: two seeds of good weights, two of a broken weights file (failed rows)."""
+    from conftest import fast_args
+
+    args = fast_args(
+        root,
+        out,
+        stage="features",
+        **{"trainer.max_epochs": "2", "seeds": "[1,2]", "sweep.model.weights": "[" + ",".join(weights) + "]"},
+    )
+    return [a for a in args if not a.startswith("model.weights=")]
+
+
+def comparable(summary: Path) -> str:
+    """summary.md without what differs between two runs of a study: the command (its out_dir) and
+    each run's wall time."""
+    lines = summary.read_text().splitlines()[3:]
+    return "\n".join(re.sub(r"\| [0-9.]+ \|$", "|", line) for line in lines)

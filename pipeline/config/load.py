@@ -15,6 +15,7 @@ import it.
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,23 @@ def _resolve_image_size(cfg: DictConfig, spec: BackboneSpec) -> None:
         )
 
 
+def _check_srun_tasks(devices: Any) -> None:
+    """Under ``srun``, SLURM starts the DDP processes: one per device on each node. Lightning's own check
+    of this raises with two tracebacks per process, after the data is read; here it is one line first."""
+    tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE")
+    if os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):  # an interactive shell: Lightning launches
+        return
+    want = devices if isinstance(devices, int) and devices > 0 else "N"
+    if tasks > 1 and per_node is None:
+        raise ConfigError(
+            f"srun --ntasks={tasks} (-n) is not how Lightning counts processes: use srun --ntasks-per-node={want} "
+            f"matching trainer.devices={devices}"
+        )
+    if per_node is not None and per_node.isdigit() and isinstance(devices, int) and int(per_node) != devices:
+        raise ConfigError(f"srun --ntasks-per-node={per_node} must equal trainer.devices={devices}")
+
+
 def _validate_trainer(cfg: DictConfig) -> None:
     """``trainer.*``: Lightning's own arguments, free-form in the schema, so their rules live here."""
     unknown = sorted(set(cfg.trainer) - TRAINER_KEYS)
@@ -200,6 +218,7 @@ def _validate_trainer(cfg: DictConfig) -> None:
             )
     if cfg.trainer.get("limit_train_batches") in (0, 0.0):
         raise ConfigError("trainer.limit_train_batches=0 would train nothing")
+    _check_srun_tasks(cfg.trainer.get("devices"))
     if cfg.early_stop.patience > 0:
         for key, every_epoch in (("check_val_every_n_epoch", 1), ("val_check_interval", 1.0)):
             if cfg.trainer.get(key, every_epoch) != every_epoch:

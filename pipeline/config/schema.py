@@ -246,6 +246,30 @@ class AllConfig:
     )
 
 
+LAUNCH_MODES = ("serial", "local", "slurm")  # pipeline/studies/launch.py
+
+
+@dataclass
+class LaunchConfig:
+    mode: str = opt(
+        "serial",
+        "how a study's cells (seeds, sweep.*, folds, soups) run: serial: one after another in this process; "
+        "local: separate processes, one per GPU or launch.parallel on CPU; slurm: a SLURM job array (submitit)",
+        choices=LAUNCH_MODES,
+    )
+    parallel: int | None = opt(
+        None, "cells at once (null: local: one per visible GPU, else 1; slurm: no limit)", range=POSITIVE
+    )
+    gpus_per_cell: int = opt(1, "GPUs each cell gets (0 or trainer.accelerator=cpu: none)", range=NON_NEGATIVE)
+    cpus_per_cell: int | None = opt(None, "slurm: CPU cores per task (null: SLURM's default)", range=POSITIVE)
+    mem_gb: float | None = opt(None, "slurm: memory per node in GB (null: SLURM's default)", range=POSITIVE)
+    time_min: int = opt(240, "slurm: time limit of each cell in minutes", range=POSITIVE)
+    partition: str | None = opt(None, "slurm: partition (null: the cluster's default)")
+    account: str | None = opt(None, "slurm: account to charge")
+    sbatch: list[str] = opt([], "slurm: more sbatch options, name=value: launch.sbatch=[qos=high,constraint=a100]")
+    wait: bool = opt(False, "slurm: wait for the job array and write the summary (false: print the job id, return)")
+
+
 TRAINER_DEFAULTS = {
     "max_epochs": 30,
     "accelerator": "auto",
@@ -287,6 +311,7 @@ class RunConfig:
     all: AllConfig = field(default_factory=AllConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     # Free-form on purpose: every key is passed to lightning.Trainer; pipeline.config.load checks them.
     trainer: dict[str, Any] = opt(TRAINER_DEFAULTS, TRAINER_HELP)
 

@@ -29,6 +29,7 @@ from pipeline.registry import stage_spec
 from pipeline.runner.run_dir import RunFolder, group_dir, is_rank_zero
 from pipeline.runner.stages import run_stage
 from pipeline.studies.all_stages import check_all, run_all
+from pipeline.studies.launch import check_launch, run_cells, take_launch
 from pipeline.studies.soup import check_soup, earlier_soups, make_soup, take_soup
 from pipeline.studies.statistics import mean_sd_interval
 
@@ -91,9 +92,11 @@ def parent_dir(argv: list[str], out_dir: str, stage: str) -> Path:
 
 def run_grid(argv: list[str]) -> dict[str, Any]:
     soup, argv = take_soup(argv)  # not part of the sweep's name: a soup can follow finished seeds
+    launch_args, argv = take_launch(argv)  # nor is the launcher: a study can be continued on another
     base, seeds, grid = parse_grid(argv)
     todo = cells(base, seeds, grid)
-    first = load_config(todo[0]["argv"])
+    first = load_config([*todo[0]["argv"], *launch_args])
+    check_launch(first)
     if soup:
         check_soup(first, seeds, grid)
     parent = parent_dir(argv, first.out_dir, first.stage)
@@ -111,11 +114,9 @@ def run_grid(argv: list[str]) -> dict[str, Any]:
     if manager:
         print(f"sweep: {len(todo)} run(s) in {parent} (the same command continues it)")
         RunFolder(parent).write_text("command.txt", "python train.py " + " ".join(argv) + "\n")
-    rows = []
-    for number, cell in enumerate(todo, 1):
-        if manager:
-            print(f"sweep: run {number}/{len(todo)}: {cell['name']}")
-        rows += _run_cell(cell, parent / cell["name"], manager)
+    rows = run_cells(first, todo, parent, lambda cell, folder: _run_cell(cell, folder, manager))
+    if rows is None:  # submitted to SLURM without waiting: the same command (or launch.wait=true) sums up
+        return {"command": argv, "parent": str(parent), "submitted": True}
     if soup and manager:
         rows.append(make_soup(soup, [*base, f"data.cache_dir={cache}"], rows, parent))
     rows += earlier_soups(parent, soup)
