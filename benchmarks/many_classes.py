@@ -65,7 +65,8 @@ def main() -> None:
         rows = {}
         for views in (False, True):  # off first: the peak memory of children only grows
             rows[views] = one_run(root, Path(tmp) / f"runs-{views}", views)
-    print(f"| {args.classes} classes, one frozen epoch | wall time (s) | peak RSS of any run so far (MB) | warning lines |")
+    header = f"| {args.classes} classes, one frozen epoch | wall time (s) | peak RSS of any run so far (MB) |"
+    print(header + " warning lines |")
     print("|---|---|---|---|")
     for views, row in rows.items():
         name = "views on (log.images_every_n_epochs=1)" if views else "views off"
