@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import predict
 import train
 
-from conftest import ROOT, fast_args
+from conftest import fast_args
 from toy_data import make_image_tree
 
 
@@ -41,33 +40,39 @@ def _photos(tmp_path: Path) -> Path:
     return make_image_tree(tmp_path / "photos", per_class={"train": 0, "validation": 0, "test": 4}, size=32, seed=3)
 
 
-def _predict_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "predict.py"), *args], capture_output=True, text=True, timeout=300
-    )
+def _predict(args: list[str], capsys) -> tuple[int, str, str]:
+    """predict.py's exit code, standard output and standard error (in this process)."""
+    capsys.readouterr()
+    try:
+        predict.main([*args, "num_workers=0"])
+        code = 0
+    except SystemExit as ended:
+        code = ended.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_predict_output_in_a_read_only_folder_is_refused_before_classifying(trained_ckpt, tmp_path, read_only):
-    done = _predict_cli([f"ckpt_path={trained_ckpt}", f"inputs={_photos(tmp_path)}", f"output={read_only}/p.csv"])
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr  # one line
-    assert "Traceback" not in done.stderr and "Read-only file system (EROFS)" in done.stderr
-    assert "classified" not in done.stdout  # refused before the work
+def test_predict_output_in_a_read_only_folder_is_refused_before_classifying(trained_ckpt, tmp_path, read_only, capsys):
+    args = [f"ckpt_path={trained_ckpt}", f"inputs={_photos(tmp_path)}", f"output={read_only}/p.csv"]
+    code, out, err = _predict(args, capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [err.strip()], err  # one line
+    assert "Traceback" not in err and "Read-only file system (EROFS)" in err
+    assert "classified" not in out  # refused before the work
     assert not list(read_only.iterdir())
 
 
-def test_predict_output_that_is_a_folder_is_one_line(trained_ckpt, tmp_path):
-    done = _predict_cli([f"ckpt_path={trained_ckpt}", f"inputs={_photos(tmp_path)}", f"output={tmp_path}"])
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert f"output={tmp_path} is a folder; name a file in it" in done.stderr
+def test_predict_output_that_is_a_folder_is_one_line(trained_ckpt, tmp_path, capsys):
+    code, _, err = _predict([f"ckpt_path={trained_ckpt}", f"inputs={_photos(tmp_path)}", f"output={tmp_path}"], capsys)
+    assert code == 2 and f"output={tmp_path} is a folder; name a file in it" in err
 
 
-def test_predict_on_an_empty_folder_is_an_error(trained_ckpt, tmp_path):
+def test_predict_on_an_empty_folder_is_an_error(trained_ckpt, tmp_path, capsys):
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "notes.txt").write_text("no pictures here")
-    done = _predict_cli([f"ckpt_path={trained_ckpt}", f"inputs={empty}", f"output={tmp_path / 'p.csv'}"])
-    assert done.returncode == 2 and "holds no image files" in done.stderr
+    code, _, err = _predict([f"ckpt_path={trained_ckpt}", f"inputs={empty}", f"output={tmp_path / 'p.csv'}"], capsys)
+    assert code == 2 and "holds no image files" in err
     assert not (tmp_path / "p.csv").exists()
 
 
