@@ -41,12 +41,16 @@ Rows = list[dict[str, Any]]
 RunCell = Callable[[dict[str, Any], Path], Rows]
 
 
+def expand_launch(argv: list[str]) -> list[str]:
+    """``launch=X`` is short for ``launch.mode=X``."""
+    return [f"launch.mode={a[len('launch=') :]}" if a.startswith("launch=") else a for a in argv]
+
+
 def take_launch(argv: list[str]) -> tuple[list[str], list[str]]:
     """(the ``launch.*`` overrides, the rest): the launcher is not part of the study's name, so a study
-    started serially can be continued on SLURM. ``launch=X`` is ``launch.mode=X``."""
-    launch = [f"launch.mode={a[len('launch=') :]}" if a.startswith("launch=") else a for a in argv]
-    mine = [a for a in launch if a.startswith("launch.")]
-    return mine, [a for a in argv if not a.startswith(("launch=", "launch."))]
+    started serially can be continued on SLURM."""
+    argv = expand_launch(argv)
+    return [a for a in argv if a.startswith("launch.")], [a for a in argv if not a.startswith("launch.")]
 
 
 def check_launch(cfg: DictConfig) -> None:
