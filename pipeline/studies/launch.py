@@ -151,7 +151,7 @@ def _run_local(cfg: DictConfig, cells: list[dict[str, Any]], parent: Path) -> No
     if slots:
         parallel = min(parallel, len(slots))
     free = slots[:parallel] if slots else [[] for _ in range(parallel)]
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+    cores = max(1, len(os.sched_getaffinity(0)) // parallel)
     lock, queue = threading.Lock(), list(cells)
     _forget_rows(parent, cells)
     (parent / "launch").mkdir(parents=True, exist_ok=True)
@@ -164,13 +164,13 @@ def _run_local(cfg: DictConfig, cells: list[dict[str, Any]], parent: Path) -> No
                     return
                 cell = queue.pop(0)
             print(f"sweep: starting {cell['name']}" + (f" on GPU {','.join(devices)}" if devices else ""))
-            _local_process(cell, parent, devices, threads, procs)
+            _local_process(cell, parent, devices, cores, procs)
 
-    threads = [threading.Thread(target=worker, args=(devices,), daemon=True) for devices in free]
-    for t in threads:
+    workers = [threading.Thread(target=worker, args=(devices,), daemon=True) for devices in free]
+    for t in workers:
         t.start()
     try:
-        for t in threads:
+        for t in workers:
             t.join()
     except BaseException:  # Ctrl-C: stop the cells (each saves its state); the same command continues
         for proc in list(procs.values()):
