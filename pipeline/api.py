@@ -31,6 +31,7 @@ from pipeline.prediction import collect_files, predict_files
 from pipeline.prediction import load_model as _load_model
 from pipeline.registry import stage_spec
 from pipeline.runner.stages import run_stage
+from pipeline.studies.launch import expand_launch
 from pipeline.studies.repeats import grid_requested, run_grid
 
 # data, model, optim, ..., early_stop, lr_find, trainer: the sections a keyword can start with
@@ -43,7 +44,12 @@ def run_argv(argv: list[str]) -> dict[str, Any]:
     """What ``train.py`` runs for ``argv``: a sweep, ``stage=all`` or one stage."""
     if grid_requested(argv):
         return run_grid(argv)
+    argv = expand_launch(argv)
     cfg = load_config(argv)
+    if cfg.launch.mode != "serial":
+        raise ConfigError(
+            f"launch={cfg.launch.mode} runs a study's cells (seeds=[...], sweep.<key>=[...]); this is one run"
+        )
     spec = stage_spec(cfg.stage)
     return spec.run(argv, cfg) if spec.study else run_stage(cfg)
 

@@ -68,3 +68,10 @@ def test_srun_tasks_must_be_per_node_and_match_the_devices(monkeypatch):
         load_config(args)
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
     assert load_config(args).trainer.devices == 2
+
+
+def test_a_launcher_without_a_study_is_refused(toy_root, tmp_path):
+    from pipeline.api import run_argv
+
+    with pytest.raises(ConfigError, match="launch=local runs a study's cells"):
+        run_argv(["launch=local", f"data.root={toy_root}", f"out_dir={tmp_path}"])

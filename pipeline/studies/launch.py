@@ -41,12 +41,16 @@ Rows = list[dict[str, Any]]
 RunCell = Callable[[dict[str, Any], Path], Rows]
 
 
+def expand_launch(argv: list[str]) -> list[str]:
+    """``launch=X`` is short for ``launch.mode=X``."""
+    return [f"launch.mode={a[len('launch=') :]}" if a.startswith("launch=") else a for a in argv]
+
+
 def take_launch(argv: list[str]) -> tuple[list[str], list[str]]:
     """(the ``launch.*`` overrides, the rest): the launcher is not part of the study's name, so a study
-    started serially can be continued on SLURM. ``launch=X`` is ``launch.mode=X``."""
-    launch = [f"launch.mode={a[len('launch=') :]}" if a.startswith("launch=") else a for a in argv]
-    mine = [a for a in launch if a.startswith("launch.")]
-    return mine, [a for a in argv if not a.startswith(("launch=", "launch."))]
+    started serially can be continued on SLURM."""
+    argv = expand_launch(argv)
+    return [a for a in argv if a.startswith("launch.")], [a for a in argv if not a.startswith("launch.")]
 
 
 def check_launch(cfg: DictConfig) -> None:
@@ -147,7 +151,7 @@ def _run_local(cfg: DictConfig, cells: list[dict[str, Any]], parent: Path) -> No
     if slots:
         parallel = min(parallel, len(slots))
     free = slots[:parallel] if slots else [[] for _ in range(parallel)]
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+    cores = max(1, len(os.sched_getaffinity(0)) // parallel)
     lock, queue = threading.Lock(), list(cells)
     _forget_rows(parent, cells)
     (parent / "launch").mkdir(parents=True, exist_ok=True)
@@ -160,13 +164,13 @@ def _run_local(cfg: DictConfig, cells: list[dict[str, Any]], parent: Path) -> No
                     return
                 cell = queue.pop(0)
             print(f"sweep: starting {cell['name']}" + (f" on GPU {','.join(devices)}" if devices else ""))
-            _local_process(cell, parent, devices, threads, procs)
+            _local_process(cell, parent, devices, cores, procs)
 
-    threads = [threading.Thread(target=worker, args=(devices,), daemon=True) for devices in free]
-    for t in threads:
+    workers = [threading.Thread(target=worker, args=(devices,), daemon=True) for devices in free]
+    for t in workers:
         t.start()
     try:
-        for t in threads:
+        for t in workers:
             t.join()
     except BaseException:  # Ctrl-C: stop the cells (each saves its state); the same command continues
         for proc in list(procs.values()):
