@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from core.errors import ConfigError, RunInterrupted, first_line
@@ -107,7 +107,8 @@ def run_grid(argv: list[str]) -> dict[str, Any]:
         cfg = load_config(cell["argv"])
         if stage_spec(cfg.stage).study:
             check_all(cell["argv"], cfg)
-        cell["stage"], cell["cfg"] = cfg.stage, cfg  # composed once: the cell runs this config
+        cell["stage"] = cfg.stage
+        _CHECKED[cell["name"]] = cfg  # composed once: a cell run in this process runs this config
     # Lightning's DDP workers re-run this command: only global rank zero manages the sweep's files
     # (it deletes a half-started cell, writes results and summaries); the others only train
     manager = is_rank_zero()
@@ -139,6 +140,10 @@ def run_grid(argv: list[str]) -> dict[str, Any]:
     return result
 
 
+# each cell's checked configuration, by cell name (cells stay plain data: launchers send them as JSON)
+_CHECKED: dict[str, DictConfig] = {}
+
+
 def _run_cell(cell: dict[str, Any], folder: Path, manager: bool = True) -> list[dict[str, Any]]:
     """The cell's result rows (one per method for stage=all); read back if it finished before.
     Only the ``manager`` (global rank zero) deletes or writes the cell's files."""
@@ -152,10 +157,10 @@ def _run_cell(cell: dict[str, Any], folder: Path, manager: bool = True) -> list[
         if stage_spec(cell["stage"]).study:
             if manager:
                 shutil.rmtree(folder, ignore_errors=True)  # stage=all cannot resume: start it again
-            outcome = run_all(argv, cell["cfg"])
+            outcome = run_all(argv, _CHECKED.get(cell["name"]))
             rows = [_row(cell, m, m["method"]) for m in outcome["methods"]]
         else:
-            cfg = cell["cfg"]
+            cfg = _CHECKED.get(cell["name"]) or load_config(argv)  # a launched process composes its own
             last = group_dir(cfg) / "run" / "checkpoints" / "last.ckpt"
             if last.is_file():
                 print(f"sweep: {cell['name']} was interrupted; resuming from {last}")
