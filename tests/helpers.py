@@ -203,3 +203,15 @@ def comparable(summary: Path) -> str:
     each run's wall time."""
     lines = summary.read_text().splitlines()[3:]
     return "\n".join(re.sub(r"\| [0-9.]+ \|$", "|", line) for line in lines)
+
+
+def error_line(capsys, args: list[str]) -> str:
+    """``train.py args`` must stop with exit code 2 and one line on stderr (no traceback): that line."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        train.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err  # one line, no traceback
+    return err

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
 from core.errors import ConfigError
 from datamodules.class_balance import describe_counts
 from datamodules.data_index import SplitIndex, scan_splits
@@ -22,7 +21,7 @@ from pipeline.config.load import CONFIG_DIR, load_config
 from pipeline.runner import build
 
 from conftest import fast_args
-from helpers import image_sizes, run_dir, run_train
+from helpers import error_line, image_sizes, run_dir, run_train
 from toy_data import make_image_tree
 
 
@@ -118,21 +117,12 @@ def trained_run(toy_root, tmp_path_factory) -> Path:
     return run_dir(run_train(fast_args(toy_root, out, stage="features", **{"trainer.max_epochs": "1"})))
 
 
-def _error_line(capsys, args: list[str]) -> str:
-    with pytest.raises(SystemExit) as exc:
-        train.main(args)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err  # one line, no traceback
-    return err
-
-
 def test_a_truncated_last_checkpoint_stops_a_resume_with_one_line(toy_root, tmp_path, capsys):
     args = fast_args(toy_root, tmp_path / "out", stage="features", **{"trainer.max_epochs": "1"})
     last = run_dir(run_train(args)) / "checkpoints" / "last.ckpt"
     size = last.stat().st_size // 2
     os.truncate(last, size)
-    err = _error_line(capsys, [*args, "ckpt_path=last"])
+    err = error_line(capsys, [*args, "ckpt_path=last"])
     assert f"is truncated or corrupt ({size} bytes): " in err and "weights_only" not in err, err
 
 
@@ -144,7 +134,7 @@ def test_a_truncated_checkpoint_is_reported_as_truncated_in_one_whole_line(train
         (fast_args(toy_root, tmp_path / "out", stage="test", ckpt_path=str(cut)), f"checkpoint {cut}"),
         (fast_args(toy_root, tmp_path / "out", **{"model.weights": str(cut)}), f"model.weights={cut}"),
     ):
-        err = _error_line(capsys, args)
+        err = error_line(capsys, args)
         assert f"{what} is truncated or corrupt ({len(data) // 2} bytes): " in err, err
         # torch's first sentence, whole: not a weights_only safety refusal, not cut mid-sentence
         assert "weights_only" not in err and err.endswith("failed finding central directory"), err
@@ -270,5 +260,5 @@ def test_an_image_deleted_after_the_scan_where_each_has_its_place_is_one_line(
     root = make_image_tree(tmp_path / "d", per_class={"train": 6, "validation": 2, "test": 2}, size=16)
     gone = _delete_after_scan(monkeypatch, split)
     args = fast_args(root, tmp_path / "out", **{"trainer.max_epochs": "1", **extra})
-    err = _error_line(capsys, args)
+    err = error_line(capsys, args)
     assert err.startswith(f"error: {gone[0]} became unreadable after the data scan"), err

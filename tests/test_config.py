@@ -6,14 +6,7 @@ import train
 from core.errors import ConfigError
 from pipeline.config.load import load_config
 
-
-def _error_line(capsys, args: list[str]) -> str:
-    with pytest.raises(SystemExit) as exc:
-        train.main(args)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err  # one line, no traceback
-    return err
+from helpers import error_line
 
 
 def test_overrides_and_presets_apply():
@@ -56,13 +49,13 @@ def test_stage_presets_follow_the_seed():
     ],
 )
 def test_bad_config_is_one_clear_line(capsys, args, expected):
-    err = _error_line(capsys, args)
+    err = error_line(capsys, args)
     assert err.startswith("error: ")
     assert expected in err
 
 
 def test_missing_data_root_is_one_clear_line(capsys, tmp_path):
-    err = _error_line(capsys, [f"data.root={tmp_path / 'nowhere'}", f"out_dir={tmp_path}", "data.source=none"])
+    err = error_line(capsys, [f"data.root={tmp_path / 'nowhere'}", f"out_dir={tmp_path}", "data.source=none"])
     assert "does not exist" in err and "train,validation,test" in err
 
 
