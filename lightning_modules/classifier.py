@@ -27,6 +27,7 @@ from lightning_modules.batch_mix import batch_mix, mix_batch
 from lightning_modules.calibration import ECE_BINS, to_probabilities
 from lightning_modules.freeze_schedule import set_frozen_eval, set_trainable
 from lightning_modules.heads import ClassifierHead, HeadOptions
+from lightning_modules.lora import add_adapters
 from lightning_modules.run_safety import NonFiniteLossError
 from lightning_modules.schedule import Plan, param_groups, top_blocks
 
@@ -101,6 +102,7 @@ class TransferClassifier(LightningModule):
         mean: list[float] | None = None,  # the input normalisation, if not the backbone's own
         std: list[float] | None = None,
         crop_pct: float | None = None,
+        lora: dict[str, Any] | None = None,  # finetune.method=lora: rank, alpha, dropout, targets (lora.py)
         # run settings, not part of the trained model (not saved as hyperparameters):
         inputs: str = "images",
         channels_last: bool = False,
@@ -130,6 +132,8 @@ class TransferClassifier(LightningModule):
         self.backbone.std = tuple(std) if std is not None else self.backbone.std
         self.backbone.crop_pct = crop_pct if crop_pct is not None else self.backbone.crop_pct
         self.backbone.grad_checkpointing = grad_checkpointing
+        if lora is not None:  # before any weights are loaded: a checkpoint of a LoRA run holds its adapters
+            add_adapters(self.backbone, lora)
         self.binary = len(self.class_names) == 2
         outputs = 1 if self.binary else len(self.class_names)
         shape = self.backbone.output_shape(image_size)
@@ -158,7 +162,7 @@ class TransferClassifier(LightningModule):
     # --- freezing -----------------------------------------------------------------------------
     def set_trainable_blocks(self, trained: tuple[int, ...]) -> None:
         """Only the blocks of index ``trained`` (and the head) train; the others are frozen, in eval mode."""
-        set_trainable(self.backbone.blocks, trained, self.hparams.train_bn)
+        set_trainable(self.backbone.blocks, trained, self.hparams.train_bn, adapter_only=self.hparams.lora is not None)
         self.trained_blocks = tuple(trained)
         self.train(self.training)
 

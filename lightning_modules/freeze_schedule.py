@@ -20,18 +20,21 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_modules.lora import is_adapter
 from lightning_modules.schedule import Plan, PlanError
 from lightning_modules.tensorboard_views import tensorboard_writer
 
 
-def set_trainable(blocks: nn.ModuleList, trained: Collection[int], train_bn: bool) -> None:
-    """Let the blocks of index ``trained`` train; BatchNorm of trainable blocks trains only if ``train_bn``."""
+def set_trainable(blocks: nn.ModuleList, trained: Collection[int], train_bn: bool, adapter_only: bool = False) -> None:
+    """Let the blocks of index ``trained`` train; BatchNorm of trainable blocks trains only if ``train_bn``;
+    with ``adapter_only`` (finetune.method=lora) only their LoRA adapters train, never the base weights."""
     for index, block in enumerate(blocks):
         trainable = index in trained
-        for module in block.modules():
+        for name, module in block.named_modules():
             is_bn = isinstance(module, _BatchNorm)
+            allowed = is_adapter(name) if adapter_only else (train_bn or not is_bn)
             for param in module.parameters(recurse=False):
-                param.requires_grad = trainable and (train_bn or not is_bn)
+                param.requires_grad = trainable and allowed
 
 
 def set_frozen_eval(blocks: nn.ModuleList, trained: Collection[int], train_bn: bool) -> None:

@@ -26,6 +26,7 @@ from datamodules.image_io import IMAGE_EXTENSIONS, load_rgb
 from datamodules.transforms import backbone_eval_transform
 from lightning_modules.cam import cam_available, gradcam, overlay
 from lightning_modules.classifier import TransferClassifier
+from lightning_modules.lora import merge_adapters
 from pipeline.config.load import parse_overrides
 from pipeline.config.schema import PredictConfig, check_values
 from pipeline.export import export_model
@@ -65,8 +66,11 @@ def collect_files(inputs: str) -> list[str]:
 
 
 def load_model(ckpt_path: str) -> TransferClassifier:
-    """The checkpoint alone is enough: backbone, class names and image size are in it."""
-    return model_from_checkpoint(ckpt_path).eval()
+    """The checkpoint alone is enough: backbone, class names and image size are in it; LoRA adapters
+    (finetune.method=lora) are merged into their layers, as inference and exports want them."""
+    model = model_from_checkpoint(ckpt_path).eval()
+    merge_adapters(model)
+    return model
 
 
 def pick_device(name: str) -> torch.device:

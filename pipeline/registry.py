@@ -22,6 +22,7 @@ OPTIONS = {
     "wise": "finetune.wise: WiSE-FT, the fine-tuned weights mixed with the head-only phase's",
     "blocks": "finetune.blocks / unfreeze_blocks / milestones: which backbone blocks train, and when",
     "soup": "soup=uniform|greedy over seeds=[...] that share finetune.init_ckpt",
+    "lora": "finetune.method=lora: low-rank adapters train in the plan's blocks instead of their weights",
     "shifts": "eval.shifts: the shift report on the test split",
 }
 
@@ -72,7 +73,7 @@ SPECS: tuple[StageSpec, ...] = (
         "seed method 3: head warm-up, then the top blocks unfrozen at a lower learning rate",
         "the head, then the chosen backbone blocks",
         unfreezes=True,
-        options=_TRAINING | {"init_ckpt", "l2sp", "wise", "blocks", "soup"},
+        options=_TRAINING | {"init_ckpt", "l2sp", "wise", "blocks", "soup", "lora"},
     ),
     StageSpec(
         "linear_probe",

@@ -170,6 +170,20 @@ class FinetuneConfig:
         1.0, "block k from the top trains at lr * backbone_lr_ratio * layer_decay**k", range="(0, 1]"
     )
     train_bn: bool = opt(False, "BatchNorm of unfrozen blocks trains (false: frozen statistics)")
+    method: str = opt(
+        "unfreeze",
+        "what trains in the plan's blocks: their weights (unfreeze), or low-rank adapters beside them (lora; "
+        "pip install -e '.[lora]')",
+        choices=("unfreeze", "lora"),
+    )
+    lora_rank: int = opt(8, "finetune.method=lora: the adapters' rank", range=POSITIVE)
+    lora_alpha: float = opt(16.0, "finetune.method=lora: the adapters' scale is alpha / rank", range=POSITIVE)
+    lora_dropout: float = opt(0.0, "finetune.method=lora: dropout on the adapters' input", range=FRACTION)
+    lora_targets: list[str] | None = opt(
+        None,
+        "finetune.method=lora: layer names to adapt (null: attention qkv/proj and MLP fc1/fc2 of a "
+        "transformer, the pointwise convolutions of a CNN)",
+    )
     init_ckpt: str | None = opt(None, "start from this checkpoint's weights (e.g. a frozen run's)")
     l2sp: float = opt(
         0.0,

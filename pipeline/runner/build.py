@@ -25,6 +25,7 @@ from datamodules.stratified_split import parse_split_sizes
 from datamodules.subsets import train_subset
 from lightning_modules.backbones import backbone_spec, build_backbone
 from lightning_modules.classifier import TransferClassifier
+from lightning_modules.lora import load_base_weights
 from lightning_modules.schedule import Plan
 from pipeline.config.identity import TRAINING_CHOICES, check_identity, run_identity
 from pipeline.config.load import cache_dir as cache_folder
@@ -130,10 +131,14 @@ def build_model(
         std=_listed(cfg.data.std),
         crop_pct=cfg.data.crop_pct,
         mix=cfg.data.mix,
+        lora=_lora_options(cfg),
     )
     if cfg.model.weights or cfg.model.pretrained:
         pretrained = build_backbone(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights)
-        model.backbone.load_state_dict(pretrained.state_dict())
+        if model.hparams.lora is not None:  # targeted layers keep their weights as base_layer
+            load_base_weights(model.backbone, pretrained.state_dict())
+        else:
+            model.backbone.load_state_dict(pretrained.state_dict())
     if takes(cfg, "init_ckpt") and cfg.finetune.init_ckpt:
         ckpt = checkpoint_for(cfg.finetune.init_ckpt, cfg.model.backbone)
         model.on_load_checkpoint(ckpt)  # what Lightning's loading does first
@@ -302,6 +307,15 @@ def _check_shards(index: SplitIndex, world: int) -> None:
                 f"the {split} split has {len(samples)} image(s), fewer than the {world} processes; "
                 "give it at least one image per process, or use fewer devices"
             )
+
+
+def _lora_options(cfg: DictConfig) -> dict[str, Any] | None:
+    """The adapters' settings when the stage takes them and finetune.method=lora (a model hyperparameter)."""
+    ft = cfg.finetune
+    if not (takes(cfg, "lora") and ft.method == "lora"):
+        return None
+    targets = list(ft.lora_targets) if ft.lora_targets else None
+    return {"rank": ft.lora_rank, "alpha": ft.lora_alpha, "dropout": ft.lora_dropout, "targets": targets}
 
 
 def image_data(
