@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Training-step speed and peak memory of a ViT as this project cuts it (random weights: no
 pretrained ViT can be had offline): every block trained (a full fine-tune), with and without
-``model.grad_checkpointing``, each in a fresh process (peak resident memory is per process), and on a
-CUDA GPU when there is one (its peak allocated memory). Prints a table:
+``model.grad_checkpointing``, and every block's LoRA adapters (``finetune.method=lora``), each in a
+fresh process (peak resident memory is per process), and on a CUDA GPU when there is one (its peak
+allocated memory). Prints a table:
 
     python benchmarks/vit_memory.py                                  # timm:vit_small_patch16_224, batch 16
     python benchmarks/vit_memory.py --model vit_base_patch16_224 --batch 32 --steps 20
@@ -19,10 +20,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+KINDS = ("plain", "checkpointing", "lora")
 sys.path.insert(0, str(ROOT))
 
 
-def measure(model_name: str, batch: int, steps: int, checkpointing: bool) -> dict:
+def measure(model_name: str, batch: int, steps: int, kind: str) -> dict:
     """In this process: ``steps`` timed training steps after two untimed ones."""
     import torch
     from lightning.pytorch import seed_everything
@@ -32,14 +34,15 @@ def measure(model_name: str, batch: int, steps: int, checkpointing: bool) -> dic
 
     args = [
         "stage=finetune", f"model.backbone=timm:{model_name}", "model.pretrained=false", "data.image_size=224",
-        f"model.grad_checkpointing={str(checkpointing).lower()}", "finetune.warmup_epochs=0", "trainer.max_epochs=1",
+        f"model.grad_checkpointing={str(kind == 'checkpointing').lower()}", "finetune.warmup_epochs=0",
+        "trainer.max_epochs=1", *(["finetune.method=lora"] if kind == "lora" else []),
     ]
     cfg = load_config(args)
     seed_everything(0)
     model = build_model(cfg, ["a", "b"])
     n_blocks = len(model.backbone.blocks)
     model.set_plan(plan_from_config(cfg))
-    model.set_trainable_blocks(tuple(range(n_blocks)))  # everything trains: the full fine-tune
+    model.set_trainable_blocks(tuple(range(n_blocks)))  # every block trains (with LoRA: its adapters)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -82,13 +85,13 @@ def main() -> None:
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--one", choices=["plain", "checkpointing"], help=argparse.SUPPRESS)  # a child process
+    parser.add_argument("--one", choices=KINDS, help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.model, args.batch, args.steps, args.one == "checkpointing")))
+        print(json.dumps(measure(args.model, args.batch, args.steps, args.one)))
         return
     rows = {}
-    for kind in ("plain", "checkpointing"):
+    for kind in KINDS:
         command = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch)]
         done = subprocess.run([*command, "--steps", str(args.steps), "--one", kind], capture_output=True, text=True)
         if done.returncode:
@@ -99,7 +102,9 @@ def main() -> None:
     print(f"| timm:{args.model}, 224 px, batch {args.batch}, {device} | images/s | {memory} | trainable params |")
     print("|---|---|---|---|")
     for kind, row in rows.items():
-        name = "full fine-tune" + (", model.grad_checkpointing=true" if kind == "checkpointing" else "")
+        name = {"plain": "full fine-tune", "checkpointing": "full fine-tune, model.grad_checkpointing=true"}.get(
+            kind, "finetune.method=lora (rank 8, every block's qkv/proj/fc1/fc2)"
+        )
         print(f"| {name} | {row['images_per_s']:.1f} | {row['peak_mb']:.0f} | {row['trainable']:,} |")
 
 
