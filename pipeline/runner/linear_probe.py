@@ -79,5 +79,5 @@ def fit_linear(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, l
 
     loss = optimizer.step(closure)
     model.eval()
-    iterations = int(optimizer.state[optimizer._params[0]]["n_iter"])
+    iterations = int(optimizer.state[linear.weight]["n_iter"])  # L-BFGS keeps its count on the first parameter
     return {"iterations": iterations, "converged": iterations < MAX_ITERATIONS, "loss": float(loss.detach())}
