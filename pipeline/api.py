@@ -33,6 +33,7 @@ from pipeline.registry import stage_spec
 from pipeline.runner.stages import run_stage
 from pipeline.studies.launch import expand_launch
 from pipeline.studies.repeats import grid_requested, run_grid
+from pipeline.studies.search import run_search, search_requested
 
 # data, model, optim, ..., early_stop, lr_find, trainer: the sections a keyword can start with
 SECTIONS = tuple(
@@ -41,7 +42,9 @@ SECTIONS = tuple(
 
 
 def run_argv(argv: list[str]) -> dict[str, Any]:
-    """What ``train.py`` runs for ``argv``: a sweep, ``stage=all`` or one stage."""
+    """What ``train.py`` runs for ``argv``: a search, a sweep, ``stage=all`` or one stage."""
+    if search_requested(argv):
+        return run_search(argv)
     if grid_requested(argv):
         return run_grid(argv)
     argv = expand_launch(argv)

@@ -137,4 +137,5 @@ def trained_ckpt(tmp_path_factory) -> str:
     return run_train(fast_args(root, out, stage="frozen", **{"trainer.max_epochs": "3"}))["best_ckpt"]
 
 
+from postgres_server import postgres_url  # noqa: E402,F401 - a PostgreSQL server on loopback
 from slurm_cluster import slurm_cluster  # noqa: E402,F401 - the one-node SLURM cluster fixture

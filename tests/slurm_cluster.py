@@ -91,10 +91,14 @@ class Cluster:
 
 
 def _stop(pid_file: Path) -> None:
-    """The daemon named by its pid file, by that pid: TERM, then KILL if it lingers."""
+    """The daemon named by its pid file (the pid on its first line), by that pid: TERM, then KILL."""
     if not pid_file.is_file() or not pid_file.read_text().strip():
         return
-    pid = int(pid_file.read_text().strip())
+    stop_pid(int(pid_file.read_text().split()[0]))
+
+
+def stop_pid(pid: int) -> None:
+    """TERM, then KILL if the process lingers."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.kill(pid, sig)

@@ -94,3 +94,14 @@ def test_a_requeued_cell_resumes_to_the_uninterrupted_result(slurm_cluster, toy_
     assert all(a[k].equal(b[k]) for k in a)
     same = ("stage", "backbone", "epochs", "val", "test")  # not the timings, memory and paths
     assert {k: read_metrics(ours)[k] for k in same} == {k: read_metrics(theirs)[k] for k in same}
+
+
+def test_a_search_on_slurm_equals_the_serial_search(slurm_cluster, toy_root, tmp_path):
+    """An Optuna search whose trials run as SLURM job arrays (two at a time; waiting is implied)."""
+    from test_search import same_trials, search_args
+
+    serial = run_train(search_args(toy_root, tmp_path / "serial", "search.trials=2"))
+    args = search_args(toy_root, tmp_path / "slurm", "search.trials=2", "launch=slurm", "launch.parallel=2")
+    slurm = run_train([*args, "launch.cpus_per_cell=1"])
+    assert same_trials(serial, slurm)
+    assert (Path(slurm["parent"]) / "submitit").is_dir()

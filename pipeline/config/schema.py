@@ -315,6 +315,12 @@ class RunConfig:
         None, "after seeds=[...] of fine-tunes from one finetune.init_ckpt: average them (greedy: on validation)",
         choices=SOUPS,
     )
+    search: dict[str, Any] = opt(
+        {},
+        "search.<key>=log(a,b)|float(a,b)|int(a,b)|[a,b,...] and search.trials=N: an Optuna search, chosen on "
+        "validation (search.sampler=tpe|random, search.prune=true, search.storage=<database URL>; "
+        "pipeline/studies/search.py)",
+    )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

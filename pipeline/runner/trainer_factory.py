@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,20 @@ from lightning_modules.replica_check import ReplicaAgreement
 from lightning_modules.run_safety import AtomicCheckpointIO, SaveOnInterrupt, StepSeed
 from lightning_modules.tensorboard_views import TensorBoardViews
 from pipeline.mlflow_logging import mlflow_logger
+
+# Callbacks that whoever runs the stage adds to every Trainer it builds (a search trial's pruning,
+# pipeline/studies/trial.py), without the stages knowing about them.
+_ADDED: contextvars.ContextVar[tuple[Callable[[], Any], ...]] = contextvars.ContextVar("added", default=())
+
+
+@contextlib.contextmanager
+def added_callbacks(*factories: Callable[[], Any]) -> Iterator[None]:
+    """Every Trainer built inside the block also gets ``factory()`` of each of ``factories``."""
+    token = _ADDED.set(_ADDED.get() + factories)
+    try:
+        yield
+    finally:
+        _ADDED.reset(token)
 
 
 def on_gpu(cfg: DictConfig) -> bool:
@@ -123,6 +138,7 @@ def make_trainer(
         TensorBoardViews(cfg.log.images_every_n_epochs, cfg.log.max_images),
         EvaluationProgress(),
         *callbacks,
+        *(make() for make in _ADDED.get()),
     ]
     loggers = [logger]
     if cfg.log.mlflow:

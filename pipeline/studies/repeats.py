@@ -32,6 +32,7 @@ from pipeline.studies.all_stages import check_all, run_all
 from pipeline.studies.launch import check_launch, run_cells, take_launch
 from pipeline.studies.soup import check_soup, earlier_soups, make_soup, take_soup
 from pipeline.studies.statistics import mean_sd_interval
+from pipeline.studies.trial import is_pruned, pruning
 
 SUMMARY_METRICS = ("acc", "loss", "f1", "auroc", "ece")
 INTERVAL_NOTE = (
@@ -154,30 +155,43 @@ def _run_cell(cell: dict[str, Any], folder: Path, manager: bool = True) -> list[
     argv = list(cell["argv"])
     started = time.time()
     try:
-        if stage_spec(cell["stage"]).study:
-            if manager:
-                shutil.rmtree(folder, ignore_errors=True)  # stage=all cannot resume: start it again
-            outcome = run_all(argv, _CHECKED.get(cell["name"]))
-            rows = [_row(cell, m, m["method"]) for m in outcome["methods"]]
-        else:
-            cfg = _CHECKED.get(cell["name"]) or load_config(argv)  # a launched process composes its own
-            last = group_dir(cfg) / "run" / "checkpoints" / "last.ckpt"
-            if last.is_file():
-                print(f"sweep: {cell['name']} was interrupted; resuming from {last}")
-                cfg.ckpt_path = str(last)
-            elif manager:
-                shutil.rmtree(last.parent.parent, ignore_errors=True)
-            rows = [_row(cell, run_stage(cfg, run_name="run"), None)]
+        with pruning(cell):  # a search trial's pruning callback (pipeline/studies/trial.py); else nothing
+            rows = _run_rows(cell, argv, folder, manager)
     except RunInterrupted:
         raise  # the user stopped the sweep: the same command continues it
     except Exception as err:  # noqa: BLE001 - a failed cell is reported, the sweep goes on
         message = first_line(err)
+        if is_pruned(err):  # the search's pruner stopped it: a finished trial, not a failure to retry
+            print(f"search: {cell['name']} pruned: {message}")
+            rows = [{**_row(cell, {}, None), "status": "pruned", "error": message}]
+            rows[0]["wall_time_s"] = round(time.time() - started, 1)
+            if manager:
+                RunFolder(folder).write_json(done.name, rows)
+            return rows
         print(f"sweep: {cell['name']} failed: {type(err).__name__}: {message}")
         failed = {**_row(cell, {}, None), "status": "failed", "error": f"{type(err).__name__}: {message}"}
         failed["wall_time_s"] = round(time.time() - started, 1)
         return [failed]
-    RunFolder(folder).write_json(done.name, rows)  # global rank zero: the manager
+    if manager:
+        RunFolder(folder).write_json(done.name, rows)
     return rows
+
+
+def _run_rows(cell: dict[str, Any], argv: list[str], folder: Path, manager: bool) -> list[dict[str, Any]]:
+    """Run the cell's stage (or stage=all) and return its rows."""
+    if stage_spec(cell["stage"]).study:
+        if manager:
+            shutil.rmtree(folder, ignore_errors=True)  # stage=all cannot resume: start it again
+        outcome = run_all(argv, _CHECKED.get(cell["name"]))
+        return [_row(cell, m, m["method"]) for m in outcome["methods"]]
+    cfg = _CHECKED.get(cell["name"]) or load_config(argv)  # a launched process composes its own
+    last = group_dir(cfg) / "run" / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        print(f"sweep: {cell['name']} was interrupted; resuming from {last}")
+        cfg.ckpt_path = str(last)
+    elif manager:
+        shutil.rmtree(last.parent.parent, ignore_errors=True)
+    return [_row(cell, run_stage(cfg, run_name="run"), None)]
 
 
 def _row(cell: dict[str, Any], metrics: dict[str, Any], method: str | None) -> dict[str, Any]:
