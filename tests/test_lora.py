@@ -63,3 +63,23 @@ def test_a_lora_run_resumes_exactly(toy_root, tmp_path, monkeypatch, capsys, uni
     a = checkpoint_state(run_dir(want) / "checkpoints" / "last.ckpt")
     b = checkpoint_state(run_dir(got) / "checkpoints" / "last.ckpt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # two processes (gloo)
+def test_adapters_train_identically_on_both_ranks_and_nothing_else_moves(toy_root, tmp_path):
+    """DDP on CPU: only the adapters (of the top two blocks) and the head require gradients when each phase's
+    fit wraps the model, so DDP syncs exactly them: the replicas agree after every epoch, no base weight moves."""
+    from test_ddp import run_script
+
+    from helpers import scalar_tags
+
+    args = _args(toy_root, tmp_path / "out", **{"trainer.devices": "2", "data.batch_size": "4"})
+    before = initial_state(_args(toy_root, tmp_path / "init"))
+    run_script(args, tmp_path)
+    [run] = [p for p in (tmp_path / "out").glob("finetune_*/*") if p.is_dir()]  # both ranks used one folder
+    diffs = [v for _, v in sorted(scalar_tags(run)["ddp/differing_tensors"])]
+    assert len(diffs) == 3 and max(diffs) == 0.0, diffs
+    after = checkpoint_state(run / "checkpoints" / "last.ckpt")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {k for k in changed if k.startswith("backbone.")} <= {k for k in before if "lora_" in k}
+    assert {int(k.split(".")[2]) for k in changed if k.startswith("backbone.")} == {5, 6}
