@@ -194,7 +194,7 @@ def run_search(argv: list[str]) -> dict[str, Any]:
     base = [*base, f"data.cache_dir={cache_dir(first)}"]
     RunFolder(folder).write_text("command.txt", "python train.py " + " ".join(argv) + "\n")
     print(f"search: {control['trials']} trial(s) of {', '.join(ranges)} in {folder} (the same command continues it)")
-    rows_by_trial = _run_trials(study, first, base, ranges, control, folder, where, launch_args, repeats)
+    rows_by_trial = _run_trials(study, first, base, ranges, control, folder, where, repeats)
     return _summarise(argv, url, study, rows_by_trial, ranges, control, folder)
 
 
@@ -207,7 +207,7 @@ def _check_stage(cfg: DictConfig, control: dict[str, Any]) -> None:
         raise ConfigError("search.prune=true prunes single-process trials; drop it for DDP trials (trainer.devices>1)")
 
 
-def _run_trials(study, first, base, ranges, control, folder, where, launch_args, repeats) -> dict[int, list]:
+def _run_trials(study, first, base, ranges, control, folder, where, repeats) -> dict[int, list]:
     """Ask, run and tell until the study holds ``search.trials`` trials; every trial's rows by number."""
     import optuna
 
@@ -228,11 +228,12 @@ def _run_trials(study, first, base, ranges, control, folder, where, launch_args,
     while True:
         todo = resumed or [study.ask(dists) for _ in range(min(batch_size, control["trials"] - len(study.trials)))]
         resumed = []
-        if not todo:
-            return done
+        if not todo:  # and the trials other machines finished meanwhile (a shared study)
+            finished = study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.FAIL))
+            return done | {t.number: _stored_rows(folder, t) for t in finished if t.number not in done}
         cells = [trial_cell(t, base, ranges, where) for t in todo]
         for cell in cells:
-            cell["argv"] += [f"out_dir={folder / cell['name']}", *launch_args]
+            cell["argv"] += [f"out_dir={folder / cell['name']}"]
             cfg = load_config(cell["argv"])
             cell["stage"] = cfg.stage
             repeats._CHECKED[cell["name"]] = cfg
