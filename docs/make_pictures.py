@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The documentation's pictures, drawn from real run folders (nothing else from a run is kept).
 
-    python docs/make_pictures.py --train-run runs/finetune_efficientnet_lite0/<time> \\
-        --shift-run runs/test_efficientnet_lite0/<time> [--robust-shift-run ...] [--out docs/img]
+    python docs/make_pictures.py --train-run runs/finetune_efficientnet_lite0_cats_and_dogs_small/<time> \\
+        --shift-run runs/test_efficientnet_lite0_cats_and_dogs_small/<time> [--robust-shift-run ...] [--out docs/img]
 
 Writes small PNGs into ``--out`` (default ``docs/img``):
 
