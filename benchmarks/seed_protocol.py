@@ -36,13 +36,20 @@ def run_method(stage: str, epochs: int, common: list[str], extra: list[str]) -> 
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{stage} failed:\n{proc.stderr[-3000:]}")
-    out_dir = Path(next(a.split("=", 1)[1] for a in common if a.startswith("out_dir=")))
-    runs = sorted(
-        (out_dir / f"{stage}_{next(a.split('=', 1)[1] for a in common if a.startswith('model.backbone='))}").iterdir()
-    )
-    metrics = json.loads((runs[-1] / "metrics.json").read_text())
+    metrics = json.loads((newest_run(stage, common) / "metrics.json").read_text())
     metrics["process_wall_s"] = round(time.time() - started, 1)
     return metrics
+
+
+def newest_run(stage: str, common: list[str]) -> Path:
+    """The newest run folder of ``stage`` for these arguments (their ``out_dir``, backbone and data;
+    also an older version's folder, whose name had no data set)."""
+    from pipeline.config.load import load_config
+    from pipeline.runner.run_dir import group_dir
+
+    cfg = load_config([f"stage={stage}", *common])
+    groups = [g for g in (group_dir(cfg), group_dir(cfg, data_set=False)) if g.is_dir()]
+    return max((p for g in groups for p in g.iterdir() if p.is_dir()), key=lambda p: p.name)
 
 
 def images_per_second(stamps: list[float], sizes: list[int]) -> float:
@@ -287,7 +294,8 @@ def main() -> None:
             ("2. frozen + augmentation", "frozen"),
             ("3. fine-tune", "finetune"),
         ):
-            run = sorted((work / "runs" / f"{stage}_{args.backbone}").iterdir())[-1]
+            earlier = [a for a in common if not a.startswith("out_dir=")] + [f"out_dir={work / 'runs'}"]
+            run = newest_run(stage, earlier)
             rows.append((name, json.loads((run / "metrics.json").read_text())))
     elif not args.skip_methods:
         features = run_method("features", epochs["features"], common, [])

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The documentation's pictures, drawn from real run folders (nothing else from a run is kept).
 
-    python docs/make_pictures.py --train-run runs/finetune_efficientnet_lite0/<time> \\
-        --shift-run runs/test_efficientnet_lite0/<time> [--robust-shift-run ...] [--out docs/img]
+    python docs/make_pictures.py --train-run runs/finetune_efficientnet_lite0_cats_and_dogs_small/<time> \\
+        --shift-run runs/test_efficientnet_lite0_cats_and_dogs_small/<time> [--robust-shift-run ...] [--out docs/img]
 
 Writes small PNGs into ``--out`` (default ``docs/img``):
 
@@ -12,9 +12,9 @@ Writes small PNGs into ``--out`` (default ``docs/img``):
   TensorBoard event files, with the plan's phase boundaries;
 - ``reliability.png``: a copy of the run's ``reliability_test.png``;
 - ``shift.png`` (and ``shift_robust.png``): copies of the shift report's ``shift.png``;
-- ``tensorboard.png``: TensorBoard's Custom Scalars tab on the training run, taken in headless
-  Chromium (``apt-get install chromium-headless-shell`` or ``chromium``); skipped, with a line saying so,
-  when no browser is installed or ``--no-screenshot`` is given.
+- ``tensorboard.png``: TensorBoard's Custom Scalars tab on the training run (its cards only), taken in
+  headless Chromium (``apt-get install chromium-headless-shell`` or ``chromium``); skipped, with a line
+  saying so, when no browser is installed or ``--no-screenshot`` is given.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome", "chrome")
+# The screenshot's window, and the part kept: the Custom Scalars cards (left, top, right, bottom). The
+# settings column and the empty right margin are cut, so that the picture, shown at page width, keeps
+# about its own size and its axis labels stay readable.
+WINDOW = (1280, 860)
+CARDS = (330, 74, 1056, 840)
 TRAIN, VAL = (40, 80, 200), (220, 60, 60)
 
 
@@ -184,7 +189,7 @@ def tensorboard_screenshot(run_dir: Path, out: Path, browser: str, timeout: floa
                     "--no-sandbox",
                     "--disable-gpu",
                     "--hide-scrollbars",
-                    "--window-size=1280,860",
+                    f"--window-size={WINDOW[0]},{WINDOW[1]}",
                     "--virtual-time-budget=20000",
                     f"--screenshot={shot}",
                     f"http://127.0.0.1:{port}/#custom_scalars",
@@ -193,7 +198,7 @@ def tensorboard_screenshot(run_dir: Path, out: Path, browser: str, timeout: floa
                 capture_output=True,
                 timeout=timeout,
             )
-            save_small(Image.open(shot), out, colours=96)
+            save_small(Image.open(shot).crop(CARDS), out, colours=96)
         finally:
             server.terminate()
             server.wait(timeout=30)

@@ -24,6 +24,13 @@ def run_dir(metrics: dict) -> Path:
     return Path(metrics["run_dir"])
 
 
+def run_group(out: Path, stage: str, root: Path) -> Path:
+    """The folder of a stage's runs on the suite's backbone: ``<out>/<stage>_<backbone>_<data folder>``."""
+    from conftest import BACKBONE
+
+    return Path(out) / f"{stage}_{BACKBONE}_{Path(root).name}"
+
+
 def read_metrics(path: Path) -> dict:
     return json.loads((path / "metrics.json").read_text())
 

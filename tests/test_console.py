@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import BACKBONE, ROOT, fast_args
+from conftest import ROOT, fast_args
+from helpers import run_group
 
 LIBRARY_NOISE = ("LeafSpec", "_pytree", "No positive samples", "litlogger", "weights_only", "rank_zero_warn(")
 
@@ -26,7 +27,7 @@ def test_a_toy_run_is_quiet_and_ends_with_its_result(toy_root, tmp_path):
     for noise in LIBRARY_NOISE:
         assert noise not in console, noise
     assert "site-packages" not in proc.stderr  # no warning echoes a library's source line
-    (metrics_file,) = (tmp_path / "out").glob(f"frozen_{BACKBONE}/*/metrics.json")
+    (metrics_file,) = run_group(tmp_path / "out", "frozen", toy_root).glob("*/metrics.json")
     metrics = json.loads(metrics_file.read_text())
     block = proc.stdout[proc.stdout.index("result: stage=frozen") :]
     for split, label in (("val", "validation accuracy"), ("test", "test accuracy")):

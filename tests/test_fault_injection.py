@@ -26,7 +26,8 @@ import pytest
 import torch
 from test_kill_anywhere import KILL_AT, _outcome
 
-from conftest import BACKBONE, finetune_args
+from conftest import finetune_args
+from helpers import run_group
 from toy_data import make_image_tree
 
 LIBFIU = Path("/usr/lib/libfiu.so.0")
@@ -141,7 +142,7 @@ def reference(tmp_path_factory) -> dict:
     proc = _run(["none", "0", *_args(root, base / "whole")], base)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    return {"root": root, "outcome": _outcome(base / "whole")}
+    return {"root": root, "outcome": _outcome(base / "whole", root)}
 
 
 def _ctrl(fifo: Path, pid: int, command: str) -> None:
@@ -178,11 +179,11 @@ def test_fault_anywhere_ends_in_one_line_and_resumes_to_the_same_result(fiu_lib,
     resumed = _run(["none", "0", *args, "ckpt_path=last"], tmp_path)
     _, resume_err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, (trial, proc.returncode, stderr[-2000:], resume_err[-3000:])
-    assert len([p for p in (out / f"finetune_{BACKBONE}").iterdir() if p.is_dir()]) == 1
+    assert len([p for p in run_group(out, "finetune", reference["root"]).iterdir() if p.is_dir()]) == 1
     assert not [p for p in out.rglob("*.tmp")], "a temporary file was left"
     for ckpt in out.rglob("*.ckpt"):
         torch.load(ckpt, map_location="cpu", weights_only=True)  # every checkpoint left is readable
-    metrics, best, last = _outcome(out)
+    metrics, best, last = _outcome(out, reference["root"])
     want_metrics, want_best, want_last = reference["outcome"]
     assert metrics == want_metrics, trial
     for got, want in ((best, want_best), (last, want_last)):
@@ -204,7 +205,7 @@ def test_image_read_errors_in_training_are_listed_skips(fiu_lib, reference, tmp_
         resumed = _run(["none", "0", *args, "ckpt_path=last"], tmp_path)
         _, stderr = resumed.communicate(timeout=600)
         assert resumed.returncode == 0, stderr[-3000:]
-    (folder,) = [p for p in (out / f"finetune_{BACKBONE}").iterdir() if p.is_dir()]
+    (folder,) = [p for p in run_group(out, "finetune", reference["root"]).iterdir() if p.is_dir()]
     rows = [r.split("\t") for r in (folder / "skipped_files.tsv").read_text().splitlines()[1:]]
     skipped = [path for split, path, reason in rows if reason.endswith("(during training)")]
     assert skipped and all(split == "train" for split, _, _ in rows), rows

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BACKBONE, finetune_args
-from helpers import checkpoint_state
+from conftest import finetune_args
+from helpers import checkpoint_state, run_group
 from toy_data import make_image_tree
 
 KILL_AT = Path(__file__).resolve().parent / "kill_at.py"
@@ -46,8 +46,8 @@ def _launch(point: str, args: list[str], cwd: Path) -> subprocess.CompletedProce
     )
 
 
-def _outcome(out: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    (folder,) = [p for p in out.glob(f"finetune_{BACKBONE}/*") if p.is_dir()]
+def _outcome(out: Path, root: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    (folder,) = [p for p in run_group(out, "finetune", root).iterdir() if p.is_dir()]
     metrics = json.loads((folder / "metrics.json").read_text())
     stable = {k: v for k, v in metrics.items() if k not in VOLATILE}
     stable["calibration"] = {k: v for k, v in (stable.get("calibration") or {}).items() if k != "stored_in"}
@@ -62,7 +62,7 @@ def reference(tmp_path_factory) -> dict:
     args = lambda out: finetune_args(root, out)  # noqa: E731
     done = _launch("none", args(base / "whole"), base)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {"root": root, "args": args, "outcome": _outcome(base / "whole")}
+    return {"root": root, "args": args, "outcome": _outcome(base / "whole", root)}
 
 
 @pytest.mark.parametrize("point", [p if p in FAST else pytest.param(p, marks=pytest.mark.slow) for p in POINTS])
@@ -72,7 +72,7 @@ def test_killed_anywhere_resumes_to_the_same_result(reference, tmp_path, point):
     assert killed.returncode == -signal.SIGKILL, (point, killed.returncode, killed.stderr[-3000:])
     resumed = _launch("none", [*args, "ckpt_path=last"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    metrics, best, last = _outcome(tmp_path / "out")
+    metrics, best, last = _outcome(tmp_path / "out", reference["root"])
     want_metrics, want_best, want_last = reference["outcome"]
     assert metrics == want_metrics
     for got, want in ((best, want_best), (last, want_last)):

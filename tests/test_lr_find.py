@@ -25,7 +25,7 @@ def test_lr_find_writes_a_plot_and_a_suggestion_inside_its_range(toy_root, tmp_p
     # the frozen backbone is in eval mode on purpose: Lightning's note about it is not shown
     assert not [w for w in caught if "eval mode" in str(w.message)], [str(w.message) for w in caught]
     folder = Path(result["run_dir"])
-    assert folder.parent.name == f"lr_find_{BACKBONE}"
+    assert folder.parent.name == f"lr_find_{BACKBONE}_{toy_root.name}"
     assert result["steps"] <= 12  # 48 training images / 4: one epoch, although 500 were asked for
     lrs = result["lr"]
     assert lrs == sorted(lrs) and 1e-5 <= lrs[0] < lrs[-1] <= 1.0

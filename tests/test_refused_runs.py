@@ -10,8 +10,8 @@ import pytest
 
 import train
 
-from conftest import BACKBONE, fast_args
-from helpers import run_dir, run_train
+from conftest import fast_args
+from helpers import run_dir, run_group, run_train
 
 
 def _truncated_copy(ckpt: Path, folder: Path) -> Path:
@@ -29,7 +29,7 @@ def test_refused_resume_does_not_capture_ckpt_path_last(toy_root, tmp_path, caps
     with pytest.raises(SystemExit) as refused:  # a new folder is made, then the checkpoint is refused
         train.main([*args, f"ckpt_path={bad}"])
     assert refused.value.code == 2
-    folders = sorted(p for p in (tmp_path / "out" / f"frozen_{BACKBONE}").iterdir() if p.is_dir())
+    folders = sorted(p for p in run_group(tmp_path / "out", "frozen", toy_root).iterdir() if p.is_dir())
     (left,) = [p for p in folders if p != first]
     assert json.loads((left / "run.json").read_text())["refused"]
     capsys.readouterr()
@@ -47,7 +47,7 @@ def test_a_refused_run_alone_is_restarted_in_its_folder(toy_root, tmp_path, caps
     missing = tmp_path / "gone.pth"
     with pytest.raises(SystemExit):
         train.main([*[a for a in args if not a.startswith("model.weights=")], f"model.weights={missing}"])
-    (left,) = (tmp_path / "out" / f"frozen_{BACKBONE}").iterdir()
+    (left,) = run_group(tmp_path / "out", "frozen", toy_root).iterdir()
     if not (left / "run.json").is_file():
         shutil.rmtree(left)
         pytest.skip("model.weights is checked before the run folder exists")

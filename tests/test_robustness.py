@@ -28,6 +28,7 @@ from helpers import (
     largest_weight_difference,
     read_metrics,
     run_dir,
+    run_group,
     run_train,
     scalar_tags,
     sigterm_then_resume,
@@ -220,7 +221,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(capsys,
     monkeypatch.setattr(TransferClassifier, "_loss", poisoned)
     err = _error_line(capsys, fast_args(toy_root, tmp_path, stage="frozen"), code=3)
     assert "training loss is nan at global step 8 (epoch 1, batch 2)" in err
-    last = next(tmp_path.glob(f"frozen_{BACKBONE}/*/checkpoints/last.ckpt"))
+    last = next(run_group(tmp_path, "frozen", toy_root).glob("*/checkpoints/last.ckpt"))
     assert torch.load(last, weights_only=True)["global_step"] == 6  # the end of epoch 0, intact
 
 
@@ -317,7 +318,7 @@ def test_killed_subprocess_resumes_without_gaps_or_duplicates(tmp_path, sig):
     wait_for_file(marker, [proc])
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    (last,) = out.glob(f"frozen_{BACKBONE}/*/checkpoints/last.ckpt")
+    (last,) = run_group(out, "frozen", root).glob("*/checkpoints/last.ckpt")
     ckpt = torch.load(last, weights_only=True)  # never truncated
     if sig == signal.SIGTERM:
         assert proc.returncode == 143, err[-2000:]

@@ -18,7 +18,7 @@ from pipeline.config.load import load_config
 from pipeline.runner.run_dir import RUN_RECORD, claim, latest_run, release_all, resolve_run
 
 from conftest import BACKBONE, ROOT, fast_args, finetune_args
-from helpers import checkpoint_state, release_together, run_dir, run_train, sigterm_at_step
+from helpers import checkpoint_state, release_together, run_dir, run_group, run_train, sigterm_at_step
 from toy_data import make_image_tree
 
 
@@ -31,7 +31,7 @@ def trained(tmp_path_factory) -> dict:
     root = make_image_tree(base / "toy")
     for i in (0, 1):
         shutil.move(root / "validation" / "cats" / f"cats.{i}.png", root / "validation" / "dogs" / f"cat{i}.png")
-    other = base / "toy2"
+    other = base / "relabelled" / "toy"  # the same folder name: ckpt_path=last looks among the same runs
     shutil.copytree(root, other)
     for split in ("train", "validation", "test"):
         (other / split / "dogs").rename(other / split / "wolves")
@@ -55,14 +55,15 @@ def _refused(args: list[str], capsys) -> str:
 
 def test_resume_onto_relabelled_data_is_refused_and_writes_nothing(trained, capsys):
     folder = run_dir(trained["metrics"])
-    before = _snapshot(trained["out"] / f"frozen_{BACKBONE}")  # out/cache may gain the other folder's scan
+    group = run_group(trained["out"], "frozen", trained["root"])  # also the relabelled copy's: both are named toy
+    before = _snapshot(group)  # out/cache may gain the other folder's scan
     last = folder / "checkpoints" / "last.ckpt"
     err = _refused(fast_args(trained["other"], trained["out"], stage="frozen", ckpt_path=str(last)), capsys)
     assert "cannot resume" in err and "['cats', 'dogs'] -> ['cats', 'wolves']" in err and "data.root" in err
     # ckpt_path=last finds no run with this identity, and names what differs in the newest one
     err = _refused(fast_args(trained["other"], trained["out"], stage="frozen", ckpt_path="last"), capsys)
     assert "ckpt_path=last" in err and "classes" in err
-    assert _snapshot(trained["out"] / f"frozen_{BACKBONE}") == before  # no run file written or touched
+    assert _snapshot(group) == before  # no run file written or touched
 
 
 def test_resume_with_other_preprocessing_names_each_item(trained, capsys):
@@ -121,9 +122,15 @@ def _fake_run(group: Path, name: str, started: float, identity: dict, job: str |
     return folder
 
 
+def _cfg(out: Path, root: Path):
+    return load_config(
+        ["stage=frozen", f"out_dir={out}", "model.backbone=resnet18", "model.pretrained=false", f"data.root={root}"]
+    )
+
+
 def test_ckpt_path_last_is_the_newest_start_with_the_same_identity(tmp_path):
-    cfg = load_config(["stage=frozen", f"out_dir={tmp_path}", "model.backbone=resnet18", "model.pretrained=false"])
-    group = tmp_path / "frozen_resnet18"
+    cfg = _cfg(tmp_path, tmp_path / "photos")
+    group = tmp_path / "frozen_resnet18_photos"
     mine, other = {"classes": ["a", "b"]}, {"classes": ["a", "c"]}
     _fake_run(group, "20260101-000000", 100.0, mine)
     newest_mine = _fake_run(group, "20250101-000000", 300.0, mine)  # an older name, started later
@@ -134,9 +141,43 @@ def test_ckpt_path_last_is_the_newest_start_with_the_same_identity(tmp_path):
         latest_run(cfg, {"classes": ["x", "y"]})
 
 
+def test_ckpt_path_last_looks_only_among_runs_of_its_data_set(tmp_path):
+    """Each data folder has its runs' folder (``<stage>_<backbone>_<data folder>``); an older
+    version's folder (``<stage>_<backbone>``, every data set in it) is read for runs that recorded
+    this data folder."""
+    photos, shared = tmp_path / "data" / "photos", tmp_path / "data" / "shared"
+    mine = {"data.root": str(photos.resolve()), "classes": ["a", "b"]}
+    theirs = {"data.root": str(shared.resolve()), "classes": ["a", "b"]}
+    legacy = tmp_path / "frozen_resnet18"
+    old_mine = _fake_run(legacy, "20250101-000000", 100.0, mine)
+    old_theirs = _fake_run(legacy, "20250102-000000", 200.0, theirs)  # newer, of the other data folder
+    assert latest_run(_cfg(tmp_path, photos), mine) == old_mine
+    assert latest_run(_cfg(tmp_path, shared), theirs) == old_theirs
+    new_theirs = _fake_run(tmp_path / "frozen_resnet18_shared", "20260101-000000", 300.0, theirs)
+    assert latest_run(_cfg(tmp_path, photos), mine) == old_mine  # the other data set's newer run is not seen
+    assert latest_run(_cfg(tmp_path, shared), theirs) == new_theirs
+    third = {"data.root": str((tmp_path / "data" / "third").resolve()), "classes": ["a", "b"]}
+    assert latest_run(_cfg(tmp_path, tmp_path / "data" / "third"), third) is None  # none of its own: a new run
+
+
+def test_two_data_folders_get_two_tensorboard_runs_and_resume_their_own(tmp_path, capsys):
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+    roots = [make_image_tree(tmp_path / name) for name in ("photos_300", "cats_and_dogs_small")]
+    out = tmp_path / "runs"
+    first = [run_dir(run_train(fast_args(r, out, stage="frozen", **{"trainer.max_epochs": "1"}))) for r in roots]
+    tensorboard = EventMultiplexer().AddRunsFromDirectory(str(out))  # as `tensorboard --logdir runs` names them
+    names = sorted(tensorboard.Runs())
+    assert names == sorted(f"frozen_{BACKBONE}_{r.name}/{f.name}" for r, f in zip(roots, first, strict=True)), names
+    capsys.readouterr()
+    resumed = run_train(fast_args(roots[0], out, stage="frozen", ckpt_path="last", **{"trainer.max_epochs": "2"}))
+    assert run_dir(resumed) == first[0] and resumed["epochs"] == 2, capsys.readouterr().out
+    assert len(list(run_group(out, "frozen", roots[1]).iterdir())) == 1  # the other data set's run untouched
+
+
 def test_a_requeued_slurm_job_resumes_its_own_run(tmp_path, monkeypatch):
-    cfg = load_config(["stage=frozen", f"out_dir={tmp_path}", "model.backbone=resnet18", "model.pretrained=false"])
-    group = tmp_path / "frozen_resnet18"
+    cfg = _cfg(tmp_path, tmp_path / "photos")
+    group = tmp_path / "frozen_resnet18_photos"
     identity = {"classes": ["a", "b"]}
     own = _fake_run(group, "20260101-000000", 100.0, identity, job="4242")
     _fake_run(group, "20260102-000000", 200.0, identity, job="5151")
@@ -253,7 +294,7 @@ def test_sigint_stops_at_a_step_boundary_and_resumes_exactly(toy_root, tmp_path,
     assert exc.value.code == 130
     assert "SIGINT" in capsys.readouterr().err
     monkeypatch.undo()
-    last = next((tmp_path / "split").glob(f"frozen_{BACKBONE}/*/checkpoints/last.ckpt"))
+    last = next(run_group(tmp_path / "split", "frozen", toy_root).glob("*/checkpoints/last.ckpt"))
     assert torch.load(last, weights_only=True)["global_step"] == 5  # the step that was running finished
     resumed = run_train([*split, "ckpt_path=last"])
     a = checkpoint_state(run_dir(whole) / "checkpoints" / "last.ckpt")

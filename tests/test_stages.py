@@ -31,7 +31,7 @@ def test_image_stages_end_to_end(toy_root, tmp_path, stage):
     extra = {"finetune.warmup_epochs": "1", "finetune.unfreeze_blocks": "1"} if stage == "finetune" else {}
     metrics = run_train(fast_args(toy_root, tmp_path, stage=stage, **extra, **{"log.images_every_n_epochs": "1"}))
     folder = run_dir(metrics)
-    assert folder.parent.name == f"{stage}_{BACKBONE}"
+    assert folder.parent.name == f"{stage}_{BACKBONE}_{toy_root.name}"
     assert read_metrics(folder) == metrics
     _check_metrics(metrics, stage)
     assert metrics["epochs"] == 3
@@ -101,7 +101,7 @@ def test_test_stage_evaluates_a_checkpoint(toy_root, tmp_path):
     metrics = run_train(fast_args(toy_root, tmp_path, stage="test", ckpt_path=trained["best_ckpt"]))
     _check_metrics(metrics, "test", val=False)
     assert metrics["test"]["acc"] == pytest.approx(trained["test"]["acc"])
-    assert run_dir(metrics).parent.name == f"test_{BACKBONE}"
+    assert run_dir(metrics).parent.name == f"test_{BACKBONE}_{toy_root.name}"
 
 
 def test_multiclass_uses_cross_entropy_and_learns(tmp_path):

@@ -1,4 +1,9 @@
-"""Run folders: ``<out_dir>/<stage>_<backbone>/<YYYYmmdd-HHMMSS>/`` and what goes in them.
+"""Run folders: ``<out_dir>/<stage>_<backbone>_<data set>/<YYYYmmdd-HHMMSS>/`` and what goes in them.
+
+The group folder's name (``group_dir``, the one place that builds it) is also the run's name in
+TensorBoard, so runs on two data folders (``data.root=photos_300`` and ``data.root=shared/data``) show
+apart. Versions before the data set was in the name used ``<out_dir>/<stage>_<backbone>/``;
+``ckpt_path=last`` still finds a run of this data set there.
 
 A folder is created with an exclusive ``mkdir`` the moment it is chosen, so runs launched at the same
 instant get distinct folders; ``run.json`` records when it started, the run's identity
@@ -19,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from core.atomic_io import json_text, write_bytes_atomic, write_json_atomic, write_text_atomic
 from core.errors import ConfigError, first_line
@@ -84,8 +89,29 @@ class RunFolder(os.PathLike):
         return self / name
 
 
-def group_dir(cfg: DictConfig, stage: str | None = None) -> Path:
-    return Path(cfg.out_dir) / f"{stage or cfg.stage}_{file_safe(cfg.model.backbone)}"
+# The data set's name when there is no data folder to name it after.
+NO_DATA_NAME = "toy"
+
+
+def data_set_name(root: str | os.PathLike | None) -> str:
+    """The data folder's own name, file-safe: ``data.root=~/data/photos_300/`` -> ``photos_300``.
+
+    The path is made absolute without following links (``data.root=.`` names the current folder, a
+    link is named as typed); no folder (``data.root`` unset, or ``/``) is ``toy``."""
+    if not root:
+        return NO_DATA_NAME
+    name = os.path.basename(os.path.abspath(os.path.expanduser(os.fspath(root))))
+    return file_safe(name) if name else NO_DATA_NAME
+
+
+def group_dir(cfg: DictConfig, stage: str | None = None, data_set: bool = True) -> Path:
+    """``<out_dir>/<stage>_<backbone>_<data set>``: the folder of a stage's runs, and their name in
+    TensorBoard. ``data_set=False``: the folder of older versions (no data set in the name), which
+    ``ckpt_path=last`` still reads."""
+    name = f"{stage or cfg.stage}_{file_safe(cfg.model.backbone)}"
+    if data_set:
+        name += f"_{data_set_name(OmegaConf.select(cfg, 'data.root'))}"
+    return Path(cfg.out_dir) / name
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
@@ -104,8 +130,17 @@ def slurm_job() -> str | None:
 
 
 def _recorded_runs(cfg: DictConfig) -> list[tuple[Path, dict[str, Any]]]:
-    """Runs of this stage and backbone that have a record, newest start first."""
+    """Runs of this stage, backbone and data set that have a record, newest start first; with them
+    the runs of an older version's folder (no data set in its name) that recorded this data folder."""
     found = [(p.parent, record) for p in group_dir(cfg).glob(f"*/{RUN_RECORD}") if (record := read_record(p.parent))]
+    legacy = group_dir(cfg, data_set=False)
+    if legacy.is_dir() and (data_root := OmegaConf.select(cfg, "data.root")):
+        root = str(Path(data_root).resolve())
+        found += [
+            (p.parent, record)
+            for p in legacy.glob(f"*/{RUN_RECORD}")
+            if (record := read_record(p.parent)) and (record.get("identity") or {}).get("data.root") == root
+        ]
     return sorted(found, key=lambda item: item[1].get("started", 0), reverse=True)
 
 
@@ -115,7 +150,7 @@ def latest_run(cfg: DictConfig, identity: dict[str, Any]) -> Path | None:
     A newer run that was refused before its first checkpoint (``run.json`` ``refused``: a bad
     checkpoint, weights it could not load, a full disk) holds nothing to resume: an older run with a
     checkpoint is taken instead, and the refused one only when no run of this identity has one.
-    None when there is no run of this stage and backbone at all (one that failed before its folder
+    None when there is no run of this stage, backbone and data set at all (one that failed before its folder
     was made): the caller starts one, as Lightning's ``ckpt_path="last"`` does."""
     runs = _recorded_runs(cfg)
     same = [run_dir for run_dir, record in runs if record.get("identity") == identity]
@@ -126,12 +161,12 @@ def latest_run(cfg: DictConfig, identity: dict[str, Any]) -> Path | None:
     if same:
         return (usable or same)[0]
     if not runs:
-        print(f"ckpt_path=last: no run of {cfg.stage}_{cfg.model.backbone} under {cfg.out_dir} yet; starting one")
+        print(f"ckpt_path=last: no run in {group_dir(cfg)} yet; starting one")
         return None
     newest, record = runs[0]
     found = differences(record.get("identity") or {}, identity)
     raise ConfigError(
-        f"ckpt_path=last: none of the {len(runs)} run(s) of {cfg.stage}_{cfg.model.backbone} under {cfg.out_dir} "
+        f"ckpt_path=last: none of the {len(runs)} run(s) in {group_dir(cfg)} "
         f"used this data and preprocessing; the newest ({newest}) differs in: {'; '.join(found)}"
     )
 
