@@ -44,7 +44,7 @@ def mlflow_logger(cfg: DictConfig, run_dir: Path) -> Logger:
     id_file = run_dir / RUN_ID_FILE
     run_id = id_file.read_text().strip() if id_file.is_file() else None
     logger = MLFlowLogger(
-        experiment_name=f"{cfg.stage}_{cfg.model.backbone}",
+        experiment_name=run_dir.parent.name,  # <stage>_<backbone>_<data set>, as in TensorBoard
         run_name=run_dir.name,
         tracking_uri=uri,
         run_id=run_id,

@@ -78,7 +78,7 @@ def train_subprocess(args: list[str], cwd: Path, script: Path | None = None) -> 
     """``run_script``; returns the one run folder both ranks used."""
     run_script(args, cwd, script)
     out_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("out_dir=")))
-    runs = [p for p in out_dir.glob(f"*_{BACKBONE}/*") if p.is_dir()]
+    runs = [p for p in out_dir.glob(f"*_{BACKBONE}_*/*") if p.is_dir()]
     assert len(runs) == 1, runs  # both ranks used one run folder
     return runs[0]
 

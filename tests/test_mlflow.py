@@ -22,7 +22,7 @@ def test_a_two_phase_run_is_one_mlflow_run_with_metrics_and_checkpoint(toy_root,
         )
     )
     mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=[f"finetune_{BACKBONE}"], output_format="list")
+    runs = mlflow.search_runs(experiment_names=[f"finetune_{BACKBONE}_{toy_root.name}"], output_format="list")
     assert len(runs) == 1  # both phases' fits logged into the same run
     run = runs[0]
     assert run.data.params["optim.name"] == "adam" and run.data.params["finetune.warmup_epochs"] == "1"

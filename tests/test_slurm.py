@@ -55,7 +55,7 @@ def test_srun_ntasks_per_node_trains_as_lightnings_own_ddp(slurm_cluster, toy_ro
     args = ddp_finetune_args(toy_root, tmp_path / "srun", weights_file, **common)
     proc = _srun(slurm_cluster, "--ntasks-per-node=2", sys.executable, str(ROOT / "train.py"), *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    runs = [p for p in (tmp_path / "srun").glob("*_tiny_cnn/*") if p.is_dir()]
+    runs = [p for p in (tmp_path / "srun").glob("*_tiny_cnn_*/*") if p.is_dir()]
     assert len(runs) == 1 and runs[0].name.startswith("job-"), runs  # both tasks used one run folder
     own = train_subprocess(ddp_finetune_args(toy_root, tmp_path / "own", weights_file, **common), tmp_path)
     a, b = checkpoint_state(runs[0] / "checkpoints" / "last.ckpt"), checkpoint_state(own / "checkpoints" / "last.ckpt")
