@@ -59,7 +59,8 @@ def help_text() -> str:
     lines = [key_line(r) for r in rows if r not in trainer]
     defaults = " ".join(f"{r.key}={shown(r.default)}" for r in trainer)
     lines.append(f"  trainer.*  {TRAINER_HELP}; defaults: {defaults}")
-    stages = "\n".join(f"  {name:<10} {text}" for name, text in STAGE_HELP.items())
+    width = max(map(len, STAGE_HELP))
+    stages = "\n".join(f"  {name:<{width}} {text}" for name, text in STAGE_HELP.items())
     return HELP.format(stages=stages, keys="\n".join(lines))
 
 
