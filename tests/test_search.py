@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,11 @@ def test_a_bad_search_is_one_line_on_the_command_line(capsys, toy_root, tmp_path
     assert "repeats a choice" in line
     line = error_line(capsys, [*search_args(toy_root, tmp_path, "search.trials=2"), "search.optim.lr=log(1,0.1)"])
     assert "search.optim.lr=log(1,0.1) is reversed" in line
+    line = error_line(capsys, search_args(toy_root, tmp_path, "search.trials=2", "search.model.dropout=[0.5,1.5]"))
+    assert line == "error: search.model.dropout: the value 1.5 is refused: model.dropout must be in [0, 1), got 1.5"
+    line = error_line(capsys, search_args(toy_root, tmp_path, "search.trials=2", "trainer.devices=2"))
+    assert "give launch=local or launch=slurm" in line  # DDP workers would re-run the search itself
+    assert not (tmp_path / "searches").exists()  # nothing was asked or written
     unreachable = "search.storage=postgresql://nobody:pw@127.0.0.1:9/nothing"  # the discard port: refused
     line = error_line(capsys, search_args(toy_root, tmp_path, "search.trials=2", unreachable))
     assert "the study's database cannot be opened" in line and "pw@" not in line and "***" in line
@@ -109,6 +115,7 @@ def test_machines_share_a_search_through_a_real_postgresql(postgres_url, toy_roo
     trials to the first's and reports all of them; the database holds what the runs measured."""
     storage = f"search.storage={postgres_url}"
     first = run_train(search_args(toy_root, tmp_path / "machine1", "search.trials=2", storage))
+    shutil.rmtree(tmp_path / "machine1")  # the first machine's folders are not on the second
     second = run_train(search_args(toy_root, tmp_path / "machine2", "search.trials=3", storage))
     study = optuna.load_study(study_name=Path(first["parent"]).name, storage=postgres_url)
     assert Path(first["parent"]).name == Path(second["parent"]).name
@@ -117,6 +124,8 @@ def test_machines_share_a_search_through_a_real_postgresql(postgres_url, toy_roo
     assert [r["val"]["acc"] for r in second["trials"]] == [t.value for t in study.trials]
     assert second["trials"][2]["run_dir"].startswith(str(tmp_path / "machine2"))
     assert all("run elsewhere" in r["note"] for r in second["trials"][:2])
+    # their rows came through the database whole: the loss that breaks ties, the run folder's name
+    assert [r["val"] for r in second["trials"][:2]] == [r["val"] for r in first["trials"]]
     assert second["storage"].startswith("postgresql://postgres@127.0.0.1:")
 
 

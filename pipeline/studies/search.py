@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,10 @@ from pipeline.config.load import cache_dir, flatten_keys, load_config, parse_ove
 from pipeline.config.usage import shown
 from pipeline.registry import stage_spec
 from pipeline.runner.run_dir import RunFolder
+from pipeline.runner.trainer_factory import expected_world_size, on_gpu
+from pipeline.studies import launch
 from pipeline.studies.launch import check_launch, run_cells, take_launch
+from pipeline.studies.trial import make_pruner
 
 CONTROL = {"trials", "storage", "sampler", "prune"}  # search.<these> steer the search; other keys are ranges
 SAMPLERS = ("tpe", "random")
@@ -114,18 +119,20 @@ def distribution(spec: tuple) -> Any:
 def search_dir(argv: list[str], out_dir: str, stage: str) -> Path:
     """The search's folder and its study's name: a digest of the command without ``search.trials`` (raising
     it adds trials to the same search), the launcher and ``out_dir`` (machines that share a database share
-    the study of the same command, wherever each keeps its run folders)."""
-    named = [a for a in argv if not a.startswith(("search.trials=", "out_dir="))]
+    the study of the same command, wherever each keeps its run folders, whatever their database login)."""
+    named = [a for a in argv if not a.startswith(("search.trials=", "search.storage=", "out_dir="))]
     digest = hashlib.sha1(json.dumps(named).encode()).hexdigest()[:10]
     return Path(out_dir) / "searches" / f"{stage}-{digest}"
 
 
 def storage_url(storage: str | None, folder: Path) -> str:
     """``search.storage``, or the SQLite file in the search's folder."""
+    if storage and storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
+        storage = f"sqlite:///{Path(storage[len('sqlite:///') :]).resolve()}"  # trial processes start elsewhere
     return storage or f"sqlite:///{(folder / 'optuna.db').resolve()}"
 
 
-def open_study(url: str, folder: Path, control: dict[str, Any], seed: int) -> Any:
+def open_study(url: str, folder: Path, control: dict[str, Any], seed: int, shared: bool) -> Any:
     """The search's Optuna study, created or loaded; a one-line ConfigError when its database cannot be
     opened (a server that is down, a wrong password, a driver that is not installed)."""
     import optuna
@@ -133,13 +140,12 @@ def open_study(url: str, folder: Path, control: dict[str, Any], seed: int) -> An
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if url.startswith("sqlite:///"):
         folder.mkdir(parents=True, exist_ok=True)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1) if control["prune"] else None
     try:
         engine = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {}
         study = optuna.create_study(
             storage=optuna.storages.RDBStorage(url, engine_kwargs=engine),
             study_name=folder.name,
-            pruner=pruner or optuna.pruners.NopPruner(),
+            pruner=make_pruner(control["prune"]),
             direction="maximize",
             load_if_exists=True,
         )
@@ -148,8 +154,12 @@ def open_study(url: str, folder: Path, control: dict[str, Any], seed: int) -> An
         raise ConfigError(
             f"search.storage={redact(url)}: the study's database cannot be opened: {first_line(err)}{hint}"
         ) from None
-    # seeded by the trials already in the study: a continued search does not propose its first trials again
+    # seeded by the trials already in the study: a continued search does not propose its first trials again;
+    # in a shared database also by the machine and process, or drivers that start together propose alike
     trial_seed = seed + len(study.trials)
+    if shared:
+        mixed = f"{trial_seed}-{socket.gethostname()}-{os.getpid()}".encode()
+        trial_seed = int(hashlib.sha1(mixed).hexdigest()[:8], 16)
     with warnings.catch_warnings():  # constant_liar is marked experimental; it is what parallel trials need
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.sampler = (
@@ -186,12 +196,14 @@ def run_search(argv: list[str]) -> dict[str, Any]:
     first = load_config([*base, *launch_args])
     _check_stage(first, control)
     check_launch(first)
+    _check_bounds(base, ranges)
     folder = search_dir(argv, first.out_dir, first.stage)
     url = storage_url(control["storage"], folder)
-    study = open_study(url, folder, control, first.seed)
+    study = open_study(url, folder, control, first.seed, shared=control["storage"] is not None)
     where = {"study": study.study_name, "storage": url, "prune": control["prune"]}
     # the feature cache is shared by every trial (it depends on neither the head nor the rates)
     base = [*base, f"data.cache_dir={cache_dir(first)}"]
+    argv = [redact(a) for a in argv]  # the command as written to files: without a database password
     RunFolder(folder).write_text("command.txt", "python train.py " + " ".join(argv) + "\n")
     print(f"search: {control['trials']} trial(s) of {', '.join(ranges)} in {folder} (the same command continues it)")
     rows_by_trial = _run_trials(study, first, base, ranges, control, folder, where, repeats)
@@ -202,9 +214,27 @@ def _check_stage(cfg: DictConfig, control: dict[str, Any]) -> None:
     spec = stage_spec(cfg.stage)
     if spec.study or not spec.fits or not spec.reports:
         raise ConfigError(f"search: stage={cfg.stage} does not train and validate one model; search a training stage")
-    devices = cfg.trainer.get("devices")
-    if control["prune"] and ((isinstance(devices, int) and devices > 1) or int(cfg.trainer.get("num_nodes") or 1) > 1):
-        raise ConfigError("search.prune=true prunes single-process trials; drop it for DDP trials (trainer.devices>1)")
+    serial, world = cfg.launch.mode == "serial", expected_world_size(cfg)
+    if serial and world > 1:  # Lightning's DDP workers would re-run the search itself and ask trials of their own
+        raise ConfigError(
+            f"a search's trials here would each start {world} processes (trainer.devices, num_nodes): give "
+            "launch=local or launch=slurm (each trial in its own processes), or trainer.devices=1"
+        )
+    explicit = cfg.trainer.get("devices", "auto") not in ("auto", -1, "-1")
+    per_trial = max(world if explicit else 1, cfg.launch.gpus_per_cell if not serial and on_gpu(cfg) else 1)
+    if control["prune"] and per_trial > 1:
+        raise ConfigError("search.prune=true prunes single-process trials; drop it for DDP trials")
+
+
+def _check_bounds(base: list[str], ranges: dict[str, Any]) -> None:
+    """Every range's bounds (every choice) checked as a value of its key before any trial is asked: a trial
+    that could not start would stay in the study as running, and each rerun would ask it again."""
+    for key, spec in ranges.items():
+        for value in spec[1] if spec[0] == "choice" else spec[1:]:
+            try:
+                load_config([*base, f"{key}={shown(value)}"])
+            except ConfigError as err:
+                raise ConfigError(f"search.{key}: the value {shown(value)} is refused: {err}") from None
 
 
 def _run_trials(study, first, base, ranges, control, folder, where, repeats) -> dict[int, list]:
@@ -223,7 +253,7 @@ def _run_trials(study, first, base, ranges, control, folder, where, repeats) -> 
     own = control["storage"] is None
     if left and not own:
         print(f"search: {len(left)} trial(s) are running elsewhere or were abandoned; not taken over")
-    batch_size = (first.launch.parallel or 1) if first.launch.mode != "serial" else 1
+    batch_size = _batch_size(first)
     resumed = [optuna.trial.Trial(study, t._trial_id) for t in left] if own else []
     while True:
         todo = resumed or [study.ask(dists) for _ in range(min(batch_size, control["trials"] - len(study.trials)))]
@@ -231,18 +261,34 @@ def _run_trials(study, first, base, ranges, control, folder, where, repeats) -> 
         if not todo:  # and the trials other machines finished meanwhile (a shared study)
             finished = study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.FAIL))
             return done | {t.number: _stored_rows(folder, t) for t in finished if t.number not in done}
-        cells = [trial_cell(t, base, ranges, where) for t in todo]
-        for cell in cells:
+        cells, refused = [], []
+        for trial in todo:
+            cell = trial_cell(trial, base, ranges, where)
             cell["argv"] += [f"out_dir={folder / cell['name']}"]
-            cfg = load_config(cell["argv"])
+            try:  # the bounds were checked; a combination of values may still be refused
+                cfg = load_config(cell["argv"])
+            except ConfigError as err:
+                refused.append({**repeats._row(cell, {}, None), "status": "failed", "error": f"ConfigError: {err}"})
+                continue
             cell["stage"] = cfg.stage
             repeats._CHECKED[cell["name"]] = cfg
-        rows = _run_batch(first, cells, folder, repeats)
-        for trial, cell in zip(todo, cells):
-            trial_rows = [r for r in rows if r["cell"] == cell["name"]]
+            cells.append(cell)
+        rows = _run_batch(first, cells, folder, repeats) + refused
+        for trial in todo:
+            trial_rows = [r for r in rows if r["cell"].startswith(f"trial{trial.number:03d}-")]
             _tell(study, trial, trial_rows)
             done[trial.number] = trial_rows
             print(f"search: trial {trial.number} ({len(done)}/{control['trials']} done): {_line(trial_rows[0])}")
+
+
+def _batch_size(cfg: DictConfig) -> int:
+    """Trials asked at a time: one (serial); ``launch.parallel``, else one per GPU slot (local) or one."""
+    if cfg.launch.mode == "serial":
+        return 1
+    if cfg.launch.parallel:
+        return cfg.launch.parallel
+    gpus = launch._visible_gpus() if cfg.launch.mode == "local" and launch._uses_gpu(cfg) else []
+    return max(1, len(gpus) // max(1, cfg.launch.gpus_per_cell))
 
 
 def _run_batch(first: DictConfig, cells: list[dict[str, Any]], folder: Path, repeats) -> list[dict[str, Any]]:
@@ -260,6 +306,9 @@ def _tell(study: Any, trial: Any, rows: list[dict[str, Any]]) -> None:
 
     row = rows[0]
     states = optuna.trial.TrialState
+    # the row itself, for the summaries of machines that share the study (and of this one, for a failed
+    # trial, which has no result.json)
+    trial.set_user_attr("row", json.loads(json.dumps(row, default=str)))
     if row["status"] == "ok" and (row.get("val") or {}).get("acc") is not None:
         study.tell(trial, row["val"]["acc"])
     else:
@@ -270,6 +319,11 @@ def _stored_rows(folder: Path, trial: Any) -> list[dict[str, Any]]:
     """A finished trial's rows from its cell's ``result.json`` (in this folder), else from the study."""
     for path in folder.glob(f"trial{trial.number:03d}-*/result.json"):
         return json.loads(path.read_text())
+    if "row" in trial.user_attrs:
+        row = dict(trial.user_attrs["row"])
+        if row.get("run_dir") and not Path(row["run_dir"]).exists():
+            row["note"] = "run elsewhere (a shared study): its run folder is on the machine that ran it"
+        return [row]
     status = {"COMPLETE": "ok", "PRUNED": "pruned"}.get(trial.state.name, "failed")
     val = {"acc": trial.value} if trial.value is not None else None
     return [{"cell": f"trial{trial.number:03d}", "params": trial.params, "seed": None, "method": None,

@@ -26,13 +26,30 @@ def pruning(cell: dict[str, Any]) -> Iterator[None]:
         yield
         return
     import optuna
+    from lightning.pytorch.trainer.states import TrainerFn
     from optuna_integration import PyTorchLightningPruningCallback
 
+    class FitPruning(PyTorchLightningPruningCallback):
+        """Optuna's callback, during the fits only: the evaluation of the best checkpoint after training
+        also ends in ``on_validation_end``, and must neither report a step nor prune a finished trial."""
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if trainer.state.fn == TrainerFn.FITTING:
+                super().on_validation_end(trainer, pl_module)
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=spec["study"], storage=spec["storage"])
+    study = optuna.load_study(study_name=spec["study"], storage=spec["storage"], pruner=make_pruner(True))
     trial = optuna.trial.Trial(study, spec["id"])  # the trial the driver asked for, by its storage id
-    with added_callbacks(lambda: PyTorchLightningPruningCallback(trial, monitor=MONITOR)):
+    with added_callbacks(lambda: FitPruning(trial, monitor=MONITOR)):
         yield
+
+
+def make_pruner(prune: bool) -> Any:
+    """The search's pruner (the driver's and every trial process's): Optuna's median rule from the 6th
+    trial on and from each trial's second epoch on (step 1), or none."""
+    import optuna
+
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1) if prune else optuna.pruners.NopPruner()
 
 
 def is_pruned(err: BaseException) -> bool:
