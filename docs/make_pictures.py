@@ -12,6 +12,8 @@ Writes small PNGs into ``--out`` (default ``docs/img``):
   TensorBoard event files, with the plan's phase boundaries;
 - ``reliability.png``: a copy of the run's ``reliability_test.png``;
 - ``shift.png`` (and ``shift_robust.png``): copies of the shift report's ``shift.png``;
+- with ``--notebook``: ``show_batch.png``, ``top_losses.png`` and ``confusion_matrix.png``, the notebook
+  flow's figures on the run's own photos and best model;
 - ``tensorboard.png``: TensorBoard's Custom Scalars tab on the training run (its cards only), taken in
   headless Chromium (``apt-get install chromium-headless-shell`` or ``chromium``); skipped, with a line
   saying so, when no browser is installed or ``--no-screenshot`` is given.
@@ -139,6 +141,33 @@ def save_small(image: Image.Image, path: Path, colours: int | None = None) -> No
     image.save(path, format="PNG", optimize=True)
 
 
+def notebook_pictures(run: Path, out: Path) -> None:
+    """``show_batch.png``, ``top_losses.png`` and ``confusion_matrix.png``: the notebook flow
+    (``pipeline.notebook``) on the run's data (its training augmentation; its validation folder) and its
+    best checkpoint, as ``docs/example.ipynb`` draws them on toy data."""
+    import io
+    import json
+
+    from omegaconf import OmegaConf
+
+    from pipeline import load_model
+    from pipeline.notebook import confusion_matrix, show_batch, top_losses
+
+    cfg = OmegaConf.load(run / "config.yaml")
+    model = load_model(json.loads((run / "metrics.json").read_text())["best_ckpt"])
+    validation = Path(cfg.data.root) / "validation"
+    figures = {
+        "show_batch.png": show_batch(8, data_root=cfg.data.root, model_backbone=cfg.model.backbone,
+                                     data_augment=cfg.data.augment, data_image_size=cfg.data.image_size),
+        "top_losses.png": top_losses(model, validation, k=8),
+        "confusion_matrix.png": confusion_matrix(model, validation),
+    }  # fmt: skip
+    for name, figure in figures.items():
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=72)
+        save_small(Image.open(buffer), out / name)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -211,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--robust-shift-run", type=Path, help="a second shift report (data.augment=robust)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
     parser.add_argument("--no-screenshot", action="store_true", help="skip the TensorBoard screenshot")
+    parser.add_argument(
+        "--notebook", action="store_true", help="also the notebook flow's figures, from the run's data and best model"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     run = args.train_run
@@ -230,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, source in copies.items():
         save_small(Image.open(source), args.out / name)
 
+    if args.notebook:
+        notebook_pictures(run, args.out)
     browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
     if args.no_screenshot:
         print("tensorboard.png: skipped (--no-screenshot)")
