@@ -52,6 +52,7 @@ def add_adapters(backbone: nn.Module, options: dict[str, Any]) -> None:
     """Adapters on ``backbone``'s targeted layers (``options``: rank, alpha, dropout, targets)."""
     peft = _peft()
     targets = list(options.get("targets") or default_targets(backbone))
+    plain_convolutions(backbone, targets)
     config = peft.LoraConfig(
         r=int(options["rank"]), lora_alpha=float(options["alpha"]), lora_dropout=float(options["dropout"]),
         target_modules=targets,
@@ -60,6 +61,38 @@ def add_adapters(backbone: nn.Module, options: dict[str, Any]) -> None:
         peft.inject_adapter_in_model(config, backbone)
     except ValueError as err:  # no layer matched the targets
         raise ConfigError(f"finetune.lora_targets={targets}: {str(err).splitlines()[0][:200]}") from None
+
+
+def _targeted(name: str, targets: list[str]) -> bool:
+    """peft's rule for a list of target names: the module's name is one, or ends with ``.<one>``."""
+    return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
+def plain_convolutions(backbone: nn.Module, targets: list[str]) -> None:
+    """Targeted convolutions of a ``Conv2d`` subclass become plain ``nn.Conv2d`` with the same parameters.
+
+    peft builds a convolution's ``lora_B`` as ``type(layer)(...)``, which a subclass with its own
+    constructor refuses (EfficientNet-Lite's ``Conv2dStaticSamePadding`` needs an ``image_size``). A
+    pointwise one pads nothing, so the plain layer computes the same (checked on a random input here); a
+    subclass that computes something else is refused in one line."""
+    for name, module in list(backbone.named_modules()):
+        if type(module) is nn.Conv2d or not isinstance(module, nn.Conv2d) or not _targeted(name, targets):
+            continue
+        plain = nn.Conv2d(
+            module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+            module.dilation, module.groups, module.bias is not None, module.padding_mode,
+        )  # fmt: skip
+        plain.weight, plain.bias = module.weight, module.bias  # the same parameters: names and state unchanged
+        probe = torch.randn(1, module.in_channels, 9, 9, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            same = module(probe).shape == plain(probe).shape and torch.allclose(module(probe), plain(probe))
+        if not same:
+            raise ConfigError(
+                f"finetune.method=lora: {name} is a {type(module).__name__}, which peft cannot wrap and which "
+                "differs from a plain Conv2d; leave it out with finetune.lora_targets=[...]"
+            )
+        parent, _, leaf = name.rpartition(".")
+        setattr(backbone.get_submodule(parent) if parent else backbone, leaf, plain)
 
 
 def is_adapter(module_name: str) -> bool:

@@ -83,3 +83,25 @@ def test_adapters_train_identically_on_both_ranks_and_nothing_else_moves(toy_roo
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert {k for k in changed if k.startswith("backbone.")} <= {k for k in before if "lora_" in k}
     assert {int(k.split(".")[2]) for k in changed if k.startswith("backbone.")} == {5, 6}
+
+
+def test_adapters_fit_a_cnn_whose_convolutions_are_a_subclass():
+    """EfficientNet-Lite's pointwise convolutions are ``Conv2dStaticSamePadding``, which peft cannot copy
+    (its constructor needs an image size): they become plain convolutions with the same parameters; the
+    network computes the same before training (lora_B starts at zero), and every pointwise layer is adapted."""
+    import copy
+
+    from lightning_modules.backbones import build_backbone
+    from lightning_modules.lora import add_adapters, has_adapters
+
+    base = build_backbone("efficientnet_lite0", pretrained=True).eval()
+    adapted = copy.deepcopy(base)
+    add_adapters(adapted, {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": None})
+    assert has_adapters(adapted)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(base(images), adapted.eval()(images), atol=1e-6)
+    adapted_names = {n.rsplit(".base_layer", 1)[0] for n, _ in adapted.named_modules() if n.endswith(".base_layer")}
+    convolutions = [(n, m) for n, m in base.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    pointwise = {n for n, m in convolutions if m.kernel_size == (1, 1) and m.groups == 1}
+    assert adapted_names == pointwise and len(pointwise) > 20
