@@ -5,9 +5,10 @@
 
 Each run is a run folder made with ``eval.shifts=all`` (its ``metrics.json``, ``test_predictions.csv`` and
 ``shift_predictions.csv``); ``TIME_LOG`` is the output of ``/usr/bin/time -v`` around its ``train.py``
-(peak memory, wall time). Prints one markdown row per run: test accuracy with its 95% Wilson interval, the
-mean shift accuracy, trainable parameters, peak RSS, wall time, and exact McNemar tests against the
-reference on the clean test images and on every shifted copy (images paired by file and copy).
+(peak memory, wall time, and CPU time: user + system, which moves less than the wall time on a shared
+machine). Prints one markdown row per run: test accuracy with its 95% Wilson interval, the mean shift
+accuracy, trainable parameters, peak RSS, wall and CPU time, and exact McNemar tests against the reference
+on the clean test images and on every shifted copy (images paired by file and copy).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def time_log(path: Path | None) -> dict[str, float]:
     out = {}
     if m := re.search(r"Maximum resident set size \(kbytes\): (\d+)", text):
         out["peak_mb"] = int(m.group(1)) / 1024
+    cpu = [float(m.group(1)) for m in re.finditer(r"(?:User|System) time \(seconds\): ([\d.]+)", text)]
+    if cpu:
+        out["cpu_s"] = sum(cpu)
     if m := re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text):
         seconds = 0.0
         for part in m.group(1).split(":"):
@@ -61,10 +65,11 @@ def row(name: str, run: Path, log: Path | None, reference: Path) -> str:
     timed = time_log(log)
     peak = f"{timed['peak_mb']:,.0f} MB" if "peak_mb" in timed else "n/a"
     wall = f"{timed.get('wall_s', metrics.get('wall_time_s', 0)) / 60:.1f} min"
+    cpu = f"{timed['cpu_s'] / 60:.1f} min" if "cpu_s" in timed else "n/a"
     shift_acc = f"{100 * shift['shift_acc']:.1f}%" if "shift_acc" in shift else "n/a"
     return (
         f"| {name} | {100 * test['acc']:.1f}% [{100 * low:.1f}, {100 * high:.1f}] | {shift_acc} "
-        f"| {metrics.get('trainable_params', 0):,} | {peak} | {wall} "
+        f"| {metrics.get('trainable_params', 0):,} | {peak} | {wall} | {cpu} "
         f"| {clean['a_only']} / {clean['b_only']}, p = {clean['p_value']:.2g} "
         f"| {shifted['a_only']} / {shifted['b_only']}, p = {shifted['p_value']:.2g} |"
     )
@@ -82,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     reference, _ = split(args.reference)
     print(
-        "| run | test acc [95% CI] | shift acc (16 copies) | trainable params | peak RSS | wall time "
+        "| run | test acc [95% CI] | shift acc (16 copies) | trainable params | peak RSS | wall time | CPU time "
         "| McNemar clean: right only here / only ref | McNemar shifted: same |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for spec in [f"reference={args.reference}", *args.runs]:
         name, _, rest = spec.partition("=")
         run, log = split(rest)
