@@ -71,3 +71,19 @@ def test_gpu_check_reports_a_failing_configuration_and_goes_on(monkeypatch):
     assert [(r["method"], r["precision"]) for r in failed] == [(steps.METHODS[1], "bf16")] * len(gpu.MODELS)
     assert failed[0]["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert all(r["images_per_s"] == 100.0 and r["peak_mb"] == 2.0 for r in rows if "error" not in r)
+
+
+def test_finetune_methods_reads_time_logs_and_pairs_shifted_copies(tmp_path: Path):
+    methods = _load("finetune_methods")
+    log = tmp_path / "time.log"
+    log.write_text(
+        "\tUser time (seconds): 100.5\n\tSystem time (seconds): 19.5\n"
+        "\tElapsed (wall clock) time (h:mm:ss or m:ss): 1:02:03.5\n\tMaximum resident set size (kbytes): 2048000\n"
+    )
+    assert methods.time_log(log) == {"cpu_s": 120.0, "wall_s": 3723.5, "peak_mb": 2000.0}
+    (tmp_path / "shift_predictions.csv").write_text(
+        "file,target,blur-1,blur-2\na.jpg,cat,cat,dog\nb.jpg,dog,dog,dog\nc.jpg,cat,,\n"
+    )  # c.jpg unreadable: left out, not counted wrong
+    assert methods.shifted_correct(tmp_path) == {
+        "a.jpg|blur-1": True, "a.jpg|blur-2": False, "b.jpg|blur-1": True, "b.jpg|blur-2": True
+    }  # fmt: skip
