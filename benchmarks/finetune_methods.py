@@ -94,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     for spec in [f"reference={args.reference}", *args.runs]:
         name, _, rest = spec.partition("=")
         run, log = split(rest)
-        print(row(name, run, log, reference))
+        try:
+            print(row(name, run, log, reference))
+        except (OSError, KeyError, ValueError) as err:  # not a finished run with eval.shifts=all
+            print(f"error: {name}: {run} is not a finished run with a shift report ({err})", file=sys.stderr)
+            return 2
     return 0
 
 
