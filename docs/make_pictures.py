@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
     save_small(plan_figure(plan), args.out / "plan.png")
     scalars = epoch_scalars(run)
-    title = f"{run.parent.name}: accuracy and loss per epoch (dotted: a phase of the plan starts)"
+    title = f"{run.parent.name}: per epoch (dotted: a phase starts)"
     save_small(learning_curves(scalars, [p.start for p in plan.phases], title), args.out / "learning_curves.png")
     copies = {"reliability.png": run / "reliability_test.png"}
     if args.shift_run:
