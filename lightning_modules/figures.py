@@ -137,7 +137,9 @@ def reliability_diagram(
                 x = x0 + b * bin_w
                 bar_top = y0 + size - freq * size
                 draw.rectangle([x + 1, bar_top, x + bin_w - 1, y0 + size], fill=(90, 120, 220))
-                draw.text((x + 2, max(y0 + 1, bar_top - 13)), str(n), fill=(200, 40, 40), font=font)
+                # adjacent bins' counts alternate between two heights: a bin is 16 px, a count up to 4 digits
+                label_y = max(y0 + 1, bar_top - 13) - (12 if b % 2 else 0)
+                draw.text((x + 1, label_y), str(n), fill=(200, 40, 40), font=font)
         draw.text((x0 + size // 2 - 40, y0 + size + 20), x_name, fill=(0, 0, 0), font=font)
         draw.text((x0 - 40, y0 - 16), y_name, fill=(90, 90, 90), font=font)
     return canvas
