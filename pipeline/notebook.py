@@ -145,9 +145,19 @@ def top_losses(model: TransferClassifier, folder: str | os.PathLike, k: int = 9,
         for i in order
     ]
     size = int(model.hparams.image_size)
+    if not order:  # a figure that says so, not an empty canvas under a title
+        fig = _figure((4.5, 1.2))
+        fig.text(0.5, 0.5, f"no mistakes on the {len(pred.files)} images of {short_name(folder)}", ha="center")
+        return fig
     fig = image_grid([load_rgb(pred.files[i], size) for i in order], titles, columns=3)
-    fig.suptitle(f"{len(order)} most confident of {len(wrong)} mistakes on {len(pred.files)} images of {folder}")
+    where = f"{len(pred.files)} images of {short_name(folder)}"
+    fig.suptitle(f"{len(order)} most confident of {len(wrong)} mistakes on {where}")
     return fig
+
+
+def short_name(folder: str | os.PathLike) -> str:
+    """A folder as a figure's title names it: its last two parts (``photos/validation``), not a long path."""
+    return "/".join(Path(folder).resolve().parts[-2:])
 
 
 def confusion_matrix(model: TransferClassifier, folder: str | os.PathLike, batch_size: int = 32) -> Figure:
@@ -161,7 +171,7 @@ def confusion_matrix(model: TransferClassifier, folder: str | os.PathLike, batch
     metric = MulticlassConfusionMatrix(num_classes=len(model.class_names))
     metric.update(pred.probs.argmax(dim=1), pred.targets)
     _, ax = metric.plot(ax=fig.subplots(), labels=list(model.class_names))
-    ax.set_title(f"{folder}: {len(pred.files)} images")
+    ax.set_title(f"{short_name(folder)}: {len(pred.files)} images")
     return fig
 
 

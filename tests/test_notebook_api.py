@@ -56,6 +56,11 @@ def test_top_losses_and_confusion_matrix(trained_ckpt, toy_root):
     fig = top_losses(model, toy_root / "validation", k=3)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert len(titles) == min(3, mistakes) and all(t.startswith("true ") and "\npred " in t for t in titles)
+    where = f"16 images of {toy_root.name}/validation"  # the folder's last two parts, not its long path
+    said = fig._suptitle.get_text() if mistakes else fig.texts[0].get_text()
+    listed = f"{min(3, mistakes)} most confident of {mistakes} mistakes on {where}"
+    assert said == (listed if mistakes else f"no mistakes on the {where}")
     matrix = confusion_matrix(model, toy_root / "validation")
+    assert matrix.axes[0].get_title() == f"{toy_root.name}/validation: 16 images"
     texts = [t.get_text() for t in matrix.axes[0].texts]
     assert sum(int(t) for t in texts) == len(pred.files) == 16
