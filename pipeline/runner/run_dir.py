@@ -1,7 +1,7 @@
 """Run folders: ``<out_dir>/<stage>_<backbone>_<data set>/<YYYYmmdd-HHMMSS>/`` and what goes in them.
 
 The group folder's name (``group_dir``, the one place that builds it) is also the run's name in
-TensorBoard, so runs on two data folders (``data.root=photos_300`` and ``data.root=shared/data``) show
+TensorBoard, so runs on two data folders (``data.root=photos_300`` and ``data.root=~/data/cats_and_dogs_small``) show
 apart. Versions before the data set was in the name used ``<out_dir>/<stage>_<backbone>/``;
 ``ckpt_path=last`` still finds a run of this data set there.
 
