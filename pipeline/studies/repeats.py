@@ -80,9 +80,13 @@ def cells(base: list[str], seeds: list[int] | None, grid: dict[str, list[Any]]) 
         argv = [*base, *(f"{k}={shown(v)}" for k, v in params.items())]
         argv += [f"seed={seed}"] if seed is not None else []
         label = ",".join(f"{k}={shown(v)}" for k, v in params.items()) + (f",seed={seed}" if seed is not None else "")
-        name = f"cell{number:03d}-" + "".join(c if c.isalnum() or c in "=.,-_" else "_" for c in label.lstrip(","))
-        out.append({"name": name[:120], "params": params, "seed": seed, "argv": argv})
+        out.append({"name": cell_name("cell", number, label.lstrip(",")), "params": params, "seed": seed, "argv": argv})
     return out
+
+
+def cell_name(kind: str, number: int, label: str) -> str:
+    """A study cell's folder name: ``cell003-optim.lr=0.001,seed=1`` (file-safe, at most 120 characters)."""
+    return (f"{kind}{number:03d}-" + "".join(c if c.isalnum() or c in "=.,-_" else "_" for c in label))[:120]
 
 
 def parent_dir(argv: list[str], out_dir: str, stage: str) -> Path:

@@ -178,9 +178,10 @@ def redact(url: str) -> str:
 def trial_cell(trial: Any, base: list[str], ranges: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:
     params = {key: trial.params[key] for key in ranges}
     label = ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={shown(v)}" for k, v in params.items())
-    name = f"trial{trial.number:03d}-" + "".join(c if c.isalnum() or c in "=.,-_" else "_" for c in label)
+    from pipeline.studies.repeats import cell_name
+
     return {
-        "name": name[:120],
+        "name": cell_name("trial", trial.number, label),
         "params": params,
         "seed": None,
         "argv": [*base, *(f"{k}={shown(v)}" for k, v in params.items())],
@@ -249,7 +250,7 @@ def _run_trials(study, first, base, ranges, control, folder, where, repeats) -> 
             done[trial.number] = _stored_rows(folder, trial)
     # a trial left running by this search's own driver (the SQLite study is this folder's alone) is run again;
     # in a shared database it may be another machine's
-    left = [t for t in study.get_trials(deepcopy=False, states=(states.RUNNING,))]
+    left = study.get_trials(deepcopy=False, states=(states.RUNNING,))
     own = control["storage"] is None
     if left and not own:
         print(f"search: {len(left)} trial(s) are running elsewhere or were abandoned; not taken over")
@@ -324,11 +325,13 @@ def _stored_rows(folder: Path, trial: Any) -> list[dict[str, Any]]:
         if row.get("run_dir") and not Path(row["run_dir"]).exists():
             row["note"] = "run elsewhere (a shared study): its run folder is on the machine that ran it"
         return [row]
+    from pipeline.studies.repeats import _row
+
     status = {"COMPLETE": "ok", "PRUNED": "pruned"}.get(trial.state.name, "failed")
     val = {"acc": trial.value} if trial.value is not None else None
-    return [{"cell": f"trial{trial.number:03d}", "params": trial.params, "seed": None, "method": None,
-             "status": status, "val": val, "test": None, "shift": None, "epochs": None, "wall_time_s": None,
-             "run_dir": None, "note": "run elsewhere (a shared study): its figures are in that machine's folder"}]
+    cell = {"name": f"trial{trial.number:03d}", "params": trial.params, "seed": None}
+    note = "run elsewhere (a shared study): its figures are in that machine's folder"
+    return [{**_row(cell, {"val": val}, None), "status": status, "note": note}]
 
 
 def _line(row: dict[str, Any]) -> str:
