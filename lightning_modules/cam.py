@@ -1,14 +1,17 @@
 """Grad-CAM overlays (the ``grad-cam`` package, an optional extra: ``pip install -e ".[cam]"``).
 
 Where the model looked for its prediction: gradients of the predicted class's logit with respect
-to the backbone's last spatial feature map. Used for the TensorBoard grid of the
-most confident validation errors and by ``predict.py cam_dir=DIR``.
+to the backbone's last spatial feature map (a transformer's: the patch tokens entering its last
+block's attention, on their grid). Used for the TensorBoard grid of the most confident validation
+errors and by ``predict.py cam_dir=DIR``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -52,18 +55,75 @@ def _parameters_frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def cam_layer(backbone: nn.Module, image_size: int) -> nn.Module:
-    """The last module of the backbone whose output is still a spatial map (H * W > 1): usually
-    inside the top block, but a top block that ends by pooling (ConvNeXt's final LayerNorm on a
-    1x1 map) or small inputs (a 1x1 map at 32 px) would otherwise give a CAM of one pixel. Found
-    by one probing forward pass, remembered on the backbone per input size."""
-    found = backbone.__dict__.setdefault("_cam_layers", {})
+@dataclass(frozen=True)
+class CamTarget:
+    """The layer Grad-CAM weighs and how its output becomes a ``(B, C, H, W)`` map (None: it is one)."""
+
+    layer: nn.Module
+    reshape: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+class TokensToMap:
+    """``(B, prefix + H * W, C)`` tokens -> ``(B, C, H, W)``: the class and register tokens dropped,
+    the patch tokens laid out on their (square) grid, as grad-cam's ViT recipe does."""
+
+    def __init__(self, prefix: int):
+        self.prefix = prefix
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, self.prefix :]
+        side = math.isqrt(patches.shape[1])
+        return patches.reshape(patches.shape[0], side, side, patches.shape[2]).permute(0, 3, 1, 2)
+
+
+def nhwc_to_map(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+def cam_target(backbone: nn.Module, image_size: int) -> CamTarget:
+    """Where Grad-CAM looks, found by one probing forward pass and remembered on the backbone per
+    input size. A transformer (ViT and its variants, EVA, BEiT, Swin): the input of the last block's
+    attention (its ``norm1``), since after the last block a class token no longer reads the patch
+    tokens and their gradient is zero; its tokens or NHWC map as a ``(B, C, H, W)`` map. Any other
+    network: the last module whose output is still a spatial map (H * W > 1)."""
+    found = backbone.__dict__.setdefault("_cam_targets", {})
     if image_size not in found:
-        found[image_size] = _probe_cam_layer(backbone, image_size)
+        found[image_size] = _probe_cam_target(backbone, image_size)
     return found[image_size]
 
 
-def _probe_cam_layer(backbone: nn.Module, image_size: int) -> nn.Module:
+def cam_layer(backbone: nn.Module, image_size: int) -> nn.Module:
+    return cam_target(backbone, image_size).layer
+
+
+def _probe_cam_target(backbone: nn.Module, image_size: int) -> CamTarget:
+    # timm's transformer blocks (Block, EvaBlock, Beit's Block, SwinTransformerBlock) all have these
+    transformer = [m for m in backbone.blocks.modules() if hasattr(m, "attn") and isinstance(m.norm1, nn.LayerNorm)]
+    if not transformer:
+        spatial = [
+            m for m, shape in _output_shapes(backbone, image_size) if len(shape) == 4 and shape[2] * shape[3] > 1
+        ]
+        # a top block that ends by pooling (ConvNeXt's head on a 1x1 map) or small inputs (1x1
+        # at 32 px) would otherwise give a CAM of one pixel
+        return CamTarget(spatial[-1] if spatial else backbone.blocks[-1])
+    norm = transformer[-1].norm1
+    shape = next(shape for m, shape in _output_shapes(backbone, image_size) if m is norm)
+    width = norm.normalized_shape[-1]
+    if len(shape) == 4 and shape[-1] == width:  # Swin: NHWC
+        return CamTarget(norm, nhwc_to_map)
+    prefix = next((m.num_prefix_tokens for m in backbone.modules() if hasattr(m, "num_prefix_tokens")), None)
+    if len(shape) == 3 and shape[-1] == width and prefix is not None:
+        side = math.isqrt(shape[1] - prefix)
+        if side * side == shape[1] - prefix:
+            return CamTarget(norm, TokensToMap(prefix))
+    raise ValueError(
+        f"Grad-CAM: the last transformer block's tokens {tuple(shape)} are not a square grid of patches"
+        f" after {prefix} prefix tokens; Grad-CAM supports CNNs, ViTs with square grids and Swin"
+    )
+
+
+def _output_shapes(backbone: nn.Module, image_size: int) -> list[tuple[nn.Module, tuple[int, ...]]]:
+    """Every module under the backbone's blocks with its output's shape, in the order they ran."""
     seen: list[tuple[nn.Module, tuple[int, ...]]] = []
     hooks = [
         m.register_forward_hook(lambda m, i, o: seen.append((m, tuple(o.shape))))
@@ -79,8 +139,7 @@ def _probe_cam_layer(backbone: nn.Module, image_size: int) -> nn.Module:
     finally:
         for hook in hooks:
             hook.remove()
-    spatial = [m for m, shape in seen if len(shape) == 4 and shape[2] * shape[3] > 1]
-    return spatial[-1] if spatial else backbone.blocks[-1]
+    return seen
 
 
 def gradcam(model: nn.Module, images: torch.Tensor, classes: list[int], binary: bool) -> np.ndarray:
@@ -92,13 +151,13 @@ def gradcam(model: nn.Module, images: torch.Tensor, classes: list[int], binary: 
         targets = [(lambda out, s=(1.0 if c == 1 else -1.0): out[0] * s) for c in classes]
     else:
         targets = [ClassifierOutputTarget(c) for c in classes]
-    layer = cam_layer(model.backbone, images.shape[-1])
+    target = cam_target(model.backbone, images.shape[-1])
     was_training = model.training
     model.eval()
     # grad-cam needs autograd, also when called from validation (inference mode)
     with torch.inference_mode(False), torch.enable_grad(), _parameters_frozen(model):
         inputs = images.detach().clone().requires_grad_(True)
-        with GradCAM(model=_Logits(model), target_layers=[layer]) as cam:
+        with GradCAM(model=_Logits(model), target_layers=[target.layer], reshape_transform=target.reshape) as cam:
             maps = cam(input_tensor=inputs, targets=targets)
     model.train(was_training)
     return maps

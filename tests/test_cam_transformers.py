@@ -1,0 +1,111 @@
+"""Grad-CAM on transformers: the patch tokens entering the last block's attention, on their grid.
+
+Before this, the probe for "the last spatial map" took any 4-D output, and in a ViT that was an
+attention head's (B, heads, tokens, dim) tensor: a map of noise, drawn without complaint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+timm = pytest.importorskip("timm", reason="pip install -e '.[timm]'")
+pytest.importorskip("pytorch_grad_cam", reason="pip install -e '.[cam]'")
+
+from lightning_modules.cam import TokensToMap, cam_target, gradcam, nhwc_to_map  # noqa: E402
+from lightning_modules.timm_backbones import cut  # noqa: E402
+
+# (timm.create_model's arguments, patch grid side at img_size, prefix tokens, the last block)
+TRANSFORMERS = {
+    "vit_tiny_patch16_224": ({"img_size": 64, "depth": 2}, 4, 1, lambda net: net.blocks[-1]),
+    "vit_small_patch14_reg4_dinov2": (
+        {"img_size": 56, "depth": 2, "embed_dim": 64, "num_heads": 2},
+        4,
+        5,  # class token and four registers
+        lambda net: net.blocks[-1],
+    ),
+    "swin_tiny_patch4_window7_224": (
+        {"depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1), "embed_dim": 24},
+        7,
+        0,
+        lambda net: net.layers[-1].blocks[-1],
+    ),
+}
+
+
+class _Backbone(nn.Module):
+    def __init__(self, net: nn.Module, name: str):
+        super().__init__()
+        self.blocks = nn.Sequential(*cut(net, f"timm:{name}"))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.blocks(images)
+
+
+class _Chain(nn.Module):
+    """The project's blocks of a timm network under a two-class linear head, as a classifier."""
+
+    def __init__(self, net: nn.Module, name: str):
+        super().__init__()
+        self.backbone = _Backbone(net, name)
+        self.head = nn.Linear(net.num_features, 2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images).flatten(1))
+
+
+def test_tokens_become_a_map_laid_out_as_timm_numbers_its_patches():
+    tokens = torch.arange(2 + 9).float()[None, :, None].expand(1, 11, 3)  # token i holds i
+    grid = TokensToMap(prefix=2)(tokens)
+    assert grid.shape == (1, 3, 3, 3)
+    # patch k (after the prefix) is row k // 3, column k % 3, as PatchEmbed flattens (B, C, H, W)
+    assert torch.equal(grid[0, 0], torch.tensor([[2.0, 3, 4], [5, 6, 7], [8, 9, 10]]))
+    nhwc = torch.arange(2 * 3 * 4).float().reshape(1, 2, 3, 4)
+    assert torch.equal(nhwc_to_map(nhwc)[0, :, 1, 2], nhwc[0, 1, 2])
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMERS))
+def test_a_transformer_cam_is_grad_cam_on_its_patch_grid_before_the_last_attention(name):
+    """The map equals Grad-CAM worked out by hand on the last block's norm1 output: the patch tokens
+    (prefix dropped) or Swin's NHWC map on the patch grid, channels weighted by their mean
+    gradient, ReLU. Compared per patch cell after grad-cam's resize to the image."""
+    kwargs, side, prefix, last_block = TRANSFORMERS[name]
+    torch.manual_seed(0)
+    net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
+    model = _Chain(net, name).eval()
+    size = kwargs.get("img_size", 224)
+    target = cam_target(model.backbone, size)
+    assert target.layer is last_block(net).norm1
+
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    classes = [0, 1]
+    maps = gradcam(model, images, classes, binary=False)
+    assert maps.shape == (2, size, size)
+
+    cell = size // side
+    for i, c in enumerate(classes):
+        by_hand = _grad_cam_by_hand(model, target.layer, images[i : i + 1], c, side, prefix)
+        assert by_hand.shape == (side, side) and by_hand.max() > 0
+        ours = maps[i][: side * cell, : side * cell].reshape(side, cell, side, cell).mean(axis=(1, 3))
+        assert np.corrcoef(ours.ravel(), by_hand.ravel())[0, 1] > 0.9, (ours, by_hand)
+
+
+def _grad_cam_by_hand(model: nn.Module, layer: nn.Module, image: torch.Tensor, c: int, side: int, prefix: int):
+    seen = {}
+    hook = layer.register_forward_hook(lambda m, inp, out: seen.update(out=out))
+    try:
+        logits = model(image)
+    finally:
+        hook.remove()
+    activation = seen["out"]
+    (grad,) = torch.autograd.grad(logits[0, c], activation)
+
+    def to_map(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 3:  # (1, prefix + side * side, C) tokens
+            t = t[:, prefix:].reshape(1, side, side, -1)
+        return t.permute(0, 3, 1, 2)  # (1, side, side, C): Swin's, or the tokens'
+
+    a, g = to_map(activation), to_map(grad)
+    return torch.relu((g.mean(dim=(2, 3), keepdim=True) * a).sum(1))[0].detach().numpy()
