@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from core.errors import UserError
+
 
 def cam_available() -> bool:
     try:
@@ -116,7 +118,7 @@ def _probe_cam_target(backbone: nn.Module, image_size: int) -> CamTarget:
         side = math.isqrt(shape[1] - prefix)
         if side * side == shape[1] - prefix:
             return CamTarget(norm, TokensToMap(prefix))
-    raise ValueError(
+    raise UserError(
         f"Grad-CAM: the last transformer block's tokens {tuple(shape)} are not a square grid of patches"
         f" after {prefix} prefix tokens; Grad-CAM supports CNNs, ViTs with square grids and Swin"
     )

@@ -9,8 +9,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.functional import confusion_matrix
 
+from core.errors import UserError
 from lightning_modules.cam import cam_available, gradcam, overlay
 from lightning_modules.eval_outputs import gather_cat
 from lightning_modules.figures import captioned_grid, confusion_matrix_image, denormalise
@@ -151,7 +153,11 @@ class TensorBoardViews(Callback):
             # where the model looked for its wrong answer (pip install -e ".[cam]"); image runs only
             if cam_available() and pl_module.inputs == "images":
                 inputs = torch.stack([w[1] for w in self.wrong]).to(pl_module.device)
-                maps = gradcam(pl_module, inputs, [p for _, _, _, p, _ in self.wrong], pl_module.binary)
+                try:
+                    maps = gradcam(pl_module, inputs, [p for _, _, _, p, _ in self.wrong], pl_module.binary)
+                except UserError as err:  # an extra view: the run goes on without it
+                    rank_zero_warn(f"no val/most_confident_errors_gradcam: {err}")
+                    return
                 overlays = [torch.from_numpy(overlay(i.permute(1, 2, 0).numpy(), m)) for i, m in zip(images, maps)]
                 grid = captioned_grid(torch.stack(overlays).permute(0, 3, 1, 2), captions)
                 writer.add_image("val/most_confident_errors_gradcam", grid, step)

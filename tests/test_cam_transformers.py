@@ -109,3 +109,27 @@ def _grad_cam_by_hand(model: nn.Module, layer: nn.Module, image: torch.Tensor, c
 
     a, g = to_map(activation), to_map(grad)
     return torch.relu((g.mean(dim=(2, 3), keepdim=True) * a).sum(1))[0].detach().numpy()
+
+
+class _OddTokens(nn.Module):
+    """A transformer block whose image becomes 1 + 6 tokens: six patches are no square grid."""
+
+    num_prefix_tokens = 1
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Identity()
+        self.norm1 = nn.LayerNorm(4)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.norm1(images.flatten(1)[:, :28].reshape(-1, 7, 4))
+
+
+def test_a_token_grid_that_is_not_square_is_refused_in_one_line():
+    from core.errors import UserError
+
+    backbone = _Backbone.__new__(_Backbone)
+    nn.Module.__init__(backbone)
+    backbone.blocks = nn.Sequential(_OddTokens())
+    with pytest.raises(UserError, match=r"tokens \(1, 7, 4\) are not a square grid of patches after 1 prefix"):
+        cam_target(backbone, 8)
