@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import pytest
@@ -400,7 +401,7 @@ def test_grad_checkpointing_gives_the_same_gradients(monkeypatch):
 def test_a_tiny_vit_learns_the_toy_task_under_finetune_and_exports(toy_root, tmp_path):
     """timm's test_vit (random init, 64 wide, patch 16: four tokens at 32 px) fine-tuned with its
     top two blocks, gradient checkpointing on: training accuracy rises, validation is well above
-    chance, only the top blocks of the backbone change, and the TorchScript export agrees."""
+    chance, only the top blocks of the backbone change, and the TorchScript and ONNX exports agree."""
     settings = {
         "model.backbone": "timm:test_vit",
         "finetune.blocks": "top:2",
@@ -421,3 +422,5 @@ def test_a_tiny_vit_learns_the_toy_task_under_finetune_and_exports(toy_root, tmp
     assert changed == {5, 6}  # of stem + 6 blocks; the top one holds the final norm
     model = load_model(metrics["best_ckpt"])
     assert export_model(model, 32, "torchscript", tmp_path / "vit.torchscript")[1] <= PARITY_TOLERANCE
+    if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxruntime"):  # the [export] extra
+        assert export_model(model, 32, "onnx", tmp_path / "vit.onnx")[1] <= PARITY_TOLERANCE
