@@ -25,6 +25,7 @@ from datamodules import image_io, transforms
 from datamodules.image_folder import CPU_EVAL_BATCH, ImageFolderDataModule
 from datamodules.layout import stat_scanned
 from datamodules.sampling import eval_sampler, train_sampler
+from datamodules.workers import WorkerInit
 from lightning_modules.backbones import weights_fingerprint
 from lightning_modules.choices import file_safe
 from lightning_modules.timm_backbones import TIMM_PREFIX
@@ -152,7 +153,12 @@ class FeatureDataModule(LightningDataModule):
         for split in self.images.index.samples:
             batch = extraction_batch_size(self.device, self.images.batch_size)
             # one process extracts everything: a plain sequential loader, not the rank-sharded one
-            loader = DataLoader(self.images.eval_dataset(split), batch_size=batch, num_workers=self.images.num_workers)
+            loader = DataLoader(
+                self.images.eval_dataset(split),
+                batch_size=batch,
+                num_workers=self.images.num_workers,
+                worker_init_fn=WorkerInit(),
+            )
             started = time.time()
             splits[split] = extract_features(self.model, loader, self.device, self.views, f"features ({split})")
             rank_zero_info(f"feature cache: {split} ({len(splits[split][1])} images) in {time.time() - started:.1f}s")

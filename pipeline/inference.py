@@ -18,6 +18,7 @@ from datamodules.image_folder import CPU_EVAL_BATCH
 from datamodules.image_io import load_rgb, unreadable_reason
 from datamodules.shifts import SEVERITIES, SHIFTS, apply_shift, variant_name
 from datamodules.transforms import backbone_eval_transform
+from datamodules.workers import WorkerInit
 from lightning_modules.calibration import ece, to_probabilities
 from pipeline.studies.statistics import wilson_interval
 
@@ -110,7 +111,13 @@ def predict_variants(
     transform = backbone_eval_transform(model.backbone, size)
     dataset = _Copies(samples, variants, transform, size, seed)
     per_batch = max(1, math.ceil(chunk / len(variants)))  # images per loader batch, ~ one model batch of copies
-    loader = DataLoader(dataset, batch_size=per_batch, num_workers=num_workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=per_batch,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=WorkerInit(),
+    )
     outputs = 1 if model.binary else len(model.class_names)
     logits = torch.zeros(len(variants), len(samples), outputs)
     targets = torch.tensor([label for _, label in samples], dtype=torch.long)
