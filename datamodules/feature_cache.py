@@ -25,7 +25,7 @@ from datamodules import image_io, transforms
 from datamodules.image_folder import CPU_EVAL_BATCH, ImageFolderDataModule
 from datamodules.layout import stat_scanned
 from datamodules.sampling import eval_sampler, train_sampler
-from datamodules.workers import WorkerInit
+from datamodules.workers import worker_options
 from lightning_modules.backbones import weights_fingerprint
 from lightning_modules.choices import file_safe
 from lightning_modules.timm_backbones import TIMM_PREFIX
@@ -157,7 +157,7 @@ class FeatureDataModule(LightningDataModule):
                 self.images.eval_dataset(split),
                 batch_size=batch,
                 num_workers=self.images.num_workers,
-                worker_init_fn=WorkerInit(),
+                **worker_options(self.images.num_workers),
             )
             started = time.time()
             splits[split] = extract_features(self.model, loader, self.device, self.views, f"features ({split})")

@@ -22,7 +22,7 @@ from datamodules.image_io import load_rgb, unreadable_reason
 from datamodules.layout import ChangedSinceScan, changed_since_scan
 from datamodules.sampling import ResumableLoader, eval_sampler, sample_seed, train_sampler
 from datamodules.transforms import eval_transform, train_transform
-from datamodules.workers import WorkerInit
+from datamodules.workers import worker_options
 
 
 class LabeledImages(Dataset):
@@ -245,7 +245,7 @@ class ImageFolderDataModule(LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_readable,
-            worker_init_fn=WorkerInit(lightning_seeding=True, rank=self.trainer.global_rank if self.trainer else None),
+            **worker_options(self.num_workers, True, self.trainer.global_rank if self.trainer else None),
         )
         if train and self.trainer is not None:
             trainer = self.trainer

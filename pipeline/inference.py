@@ -18,7 +18,7 @@ from datamodules.image_folder import CPU_EVAL_BATCH
 from datamodules.image_io import load_rgb, unreadable_reason
 from datamodules.shifts import SEVERITIES, SHIFTS, apply_shift, variant_name
 from datamodules.transforms import backbone_eval_transform
-from datamodules.workers import WorkerInit
+from datamodules.workers import worker_options
 from lightning_modules.calibration import ece, to_probabilities
 from pipeline.studies.statistics import wilson_interval
 
@@ -116,7 +116,7 @@ def predict_variants(
         batch_size=per_batch,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        worker_init_fn=WorkerInit(),
+        **worker_options(num_workers),
     )
     outputs = 1 if model.binary else len(model.class_names)
     logits = torch.zeros(len(variants), len(samples), outputs)

@@ -56,3 +56,61 @@ def test_a_signal_to_the_process_group_with_workers_saves_and_ends_in_one_line(t
     assert stopped, output[-3000:]
     saved = torch.load(stopped.group(3), map_location="cpu", weights_only=False)
     assert saved["global_step"] == int(stopped.group(2)) > 0
+
+
+def test_a_worker_ignores_sigterm_and_its_main_process_still_stops_it():
+    from torch.utils.data import DataLoader
+
+    from datamodules.workers import worker_options
+
+    loader = DataLoader(list(range(64)), batch_size=4, num_workers=1, **worker_options(1))
+    batches = iter(loader)
+    first = next(batches)
+    (worker,) = batches._workers
+    os.kill(worker.pid, signal.SIGTERM)  # as a process group's signal reaches it
+    assert [int(b[0]) for b in batches] == list(range(4, 64, 4)) and int(first[0]) == 0
+    assert worker.exitcode is not None  # stopped by the loader at the end
+    # what PyTorch's shutdown (as a fallback) and Python's exit routine do to a worker: terminate()
+    context = worker_options(1)["multiprocessing_context"]
+    ready = context.Event()
+    process = context.Process(target=_ignore_sigterm_until_killed, args=(ready,), daemon=True)
+    process.start()
+    try:
+        assert ready.wait(timeout=30)
+        process.terminate()
+        process.join(timeout=30)
+        assert process.exitcode == -signal.SIGKILL  # SIGTERM is ignored: terminate() sends SIGKILL
+    finally:
+        if process.is_alive():
+            process.kill()
+
+
+def _ignore_sigterm_until_killed(ready) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ready.set()
+    while True:
+        signal.pause()
+
+
+def test_a_crash_inside_a_loader_loop_still_exits(tmp_path):
+    """A bug raised while a loader's workers are alive: the traceback, then exit 1. Python's exit
+    routine ends the workers with ``terminate()`` and waits for them: were it SIGTERM, which the
+    workers ignore, the process would wait forever."""
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from torch.utils.data import DataLoader\n"
+        "from datamodules.workers import worker_options\n"
+        "loader = DataLoader(list(range(100)), batch_size=2, num_workers=1, **worker_options(1))\n"
+        "for batch in loader:\n"
+        "    raise RuntimeError('a bug')\n"
+    )
+    crash = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = crash.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(crash.pid, signal.SIGKILL)
+        crash.communicate()
+        pytest.fail("the crashed process did not exit in 60 s: its workers outlived it")
+    assert crash.returncode == 1 and "RuntimeError: a bug" in stderr
