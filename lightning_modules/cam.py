@@ -2,7 +2,7 @@
 
 Where the model looked for its prediction: gradients of the predicted class's logit with respect
 to the backbone's last spatial feature map (a transformer's: the patch tokens entering its last
-block's attention, on their grid). Used for the TensorBoard grid of the most confident validation
+block, on their grid). Used for the TensorBoard grid of the most confident validation
 errors and by ``predict.py cam_dir=DIR``.
 """
 
@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from core.errors import UserError
+from lightning_modules.timm_vit import TokenTop
 
 
 def cam_available() -> bool:
@@ -84,10 +85,11 @@ def nhwc_to_map(x: torch.Tensor) -> torch.Tensor:
 
 def cam_target(backbone: nn.Module, image_size: int) -> CamTarget:
     """Where Grad-CAM looks, found by one probing forward pass and remembered on the backbone per
-    input size. A transformer (ViT and its variants, EVA, BEiT, Swin): the input of the last block's
-    attention (its ``norm1``), since after the last block a class token no longer reads the patch
-    tokens and their gradient is zero; its tokens or NHWC map as a ``(B, C, H, W)`` map. Any other
-    network: the last module whose output is still a spatial map (H * W > 1)."""
+    input size. A token network (ViT and its variants, EVA, BEiT): the tokens entering its last
+    transformer block, on their patch grid (after that block a class token no longer reads the patch
+    tokens, so their gradient there is zero; taken between the project's blocks, this holds whatever
+    the block's norms and layout). Swin: its last block's ``norm1`` (NHWC). Any other network: the
+    last module whose output is still a spatial map (H * W > 1)."""
     found = backbone.__dict__.setdefault("_cam_targets", {})
     if image_size not in found:
         found[image_size] = _probe_cam_target(backbone, image_size)
@@ -99,29 +101,31 @@ def cam_layer(backbone: nn.Module, image_size: int) -> nn.Module:
 
 
 def _probe_cam_target(backbone: nn.Module, image_size: int) -> CamTarget:
-    # timm's transformer blocks (Block, EvaBlock, Beit's Block, SwinTransformerBlock) all have these
-    transformer = [m for m in backbone.blocks.modules() if hasattr(m, "attn") and isinstance(m.norm1, nn.LayerNorm)]
-    if not transformer:
-        spatial = [
-            m for m, shape in _output_shapes(backbone, image_size) if len(shape) == 4 and shape[2] * shape[3] > 1
-        ]
-        # a top block that ends by pooling (ConvNeXt's head on a 1x1 map) or small inputs (1x1
-        # at 32 px) would otherwise give a CAM of one pixel
-        return CamTarget(spatial[-1] if spatial else backbone.blocks[-1])
-    norm = transformer[-1].norm1
-    shape = next(shape for m, shape in _output_shapes(backbone, image_size) if m is norm)
-    width = norm.normalized_shape[-1]
-    if len(shape) == 4 and shape[-1] == width:  # Swin: NHWC
-        return CamTarget(norm, nhwc_to_map)
-    prefix = next((m.num_prefix_tokens for m in backbone.modules() if hasattr(m, "num_prefix_tokens")), None)
-    if len(shape) == 3 and shape[-1] == width and prefix is not None:
-        side = math.isqrt(shape[1] - prefix)
-        if side * side == shape[1] - prefix:
-            return CamTarget(norm, TokensToMap(prefix))
-    raise UserError(
-        f"Grad-CAM: the last transformer block's tokens {tuple(shape)} are not a square grid of patches"
-        f" after {prefix} prefix tokens; Grad-CAM supports CNNs, ViTs with square grids and Swin"
-    )
+    shapes = _output_shapes(backbone, image_size)
+    top = next((m for m in backbone.blocks[-1].modules() if isinstance(m, TokenTop)), None)
+    if top is not None:
+        layer = backbone.blocks[-2]
+        shape = next(shape for m, shape in shapes if m is layer)
+        prefix = top.net.num_prefix_tokens
+        patches = shape[1] - prefix if len(shape) == 3 else -1
+        if patches > 0 and math.isqrt(patches) ** 2 == patches:
+            return CamTarget(layer, TokensToMap(prefix))
+        raise UserError(
+            f"Grad-CAM: the tokens entering the last transformer block, {tuple(shape)}, are not a square grid"
+            f" of patches after {prefix} prefix tokens"
+        )
+    # Swin's blocks: attention over windows of an NHWC map, norm1 first
+    for block in reversed(list(backbone.blocks.modules())):
+        norm = getattr(block, "norm1", None)
+        if hasattr(block, "attn") and isinstance(norm, nn.LayerNorm):
+            shape = next((shape for m, shape in shapes if m is norm), ())
+            if len(shape) == 4 and shape[-1] == norm.normalized_shape[-1] and shape[1] * shape[2] > 1:
+                return CamTarget(norm, nhwc_to_map)
+            break
+    spatial = [m for m, shape in shapes if len(shape) == 4 and shape[2] * shape[3] > 1]
+    # a top block that ends by pooling (ConvNeXt's head on a 1x1 map) or small inputs (1x1 at 32 px)
+    # would otherwise give a CAM of one pixel
+    return CamTarget(spatial[-1] if spatial else backbone.blocks[-1])
 
 
 def _output_shapes(backbone: nn.Module, image_size: int) -> list[tuple[nn.Module, tuple[int, ...]]]:

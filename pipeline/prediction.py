@@ -24,7 +24,7 @@ from core.errors import ConfigError, UserError, first_line, os_error_line
 from datamodules.image_folder import default_num_workers
 from datamodules.image_io import IMAGE_EXTENSIONS, load_rgb
 from datamodules.transforms import backbone_eval_transform
-from lightning_modules.cam import cam_available, gradcam, overlay
+from lightning_modules.cam import cam_available, cam_target, gradcam, overlay
 from lightning_modules.classifier import TransferClassifier
 from lightning_modules.lora import merge_adapters
 from pipeline.config.load import parse_overrides
@@ -92,6 +92,8 @@ def predict_files(
     own inference loop (``pipeline.inference.predict_variants``: its CPU batch rule, test-time
     flip and temperature as the checkpoint has them); with ``cam_dir``, a Grad-CAM overlay of each
     readable image at its own size. ``progress``: a bar on a terminal, else a line per ~10% (``core.progress``)."""
+    if cam_dir:  # a model Grad-CAM cannot read is refused before the predictions, not after
+        cam_target(model.backbone, int(model.hparams.image_size))
     samples = [(f, 0) for f in files]
     pred = predict_variants(
         model, samples, [(CLEAN, 0)], 0, device, batch_size, num_workers, progress="predict" if progress else None

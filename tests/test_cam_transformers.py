@@ -6,6 +6,8 @@ attention head's (B, heads, tokens, dim) tensor: a map of noise, drawn without c
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -16,21 +18,24 @@ pytest.importorskip("pytorch_grad_cam", reason="pip install -e '.[cam]'")
 
 from lightning_modules.cam import TokensToMap, cam_target, gradcam, nhwc_to_map  # noqa: E402
 from lightning_modules.timm_backbones import cut  # noqa: E402
+from lightning_modules.timm_vit import TokenTop  # noqa: E402
 
-# (timm.create_model's arguments, patch grid side at img_size, prefix tokens, the last block)
+TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+# (timm.create_model's arguments, patch grid side at img_size, prefix tokens, the expected layer)
+TOKENS_IN = lambda net, model: model.backbone.blocks[-2]  # noqa: E731  the tokens entering the last block
 TRANSFORMERS = {
-    "vit_tiny_patch16_224": ({"img_size": 64, "depth": 2}, 4, 1, lambda net: net.blocks[-1]),
-    "vit_small_patch14_reg4_dinov2": (
-        {"img_size": 56, "depth": 2, "embed_dim": 64, "num_heads": 2},
-        4,
-        5,  # class token and four registers
-        lambda net: net.blocks[-1],
-    ),
+    "vit_tiny_patch16_224": ({"img_size": 64, "depth": 2}, 4, 1, TOKENS_IN),  # class token
+    "vit_small_patch14_reg4_dinov2": ({**TINY, "img_size": 56}, 4, 5, TOKENS_IN),  # class + 4 registers
+    "vit_base_patch16_siglip_224": ({**TINY, "img_size": 64}, 4, 0, TOKENS_IN),  # attention pool
+    "vit_small_patch16_18x2_224": ({**TINY, "img_size": 64}, 4, 1, TOKENS_IN),  # parallel blocks
+    "vit_base_patch16_xp_224": ({**TINY, "img_size": 64}, 4, 1, TOKENS_IN),  # RmsNorm, qk norm, parallel
+    "eva02_enormous_patch14_clip_224": ({**TINY, "img_size": 56}, 4, 1, TOKENS_IN),  # post-norm, class token
+    "beit_base_patch16_224": ({**TINY, "img_size": 64}, 4, 1, TOKENS_IN),
     "swin_tiny_patch4_window7_224": (
         {"depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1), "embed_dim": 24},
         7,
         0,
-        lambda net: net.layers[-1].blocks[-1],
+        lambda net, model: net.layers[-1].blocks[-1].norm1,  # NHWC
     ),
 }
 
@@ -50,7 +55,7 @@ class _Chain(nn.Module):
     def __init__(self, net: nn.Module, name: str):
         super().__init__()
         self.backbone = _Backbone(net, name)
-        self.head = nn.Linear(net.num_features, 2)
+        self.head = nn.Linear(getattr(net, "head_hidden_size", None) or net.num_features, 2)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images).flatten(1))
@@ -66,18 +71,39 @@ def test_tokens_become_a_map_laid_out_as_timm_numbers_its_patches():
     assert torch.equal(nhwc_to_map(nhwc)[0, :, 1, 2], nhwc[0, 1, 2])
 
 
+@pytest.mark.parametrize(
+    ("name", "prefix", "cell"), [("vit_tiny_patch16_224", 1, 16), ("swin_tiny_patch4_window7_224", 0, 4)]
+)
+def test_the_map_puts_each_patch_where_it_is_in_the_image(name, prefix, cell):
+    """Change one patch of the image (row 1, column 2): after the patch embedding (a ViT's stem with
+    its position embedding; Swin's first unit) only that cell of the map changes."""
+    kwargs = TRANSFORMERS[name][0]
+    net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
+    first = _Chain(net, name).backbone.blocks[0]
+    size = kwargs.get("img_size", 224)
+    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(3))
+    changed = image.clone()
+    changed[..., cell : 2 * cell, 2 * cell : 3 * cell] += 1.0
+    to_map = TokensToMap(prefix) if prefix else nhwc_to_map
+    with torch.no_grad():
+        difference = (to_map(first(changed)) - to_map(first(image))).abs().sum(1)[0]
+    moved = (difference > 1e-4).nonzero().tolist()
+    assert moved == [[1, 2]], moved
+
+
 @pytest.mark.parametrize("name", sorted(TRANSFORMERS))
 def test_a_transformer_cam_is_grad_cam_on_its_patch_grid_before_the_last_attention(name):
-    """The map equals Grad-CAM worked out by hand on the last block's norm1 output: the patch tokens
-    (prefix dropped) or Swin's NHWC map on the patch grid, channels weighted by their mean
-    gradient, ReLU. Compared per patch cell after grad-cam's resize to the image."""
-    kwargs, side, prefix, last_block = TRANSFORMERS[name]
+    """The map equals Grad-CAM worked out by hand on the tokens entering the last transformer block
+    (prefix dropped) or Swin's last norm1 (NHWC), on the patch grid: channels weighted by their
+    mean gradient, ReLU. Compared per patch cell after grad-cam's resize to the image. A zero map
+    (a class token's gradient after the last block) or a layout error fails."""
+    kwargs, side, prefix, expected = TRANSFORMERS[name]
     torch.manual_seed(0)
     net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
     model = _Chain(net, name).eval()
     size = kwargs.get("img_size", 224)
     target = cam_target(model.backbone, size)
-    assert target.layer is last_block(net).norm1
+    assert target.layer is expected(net, model)
 
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     classes = [0, 1]
@@ -87,7 +113,7 @@ def test_a_transformer_cam_is_grad_cam_on_its_patch_grid_before_the_last_attenti
     cell = size // side
     for i, c in enumerate(classes):
         by_hand = _grad_cam_by_hand(model, target.layer, images[i : i + 1], c, side, prefix)
-        assert by_hand.shape == (side, side) and by_hand.max() > 0
+        assert by_hand.shape == (side, side) and by_hand.max() > 0 and by_hand.std() > 0
         ours = maps[i][: side * cell, : side * cell].reshape(side, cell, side, cell).mean(axis=(1, 3))
         assert np.corrcoef(ours.ravel(), by_hand.ravel())[0, 1] > 0.9, (ours, by_hand)
 
@@ -104,6 +130,7 @@ def _grad_cam_by_hand(model: nn.Module, layer: nn.Module, image: torch.Tensor, c
 
     def to_map(t: torch.Tensor) -> torch.Tensor:
         if t.dim() == 3:  # (1, prefix + side * side, C) tokens
+            assert t.shape[1] == prefix + side * side, t.shape
             t = t[:, prefix:].reshape(1, side, side, -1)
         return t.permute(0, 3, 1, 2)  # (1, side, side, C): Swin's, or the tokens'
 
@@ -112,17 +139,31 @@ def _grad_cam_by_hand(model: nn.Module, layer: nn.Module, image: torch.Tensor, c
 
 
 class _OddTokens(nn.Module):
-    """A transformer block whose image becomes 1 + 6 tokens: six patches are no square grid."""
-
-    num_prefix_tokens = 1
-
-    def __init__(self):
-        super().__init__()
-        self.attn = nn.Identity()
-        self.norm1 = nn.LayerNorm(4)
+    """A stem whose image becomes 1 + 6 tokens: six patches are no square grid."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.norm1(images.flatten(1)[:, :28].reshape(-1, 7, 4))
+        return images.flatten(1)[:, :28].reshape(-1, 7, 4)
+
+
+class _Top(TokenTop):
+    """A token network's top unit: the class token, as ``(B, D, 1, 1)``."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.net = SimpleNamespace(num_prefix_tokens=1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, 0, :, None, None]
+
+
+def test_a_cnn_with_attention_blocks_keeps_its_last_spatial_map():
+    """MobileNetV4's hybrids have attention modules without norm1: a CNN's map, not a transformer's."""
+    net = timm.create_model("mobilenetv4_hybrid_medium", pretrained=False, num_classes=0).eval()
+    model = _Chain(net, "mobilenetv4_hybrid_medium").eval()
+    target = cam_target(model.backbone, 64)
+    assert target.reshape is None
+    maps = gradcam(model, torch.randn(2, 3, 64, 64), [0, 1], binary=False)
+    assert maps.shape == (2, 64, 64) and maps.max() > 0 and maps.std() > 0
 
 
 def test_a_token_grid_that_is_not_square_is_refused_in_one_line():
@@ -130,6 +171,6 @@ def test_a_token_grid_that_is_not_square_is_refused_in_one_line():
 
     backbone = _Backbone.__new__(_Backbone)
     nn.Module.__init__(backbone)
-    backbone.blocks = nn.Sequential(_OddTokens())
-    with pytest.raises(UserError, match=r"tokens \(1, 7, 4\) are not a square grid of patches after 1 prefix"):
+    backbone.blocks = nn.Sequential(_OddTokens(), nn.Sequential(nn.LayerNorm(4), _Top()))
+    with pytest.raises(UserError, match=r"\(1, 7, 4\), are not a square grid of patches after 1 prefix tokens"):
         cam_target(backbone, 8)
