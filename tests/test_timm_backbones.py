@@ -422,5 +422,5 @@ def test_a_tiny_vit_learns_the_toy_task_under_finetune_and_exports(toy_root, tmp
     assert changed == {5, 6}  # of stem + 6 blocks; the top one holds the final norm
     model = load_model(metrics["best_ckpt"])
     assert export_model(model, 32, "torchscript", tmp_path / "vit.torchscript")[1] <= PARITY_TOLERANCE
-    if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxruntime"):  # the [export] extra
+    if all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript")):  # the [export] extra
         assert export_model(model, 32, "onnx", tmp_path / "vit.onnx")[1] <= PARITY_TOLERANCE
