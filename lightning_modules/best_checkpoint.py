@@ -11,6 +11,7 @@ right. Lightning's checkpoint callback takes one monitored value, hence this sub
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
 RULE = "highest validation accuracy; among equal accuracies, the lowest validation loss"
+FILENAME = "best-epoch{epoch:03d}-acc{val/acc:.4f}"
+
+
+def best_epoch(path: str | Path | None) -> int | None:
+    """The epoch (0-based) of a checkpoint this callback wrote, from its name; None for any other file
+    (a WiSE-FT or soup model, ``last.ckpt``)."""
+    found = re.fullmatch(r"best-epoch(\d+)-acc[\d.]+(-v\d+)?\.ckpt", Path(path).name) if path else None
+    return int(found.group(1)) if found else None
 
 
 def better(acc: float, loss: float, best_acc: float, best_loss: float) -> bool:
@@ -32,7 +41,7 @@ class BestCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath: str | Path):
         super().__init__(
             dirpath=dirpath,
-            filename="best-epoch{epoch:03d}-acc{val/acc:.4f}",
+            filename=FILENAME,
             auto_insert_metric_name=False,
             monitor="val/acc",
             mode="max",

@@ -145,6 +145,29 @@ def _acc(split: dict[str, Any] | None) -> str:
     return f"{100 * split['acc']:.1f}% of {split.get('count', '?')}{interval}"
 
 
+def _chosen(metrics: dict[str, Any]) -> list[str]:
+    """Which epoch's model the figures are from, and its phase; a note when a fine-tuning stage's
+    choice is its head warm-up (no fine-tuned epoch beat it on validation)."""
+    epoch = metrics.get("best_epoch")
+    if epoch is None:
+        return []
+    phases = metrics.get("phases") or []
+    phase = next((p for p in phases if p["epochs"][0] <= epoch < p["epochs"][1]), None)
+    where = ""
+    if phase is not None and len(phases) > 1:
+        if phase.get("blocks"):
+            trained = f"the head and blocks {phase['blocks']}"
+        elif phase.get("top_blocks"):
+            trained = f"the head and the top {count(phase['top_blocks'], 'block')}"
+        else:
+            trained = "the head alone"
+        where = f", phase {phase['phase']} ({trained})"
+    lines = [f"  chosen model         epoch {epoch + 1} of {metrics.get('epochs', '?')}{where}, on validation"]
+    if where.endswith("(the head alone)"):
+        lines.append("  note: no fine-tuned epoch beat the head warm-up on validation; these figures are the warm-up's")
+    return lines
+
+
 def _epochs(epochs: int | None) -> str:
     return "epochs ?" if epochs is None else count(epochs, "epoch")
 
@@ -176,6 +199,7 @@ def result_block(metrics: dict[str, Any], argv: list[str] | None = None) -> str:
         lines.append(f"  test ECE             {test['ece']:.4f} (temperature {temperature:.3g})")
     if (metrics.get("shift") or {}).get("shift_acc") is not None:
         lines.append(f"  shift accuracy       {100 * metrics['shift']['shift_acc']:.1f}% (mean of shift.md's rows)")
+    lines += _chosen(metrics)
     lines += [
         f"  {_epochs(metrics.get('epochs'))}, wall time {metrics.get('wall_time_s', 0):.0f} s",
         f"  run folder           {run_dir}",

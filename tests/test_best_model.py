@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
+
 from lightning_modules.best_checkpoint import better
 
 from conftest import fast_args
@@ -33,4 +35,7 @@ def test_best_checkpoint_is_the_tied_epoch_with_the_lowest_validation_loss(toy_r
     assert want_epoch != steps.index(tied[0]), "the first tied epoch already has the lowest loss"
     epoch = int(re.search(r"best-epoch(\d+)", Path(metrics["best_ckpt"]).name).group(1))
     assert epoch == want_epoch
+    # metrics.json names the epoch the checkpoint holds (the console's "chosen model" line)
+    assert read_metrics(run_dir(metrics))["best_epoch"] == torch.load(metrics["best_ckpt"], weights_only=False)["epoch"]
+    assert metrics["best_epoch"] == epoch
     assert read_metrics(run_dir(metrics))["val"]["loss"] <= min(loss[s] for s in tied) + 0.05  # calibrated: close

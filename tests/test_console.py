@@ -68,3 +68,31 @@ def test_counts_and_the_seeds_hint_read_well():
         }
     )
     assert "1 epoch," in plan.describe() and "phase 0: epoch 0:" in plan.describe()
+
+
+def test_the_result_names_the_chosen_epoch_and_says_when_it_is_the_head_warm_up():
+    from pipeline.console import result_block
+
+    phases = [
+        {"phase": 0, "epochs": [0, 1], "top_blocks": 0},
+        {"phase": 1, "epochs": [1, 3], "top_blocks": 2},
+        {"phase": 2, "epochs": [3, 5], "top_blocks": 4},
+    ]
+    metrics = {"stage": "finetune", "backbone": "b", "run_dir": "/r/f/1", "epochs": 5, "phases": phases}
+    warm_up = result_block(metrics | {"best_epoch": 0})
+    assert "  chosen model         epoch 1 of 5, phase 0 (the head alone), on validation" in warm_up
+    assert "note: no fine-tuned epoch beat the head warm-up on validation" in warm_up
+    tuned = result_block(metrics | {"best_epoch": 3})
+    assert "epoch 4 of 5, phase 2 (the head and the top 4 blocks)" in tuned and "note:" not in tuned
+    one_phase = result_block(metrics | {"phases": phases[:1], "epochs": 1, "best_epoch": 0})
+    assert "  chosen model         epoch 1 of 1, on validation" in one_phase and "note:" not in one_phase
+    assert "chosen model" not in result_block(metrics)  # a WiSE-FT or soup model: no epoch of its own
+
+
+def test_the_best_epoch_is_read_from_the_best_checkpoints_name_only():
+    from lightning_modules.best_checkpoint import best_epoch
+
+    assert best_epoch("/r/checkpoints/best-epoch004-acc0.9910.ckpt") == 4
+    assert best_epoch("/r/checkpoints/best-epoch012-acc1.0000-v1.ckpt") == 12
+    assert best_epoch("/r/checkpoints/last.ckpt") is None and best_epoch(None) is None
+    assert best_epoch("/r/wise/wise-alpha0.5.ckpt") is None

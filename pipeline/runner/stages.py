@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
 from datamodules.feature_cache import FeatureDataModule
+from lightning_modules.best_checkpoint import best_epoch
 from pipeline.registry import stage_spec, takes
 from pipeline.robustness.shift_report import report_robustness, shift_accuracy
 from pipeline.robustness.wise import run_wise
@@ -74,5 +75,5 @@ def report(
     if isinstance(build.datamodule, FeatureDataModule):
         extra["feature_cache"] = {"path": str(build.datamodule.path), "built": build.datamodule.computed}
     extra |= report_training_skips(run)
-    extra |= {"best_ckpt": result.best, "calibration": result.calibration}
+    extra |= {"best_ckpt": result.best, "best_epoch": best_epoch(result.best), "calibration": result.calibration}
     return write_results(cfg, run, trainer, model, started, result.val, result.test, extra)
