@@ -96,10 +96,6 @@ def cam_target(backbone: nn.Module, image_size: int) -> CamTarget:
     return found[image_size]
 
 
-def cam_layer(backbone: nn.Module, image_size: int) -> nn.Module:
-    return cam_target(backbone, image_size).layer
-
-
 def _probe_cam_target(backbone: nn.Module, image_size: int) -> CamTarget:
     shapes = _output_shapes(backbone, image_size)
     top = next((m for m in backbone.blocks[-1].modules() if isinstance(m, TokenTop)), None)

@@ -153,17 +153,18 @@ def _chosen(metrics: dict[str, Any]) -> list[str]:
         return []
     phases = metrics.get("phases") or []
     phase = next((p for p in phases if p["epochs"][0] <= epoch < p["epochs"][1]), None)
-    where = ""
+    where, head_only = "", False
     if phase is not None and len(phases) > 1:
+        head_only = not phase.get("blocks") and not phase.get("top_blocks")
         if phase.get("blocks"):
             trained = f"the head and blocks {phase['blocks']}"
-        elif phase.get("top_blocks"):
+        elif not head_only:
             trained = f"the head and the top {count(phase['top_blocks'], 'block')}"
         else:
             trained = "the head alone"
         where = f", phase {phase['phase']} ({trained})"
     lines = [f"  chosen model         epoch {epoch + 1} of {metrics.get('epochs', '?')}{where}, on validation"]
-    if where.endswith("(the head alone)"):
+    if head_only:
         lines.append("  note: no fine-tuned epoch beat the head warm-up on validation; these figures are the warm-up's")
     return lines
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import predict
-from lightning_modules.cam import cam_layer, gradcam
+from lightning_modules.cam import cam_target, gradcam
 from pipeline.prediction import load_model
 
 from conftest import fast_args
@@ -45,7 +45,7 @@ def test_the_cam_layer_is_spatial_even_when_the_top_block_pools():
     from lightning_modules.backbones import build_backbone
 
     backbone = build_backbone("convnext_tiny")
-    layer = cam_layer(backbone, 64)
+    layer = cam_target(backbone, 64).layer
     seen = []
     layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     backbone.eval()(torch.zeros(1, 3, 64, 64))
