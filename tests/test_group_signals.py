@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(
     ("sig", "code"),
-    [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)],
+    [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
 )
+@pytest.mark.slow  # a real run in a subprocess (7 s); the default suite keeps the unit test below
 def test_a_signal_to_the_process_group_with_workers_saves_and_ends_in_one_line(tmp_path, sig, code):
     root = make_image_tree(tmp_path / "data", size=32, per_class={"train": 100, "validation": 16, "test": 8})
     args = [a for a in fast_args(root, tmp_path / "out", stage="finetune") if not a.startswith("data.num_workers")]
@@ -92,6 +93,7 @@ def _ignore_sigterm_until_killed(ready) -> None:
         signal.pause()
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch (5 s)
 def test_a_crash_inside_a_loader_loop_still_exits(tmp_path):
     """A bug raised while a loader's workers are alive: the traceback, then exit 1. Python's exit
     routine ends the workers with ``terminate()`` and waits for them: were it SIGTERM, which the
